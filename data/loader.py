@@ -1,0 +1,90 @@
+"""
+Batches of token windows from the flat uint16 files that data/prepare.py writes.
+
+    from data.loader import BatchLoader, resolve_data_dir, val_windows
+    data_dir = resolve_data_dir("austen_bytes")            # or a path to any prepared folder
+    loader = BatchLoader(data_dir, "train", batch_size=8, seq_len=128, seed=0, rank=r, world_size=w)
+    x = loader.next()                                      # (8, 128) int64, random windows
+    ckpt["loader"] = loader.state_dict()                   # resume: loader.load_state_dict(...)
+    xv = val_windows(data_dir, seq_len=128, n_windows=64) # fixed evaluation windows
+
+Training windows are random offsets drawn from np.random.default_rng([seed, rank, k]) for the k-th
+batch: every (seed, rank) stream is reproducible on its own, ranks see different data, and resuming
+needs only the counter k. Validation windows are evenly spaced and use no randomness at all.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def resolve_data_dir(name_or_path):
+    """'austen_bytes' -> <repo>/data/austen_bytes; an existing folder is used as it is."""
+    for d in (name_or_path, os.path.join(DATA_DIR, name_or_path)):
+        if os.path.isdir(d) and os.path.isfile(os.path.join(d, "meta.json")):
+            return os.path.abspath(d)
+    raise FileNotFoundError(
+        f"no prepared dataset at {name_or_path!r} (nor {os.path.join(DATA_DIR, name_or_path)}); "
+        f"run `python data/prepare.py` (bundled corpus) or "
+        f"`python data/prepare.py --input PATH --name NAME` (your text) first")
+
+
+def load_meta(data_dir):
+    """The dataset's meta.json: tokenizer name, vocab_size, special ids, token counts."""
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return json.load(f)
+
+
+def open_split(data_dir, split, min_tokens):
+    """Memory-map <split>.bin read-only, checking it holds at least min_tokens tokens."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; run `python data/prepare.py`")
+    n = os.path.getsize(path) // 2  # uint16
+    if n < min_tokens:
+        raise ValueError(f"{path} has {n} tokens, fewer than the {min_tokens} needed (seq_len "
+                         f"too long for this dataset?)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+class BatchLoader:
+    """Random (batch_size, seq_len) windows from one split, deterministic per (seed, rank)."""
+
+    def __init__(self, data_dir, split, batch_size, seq_len, seed=0, rank=0, world_size=1):
+        assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
+        self.data_dir, self.split = data_dir, split
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.n_tokens = len(open_split(data_dir, split, seq_len + 1))  # fail early, not at step 1
+        self.step = 0  # number of batches drawn so far
+
+    def next(self):
+        # re-open the memmap for every batch (cheap; avoids a memory leak, as in nanoGPT)
+        data = np.memmap(os.path.join(self.data_dir, f"{self.split}.bin"), dtype=np.uint16, mode="r")
+        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        offsets = rng.integers(0, self.n_tokens - self.seq_len + 1, size=self.batch_size)
+        self.step += 1
+        x = np.stack([data[i:i + self.seq_len] for i in offsets]).astype(np.int64)  # (B, T)
+        return torch.from_numpy(x)
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, d):
+        self.step = int(d["step"])
+
+
+def val_windows(data_dir, seq_len, n_windows, rank=0, world_size=1):
+    """n_windows windows of seq_len tokens, evenly spaced over val.bin (first one at the start,
+    last one at the end). With world_size > 1, rank r gets windows r, r + world_size, ... so the
+    ranks split the same fixed set without overlap. Returns (n_local, seq_len) int64."""
+    assert 0 <= rank < world_size and n_windows >= 1
+    data = open_split(data_dir, "val", seq_len)
+    offsets = np.linspace(0, len(data) - seq_len, n_windows).round().astype(np.int64)
+    offsets = offsets[rank::world_size]  # this rank's share
+    x = np.stack([data[i:i + seq_len] for i in offsets]) if len(offsets) else np.zeros((0, seq_len))
+    return torch.from_numpy(x.astype(np.int64))  # (n_local, T)
