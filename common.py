@@ -1,0 +1,126 @@
+"""
+Helpers shared by train.py, sample.py and eval.py: command-line overrides, device and DDP setup,
+checkpoint I/O and rebuilding models from a checkpoint. Each lives here once and is imported.
+"""
+import ast
+import contextlib
+import dataclasses
+import os
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake on the command line or in an input file: reported as one line, no traceback."""
+
+
+def run_main(main):
+    """Run main(); UserError -> 'error: ...' on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_value(text, default):
+    """Parse a command-line string to the type of the default it overrides."""
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise UserError(f"expected a boolean, got {text!r}")
+    if isinstance(default, str) or default is None:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise UserError(f"cannot parse {text!r} as {type(default).__name__}")
+    if isinstance(default, float) and isinstance(value, int):
+        value = float(value)
+    if type(value) is not type(default):
+        raise UserError(f"expected {type(default).__name__}, got {text!r}")
+    return value
+
+
+def parse_overrides(argv, configs, verbose=True):
+    """Apply --key=value arguments to dataclass configs.
+
+    configs maps a prefix to a dataclass instance: {"": train_cfg, "vae": vae_cfg, ...}; "--lr=1e-3"
+    sets train_cfg.lr, "--vae.beta=0.01" sets vae_cfg.beta. Unknown keys are an error; every
+    override is printed.
+    """
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"arguments look like --key=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        prefix, _, name = key.rpartition(".")
+        cfg = configs.get(prefix)
+        if cfg is None or name not in {f.name for f in dataclasses.fields(cfg)}:
+            raise UserError(f"unknown option --{key}")
+        try:
+            setattr(cfg, name, parse_value(text, getattr(cfg, name)))
+        except UserError as e:
+            raise UserError(f"--{key}: {e}")
+        if verbose:
+            print(f"override: {key} = {getattr(cfg, name)!r}")
+
+
+# ----------------------------------------------------------------------------- device / DDP
+
+def pick_device(name="auto"):
+    """cuda > mps > cpu, or the device named."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast(device):
+    """bf16 autocast where it is fast and supported (CUDA), full fp32 elsewhere."""
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(obj, path):
+    """Atomic write: a crash mid-save never leaves a truncated ckpt.pt behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated file, a pickle from elsewhere, ...
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def load_models(path, device="cpu"):
+    """Rebuild (vae, dit or None, ckpt) in eval mode from a checkpoint written by train.py."""
+    from dit import DiT, DiTConfig
+    from vae import TextVAE, VAEConfig
+    ckpt = load_checkpoint(path)
+    if "vae" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a cola checkpoint (no 'vae'/'config' entries)")
+    vae = TextVAE(VAEConfig(**ckpt["config"]["vae"]))
+    vae.load_state_dict(ckpt["vae"])
+    dit = None
+    if ckpt.get("dit") is not None:
+        dit = DiT(DiTConfig(**ckpt["config"]["dit"]))
+        dit.load_state_dict(ckpt["dit"])
+        dit.to(device).eval()
+    return vae.to(device).eval(), dit, ckpt

@@ -1,0 +1,408 @@
+"""
+Train Cola DLM: stage 1 (text VAE), stage 2 (joint VAE + block-causal DiT), or both.
+
+    python train.py                                  # stage 1 then stage 2 on `tiny` (CPU, minutes) -> out/ckpt.pt
+    python train.py --stage=vae --out_dir=out_vae    # stage 1 only
+    python train.py --stage=joint --init_vae=out_vae/ckpt.pt
+    python train.py --config=small                   # one GPU
+    torchrun --standalone --nproc_per_node=4 train.py --config=small
+
+Options are --key=value: train options by name (--lr=1e-3), component options with a prefix
+(--vae.beta=1e-3, --dit.n_layer=6, --flow.t_loc=1.0). Unknown keys are an error.
+The checkpoint out_dir/ckpt.pt carries every config, so sample.py and eval.py need only --ckpt;
+--resume continues a run exactly from it.
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import UserError, autocast, load_checkpoint, parse_overrides, pick_device, run_main, save_checkpoint
+from data.loader import BatchLoader, resolve_data_dir, val_windows
+from dit import DiT, DiTConfig
+from flow import FlowConfig, fm_loss
+from vae import TextVAE, VAEConfig, gaussian_kl
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "all"          # "vae" (stage 1), "joint" (stage 2), "all" (1 then 2 into one out_dir)
+    config: str = "tiny"        # preset: tiny | small | paper (applied before other overrides)
+    dataset: str = "austen_bytes"  # data/NAME prepared by data/prepare.py, or a path
+    out_dir: str = "out"
+    init_vae: str = ""          # stage-1 checkpoint to start stage 2 from (--stage=joint)
+    resume: bool = False        # continue exactly from out_dir/ckpt.pt
+    seq_len: int = 128          # tokens per training window
+    batch_size: int = 32        # global batch in sequences (the invariant under DDP / accumulation)
+    micro_batch: int = 0        # sequences per forward per process; 0 = batch_size / world_size
+    vae_iters: int = 700        # stage-1 steps
+    joint_iters: int = 900      # stage-2 steps
+    max_iters: int = 0          # if > 0, overrides vae_iters / joint_iters for the stage(s) run
+    lr: float = 2e-3            # peak learning rate (DiT; VAE in stage 1)
+    min_lr: float = 1e-4        # end of the cosine decay
+    warmup_iters: int = 50
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    vae_lr_ratio: float = 1.0   # stage 2: VAE lr = ratio x lr (paper best 1.0; 0 freezes the VAE)
+    lambda_vae: float = 1.0     # stage 2 loss weights (SPEC §1)
+    lambda_fm: float = 1.0
+    lambda_ref: float = 1.0     # KL(q || q_ref) to the frozen stage-1 encoder
+    fm_grad_to_encoder: bool = False  # let FM gradients reach the encoder through the noisy block
+    eval_interval: int = 100
+    eval_windows: int = 64      # held-out windows per validation
+    log_interval: int = 20
+    ckpt_interval: int = 200
+    seed: int = 1337
+    device: str = "auto"        # auto = cuda > mps > cpu
+    compile: bool = False       # torch.compile the model (useful on CUDA)
+
+
+PRESETS = {
+    "tiny": {},  # the dataclass defaults
+    "small": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=64, lr=6e-4, min_lr=6e-5,
+                             vae_iters=5000, joint_iters=20000, warmup_iters=500, eval_interval=500, ckpt_interval=1000),
+                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=512, n_head=8),
+                  dit=dict(n_layer=12, width=768, n_head=12)),
+    # the paper's 2.3B model (SPEC §2); FFN width here follows SwiGLU's 8/3 rule, not the paper's 6144
+    "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5,
+                             vae_iters=20000, joint_iters=100000, warmup_iters=2000, eval_interval=1000),
+                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
+                  dit=dict(n_layer=24, width=2048, n_head=16)),
+}
+# options that may differ on --resume without changing the training itself
+RESUME_FREE = {"resume", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile", "stage"}
+
+
+def build_configs(argv):
+    cfgs = dict(train=TrainConfig(), vae=VAEConfig(), dit=DiTConfig(), flow=FlowConfig())
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "tiny")
+    if preset not in PRESETS:
+        raise UserError(f"unknown --config={preset}; choose from {', '.join(PRESETS)}")
+    for part, values in PRESETS[preset].items():
+        for k, v in values.items():
+            setattr(cfgs[part], k, v)
+    parse_overrides(argv, {"": cfgs["train"], "vae": cfgs["vae"], "dit": cfgs["dit"], "flow": cfgs["flow"]},
+                    verbose=int(os.environ.get("RANK", 0)) == 0)
+    tc = cfgs["train"]
+    if tc.stage not in ("vae", "joint", "all"):
+        raise UserError(f"--stage must be vae, joint or all, got {tc.stage!r}")
+    cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
+    return cfgs
+
+
+class Cola(nn.Module):
+    """VAE + DiT (+ frozen reference encoder) in one module, so one optimizer and one DDP wrapper
+    cover stage 2. forward(x) returns (loss, dict of detached stats)."""
+
+    def __init__(self, vae, dit=None, ref=None, tc=None, flow_cfg=None):
+        super().__init__()
+        self.vae, self.dit, self.ref = vae, dit, ref
+        self.tc, self.flow_cfg = tc, flow_cfg
+        if ref is not None:
+            ref.requires_grad_(False).eval()
+
+    def forward(self, x):
+        if self.dit is None:  # stage 1
+            _, _, _, out = self.vae(x, stage=1)
+            return out["loss"], {k: v.detach() for k, v in out.items()}
+        tc = self.tc
+        frozen = tc.vae_lr_ratio == 0
+        if frozen:  # the frozen-VAE ablation: only the prior trains
+            with torch.no_grad():
+                mu, logvar = self.vae.encode(x)
+                z = self.vae.sample(mu, logvar)
+            out, loss = {}, 0.0
+        else:
+            mu, logvar, z, out = self.vae(x, stage=2)
+            with torch.no_grad():
+                mu_r, logvar_r = self.ref.encode(x)
+            out["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean()
+            loss = tc.lambda_vae * out["loss"] + tc.lambda_ref * out["ref_kl"]
+        # the DiT models a posterior sample; history and target are stop-gradient (SPEC §1 Stage 2)
+        src = z if (tc.fm_grad_to_encoder and not frozen) else None
+        out["fm"], _ = fm_loss(self.dit, z.detach(), self.flow_cfg, z_src=src)
+        loss = loss + tc.lambda_fm * out["fm"]
+        out["loss"] = loss
+        return loss, {k: v.detach() for k, v in out.items()}
+
+
+def lr_factor(step, tc, max_iters):
+    """Linear warmup then cosine decay from 1 to min_lr / lr."""
+    if step < tc.warmup_iters:
+        return (step + 1) / tc.warmup_iters
+    progress = min(1.0, (step - tc.warmup_iters) / max(1, max_iters - tc.warmup_iters))
+    floor = tc.min_lr / tc.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, tc, device):
+    """AdamW; decay on matrices only; the VAE's parameters at vae_lr_ratio x lr in stage 2."""
+    groups = []
+    for part, scale in (("vae", 1.0 if model.dit is None else tc.vae_lr_ratio), ("dit", 1.0)):
+        module = getattr(model, part)
+        if module is None or scale == 0:
+            continue
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups += [dict(params=[p for p in params if p.dim() >= 2], weight_decay=tc.weight_decay, lr_scale=scale),
+                   dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, lr_scale=scale)]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                             fused=str(device).startswith("cuda"))
+
+
+@torch.no_grad()
+def evaluate(model, x_val, device, micro):
+    """Held-out diagnostics (flat dict of floats; FM loss also per t-bin as fm_t<lo>-<hi>).
+    Runs under a fixed seed in a forked RNG, so validation never perturbs the training stream."""
+    model.eval()
+    stats, t_all, l_all = {}, [], []
+    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(1234)
+        for i in range(0, len(x_val), micro):
+            x = x_val[i:i + micro].to(device)
+            with autocast(device):
+                d = model.vae.diagnostics(x)
+                if model.dit is not None:
+                    mu, logvar = model.vae.encode(x)
+                    mu_r, logvar_r = model.ref.encode(x)
+                    d["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean().item()
+                    fm, st = fm_loss(model.dit, model.vae.sample(mu, logvar), model.flow_cfg)
+                    d["fm"] = fm.item()
+                    keep = st["weight"] > 0
+                    t_all.append(st["t"][keep].cpu()); l_all.append(st["per_token"][keep].cpu())
+            for k, v in d.items():
+                stats[k] = stats.get(k, 0.0) + v * len(x) / len(x_val)
+    if t_all:
+        stats.update({f"fm_t{k}": v for k, v in fm_by_t(torch.cat(t_all), torch.cat(l_all)).items()})
+    model.train()
+    return stats
+
+
+def fm_by_t(t, loss, edges=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):
+    """Mean per-channel FM loss in bins of t: {'0.0-0.2': value, ...} (nan for an empty bin)."""
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (t >= lo) & (t < hi) if hi < 1 else (t >= lo)
+        out[f"{lo:.1f}-{hi:.1f}"] = loss[sel].mean().item() if sel.any() else float("nan")
+    return out
+
+
+def all_reduce_mean(values, world):
+    """Average a dict of scalar tensors over ranks (logging only)."""
+    if world == 1:
+        return {k: v.item() for k, v in values.items()}
+    keys = sorted(values)
+    t = torch.stack([values[k].float() for k in keys])
+    dist.all_reduce(t)
+    return {k: (v / world).item() for k, v in zip(keys, t)}
+
+
+def run_stage(stage, cfgs, ctx, init_vae=None):
+    """Train one stage; returns the trained Cola module (unwrapped)."""
+    tc = cfgs["train"]
+    rank, world, device, print0 = ctx["rank"], ctx["world"], ctx["device"], ctx["print0"]
+    max_iters = tc.max_iters or (tc.vae_iters if stage == "vae" else tc.joint_iters)
+    micro = tc.micro_batch or tc.batch_size // world
+    if tc.batch_size % (micro * world):
+        raise UserError(f"batch_size {tc.batch_size} is not a multiple of micro_batch {micro} x world {world}")
+    accum = tc.batch_size // (micro * world)
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+
+    resume = None
+    if tc.resume and os.path.isfile(ckpt_path):
+        resume = load_checkpoint(ckpt_path)
+        if resume.get("stage") != stage:
+            resume = None  # 'all': the checkpoint belongs to the other stage
+        else:
+            check_resume(resume, cfgs)
+
+    torch.manual_seed(tc.seed + rank)  # different masks / noise per rank
+    vae = TextVAE(cfgs["vae"])
+    dit = ref = None
+    if stage == "joint":
+        dit = DiT(cfgs["dit"])
+        src = init_vae if init_vae is not None else load_vae_state(tc.init_vae, cfgs["vae"])
+        vae.load_state_dict(src)
+        ref = copy.deepcopy(vae)
+        if tc.vae_lr_ratio == 0:
+            vae.requires_grad_(False)
+    model = Cola(vae, dit, ref, tc, cfgs["flow"]).to(device)
+    opt = make_optimizer(model, tc, device)
+    loader = BatchLoader(resolve_data_dir(tc.dataset), "train", micro, tc.seq_len, seed=tc.seed + 1000 * (stage == "joint"),
+                         rank=rank, world_size=world)
+    x_val = val_windows(resolve_data_dir(tc.dataset), tc.seq_len, tc.eval_windows, rank=rank, world_size=world)
+    step = 0
+    if resume is not None:
+        model.vae.load_state_dict(resume["vae"])
+        if dit is not None:
+            model.dit.load_state_dict(resume["dit"]); model.ref.load_state_dict(resume["ref"])
+        opt.load_state_dict(resume["optimizer"])
+        loader.load_state_dict(resume["loader"][rank] if rank < len(resume["loader"]) else resume["loader"][0])
+        torch.set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
+        step = resume["step"]
+        print0(f"resumed {stage} from {ckpt_path} at step {step}")
+    n_params = sum(p.numel() for p in model.parameters() if p is not None)
+    n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    print0(f"stage {stage}: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trained), {max_iters} iters, "
+           f"batch {tc.batch_size} x {tc.seq_len} tokens (micro {micro} x accum {accum} x world {world}), device {device}")
+    wrapped = torch.compile(model) if tc.compile else model
+    if world > 1:
+        wrapped = DDP(wrapped, device_ids=[ctx["local_rank"]] if str(device).startswith("cuda") else None)
+
+    def save(step):
+        rngs = gather_objects(torch.get_rng_state(), world)
+        loaders = gather_objects(loader.state_dict(), world)
+        if rank == 0:
+            save_checkpoint(dict(stage=stage, step=step, config={k: asdict(v) for k, v in cfgs.items()},
+                                 vae=model.vae.state_dict(), dit=None if dit is None else model.dit.state_dict(),
+                                 ref=None if ref is None else model.ref.state_dict(), optimizer=opt.state_dict(),
+                                 loader=loaders, rng=rngs), ckpt_path)
+
+    metrics = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    t0, t_start, start_step, last_log = time.time(), time.time(), step, step
+    while step < max_iters:
+        if step % tc.eval_interval == 0 or step == max_iters - 1:
+            ev = evaluate(model, x_val, device, micro)
+            ev = all_reduce_mean({k: torch.tensor(v, device=device) for k, v in ev.items()}, world)
+            print0(f"val {stage} step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            if metrics:
+                metrics.write(json.dumps(dict(stage=stage, step=step, split="val", **ev)) + "\n"); metrics.flush()
+        factor = lr_factor(step, tc, max_iters)
+        for g in opt.param_groups:
+            g["lr"] = tc.lr * factor * g["lr_scale"]
+        sums = {}
+        for micro_step in range(accum):
+            x = loader.next().to(device)
+            sync = micro_step == accum - 1
+            with (wrapped.no_sync() if world > 1 and not sync else _null()), autocast(device):
+                loss, stats = wrapped(x)
+                (loss / accum).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / accum
+        if not math.isfinite(sums["loss"].item()):
+            raise UserError(f"non-finite loss at {stage} step {step}; the last checkpoint {ckpt_path} is kept")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % tc.log_interval == 0 or step == max_iters:
+            logged = all_reduce_mean(sums, world)
+            dt = (time.time() - t0) / (step - last_log)  # seconds per step since the last log line
+            t0, last_log = time.time(), step
+            tok_s = tc.batch_size * tc.seq_len / dt
+            eta = (max_iters - step) * (time.time() - t_start) / (step - start_step)
+            print0(f"{stage} step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in logged.items())
+                   + f" | gnorm {grad_norm.item():.2f} | lr {tc.lr * factor:.2e} | {dt * 1000:.0f} ms | {tok_s:.0f} tok/s | eta {eta / 60:.1f} min")
+            if metrics:
+                metrics.write(json.dumps(dict(stage=stage, step=step, split="train", lr=tc.lr * factor, dt=dt,
+                                              tok_s=tok_s, grad_norm=grad_norm.item(), **logged)) + "\n"); metrics.flush()
+        if step % tc.ckpt_interval == 0 or step == max_iters or ctx["stop"]:
+            save(step)
+        if ctx["stop"]:
+            print0(f"stopped by signal at {stage} step {step}; checkpoint saved to {ckpt_path}")
+            sys.exit(0)
+    if metrics:
+        metrics.close()
+    print0(f"stage {stage} done in {(time.time() - t_start) / 60:.1f} min -> {ckpt_path}")
+    return model
+
+
+class _null:
+    def __enter__(self): return None
+    def __exit__(self, *a): return False
+
+
+def gather_objects(obj, world):
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def load_vae_state(path, vae_cfg):
+    if not path:
+        raise UserError("--stage=joint needs --init_vae=PATH (a stage-1 checkpoint)")
+    ckpt = load_checkpoint(path)
+    if "vae" not in ckpt:
+        raise UserError(f"{path} holds no VAE weights")
+    if ckpt["config"]["vae"] != asdict(vae_cfg):
+        diff = {k: (v, asdict(vae_cfg).get(k)) for k, v in ckpt["config"]["vae"].items() if asdict(vae_cfg).get(k) != v}
+        raise UserError(f"--init_vae {path} was trained with different VAE settings (ckpt, now): {diff}")
+    return ckpt["vae"]
+
+
+def check_resume(ckpt, cfgs):
+    now = {k: asdict(v) for k, v in cfgs.items()}
+    diff = []
+    for part, values in ckpt["config"].items():
+        for k, v in values.items():
+            if not (part == "train" and k in RESUME_FREE) and now[part].get(k) != v:
+                diff.append(f"{part}.{k}: checkpoint {v!r}, now {now[part].get(k)!r}")
+    if diff:
+        raise UserError("--resume with settings that differ from the checkpoint: " + "; ".join(diff))
+
+
+def setup(tc):
+    """DDP exactly when RANK is set (torchrun): gloo on CPU, nccl on CUDA."""
+    ddp = "RANK" in os.environ
+    rank, world, local_rank = 0, 1, 0
+    device = pick_device(tc.device)
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = dict(rank=rank, world=world, local_rank=local_rank, device=device, stop=False,
+               print0=lambda *a: print(*a, flush=True) if rank == 0 else None)
+
+    def on_signal(signum, frame):  # finish the current step, save, exit
+        ctx["stop"] = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return ctx
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfgs = build_configs(argv)
+    tc = cfgs["train"]
+    ctx = setup(tc)
+    os.makedirs(tc.out_dir, exist_ok=True)
+    try:
+        if tc.stage in ("vae", "all"):
+            vae_done = tc.stage == "all" and tc.resume and os.path.isfile(os.path.join(tc.out_dir, "vae.pt"))
+            model = None if vae_done else run_stage("vae", cfgs, ctx)
+            if tc.stage == "all":
+                vae_path = os.path.join(tc.out_dir, "vae.pt")
+                if not vae_done and ctx["rank"] == 0:
+                    shutil.copyfile(os.path.join(tc.out_dir, "ckpt.pt"), vae_path)  # keep stage 1 for ablations
+                if ctx["world"] > 1:
+                    dist.barrier()
+                tc.init_vae = vae_path
+        if tc.stage in ("joint", "all"):
+            run_stage("joint", cfgs, ctx)
+    finally:
+        if ctx["world"] > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
