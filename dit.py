@@ -24,6 +24,8 @@ import torch.nn as nn
 
 from layers import Attention, SwiGLU, init_weights, rope_angles
 
+PAD_POS = 1 << 20  # position of padding tokens: after every real position, so causal rules hide them
+
 
 @dataclass
 class DiTConfig:
@@ -39,8 +41,8 @@ def block_mask(q_block, q_noisy, k_block, k_noisy, k_valid=None):
 
     clean key:  visible to clean queries of the same or later blocks, to noisy queries of later blocks
     noisy key:  visible only to noisy queries of the same block
-    k_valid (B, Lk) hides padding / unavailable history; a query that would see nothing sees itself
-    only through the noisy/clean rules, so callers keep at least the query's own block valid.
+    k_valid (B, Lk) hides keys per row (the unconditional CFG rows hide their history). Padding needs
+    no flag: it gets a position (PAD_POS) beyond any real one, so no real query ever sees it.
     """
     qb, qn = q_block[:, :, None], q_noisy[:, :, None]  # (B, Lq, 1)
     kb, kn = k_block[:, None, :], k_noisy[:, None, :]  # (B, 1, Lk)
@@ -49,6 +51,9 @@ def block_mask(q_block, q_noisy, k_block, k_noisy, k_valid=None):
     mask = clean_key | noisy_key
     if k_valid is not None:
         mask = mask & k_valid[:, None, :]
+    # a query row with no visible key (a history token of an unconditional row) would turn into NaN
+    # and poison the keys computed from it: let such rows, whose outputs are never used, see everything
+    mask = mask | ~mask.any(-1, keepdim=True)
     return mask[:, None]  # (B, 1, Lq, Lk), broadcast over heads
 
 
@@ -88,7 +93,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c, rope, mask, past=None):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, L, W)
+        c, inverse = c
+        # modulation of each distinct timestep, gathered per token: (B, L, 6W) -> 6 x (B, L, W)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[inverse].chunk(6, dim=-1)
         a, kv = self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, past)
         x = x + gate1 * a
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -103,7 +110,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        c, inverse = c
+        shift, scale = self.adaLN_modulation(c)[inverse].chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -129,7 +137,10 @@ class DiT(nn.Module):
         Returns v (B, L, d) and this call's per-layer (k, v) for the caller's cache.
         """
         x = self.x_embedder(z)  # (B, L, W)
-        c = self.t_embedder(t)  # (B, L, W) one conditioning vector per token
+        # Per-token conditioning, but t takes few distinct values (one per block, 0 for clean tokens),
+        # so embed and modulate each distinct t once and gather: exact, and most of adaLN's cost saved.
+        t_unique, inverse = torch.unique(t, return_inverse=True)  # (U,), (B, L)
+        c = (self.t_embedder(t_unique), inverse)  # (U, W) and the token -> row map
         rope = rope_angles(pos, self.cfg.width // self.cfg.n_head)
         kvs = []
         for i, block in enumerate(self.blocks):

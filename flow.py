@@ -89,43 +89,46 @@ def euler(velocity, z, steps, keep=None):
 
 
 @torch.no_grad()
-def sample_block(dit, noise, pos, keep, past=None, past_block=None, past_valid=None, steps=16, cfg_scale=7.0):
+def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, steps=16, cfg_scale=7.0):
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
-    noise (B, bs, d): z at t = 1, except positions `keep` (B, bs) which already hold clean latents.
-    pos (B, bs): the block's positions; past: the DiT KV cache of clean history (per layer (k, v) of
-    (B, H, Lp, hd)) with its block ids past_block (B, Lp) and validity past_valid (B, Lp).
-    CFG (SPEC §1 Inference): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone at
-    positions 0..bs-1. Both run in one batched forward; with no history anywhere the uncond pass is
-    skipped (cond == uncond).
+    noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
+    that stay pinned with t = 0 (repaint). pos (B, bs): the block's positions. History, at positions
+    past_pos (B, Lp) (padding at PAD_POS), comes either as the DiT's KV cache `past` (per layer
+    (k, v)) or, cache-free, as clean latents `past_z` (B, Lp, d) recomputed at every step.
+    CFG (SPEC §1 Inference): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone
+    at positions 0..bs-1. Both run in one batched forward; with no history the uncond pass is skipped.
     """
     B, bs, _ = noise.shape
     dev = noise.device
-    blk = pos // dit.cfg.block_size
-    noisy = torch.ones(B, bs, dtype=torch.bool, device=dev)
-    has_hist = past is not None and bool(past_valid.any())
+    has_hist = past_pos is not None and past_pos.shape[1] > 0
     guided = has_hist and cfg_scale != 1.0
-    if not has_hist:
-        past = None
-    if guided:  # rows [cond | uncond]
-        pos = torch.cat([pos, torch.arange(bs, device=dev).expand(B, bs)])
-        blk = torch.cat([blk, torch.zeros_like(blk)])
-        noisy = noisy.repeat(2, 1)
-        past = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in past]
-        past_block = past_block.repeat(2, 1)
-        past_valid = torch.cat([past_valid, torch.zeros_like(past_valid)])  # uncond: no history
-    k_valid = None
-    if past is not None:
-        k_block, k_noisy = torch.cat([past_block, blk], 1), torch.cat([torch.zeros_like(past_valid), noisy], 1)
-        k_valid = torch.cat([past_valid, torch.ones_like(noisy)], 1)
-    else:
-        k_block, k_noisy = blk, noisy
-    mask = block_mask(blk, noisy, k_block, k_noisy, k_valid)
     rows = 2 if guided else 1
+    q_pos = torch.cat([pos, torch.arange(bs, device=dev).expand(B, bs)]) if guided else pos  # [cond | uncond]
+    q_noisy = torch.ones_like(q_pos, dtype=torch.bool)
+    k_pos, k_noisy, k_valid = q_pos, q_noisy, None
+    if has_hist:
+        h_pos = past_pos.repeat(rows, 1)
+        h_valid = torch.ones_like(h_pos, dtype=torch.bool)
+        if guided:
+            h_valid[B:] = False  # the unconditional rows see no history
+        k_pos = torch.cat([h_pos, q_pos], 1)
+        k_noisy = torch.cat([torch.zeros_like(h_valid), q_noisy], 1)
+        k_valid = torch.cat([h_valid, torch.ones_like(q_noisy)], 1)
+        if past is not None:
+            past = [(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1)) for k, v in past]
+        else:  # cache-free: the history tokens are queries too
+            hist_z = past_z.repeat(rows, 1, 1)
+            q_pos, q_noisy = k_pos, k_noisy
+    bsz = dit.cfg.block_size
+    mask = block_mask(q_pos // bsz, q_noisy, k_pos // bsz, k_noisy, k_valid)
 
     def velocity(z, t):
-        tt = torch.full((B, bs), t, device=dev).masked_fill(keep, 0.0)  # pinned positions are clean: t = 0
-        v, _ = dit(z.repeat(rows, 1, 1), tt.repeat(rows, 1), pos, mask, past)
+        tt = torch.full((B, bs), t, device=dev).masked_fill(keep, 0.0).repeat(rows, 1)  # pinned: t = 0
+        zz = z.repeat(rows, 1, 1)
+        if has_hist and past is None:
+            zz, tt = torch.cat([hist_z, zz], 1), torch.cat([torch.zeros(hist_z.shape[:2], device=dev), tt], 1)
+        v = dit(zz, tt, q_pos, mask, past)[0][:, -bs:]
         if guided:
             v_c, v_u = v.chunk(2)
             return v_u + cfg_scale * (v_c - v_u)

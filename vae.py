@@ -87,20 +87,22 @@ class TextVAE(nn.Module):
     def sample(mu, logvar):
         return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
 
-    def decode_hidden(self, z, start=0, past=None):
-        """Decoder trunk: z (B, L, d) at positions start.. -> final hidden (B, L, W) and this call's KV."""
+    def decode_hidden(self, z, pos=None, past=None, past_pos=None):
+        """Decoder trunk: z (B, L, d) at positions pos (B, L) (default 0..L-1) -> final hidden (B, L, W)
+        and this call's per-layer KV. past: a KV cache of earlier latents at positions past_pos (B, Lp)."""
         B, L, _ = z.shape
-        pos_q = self.positions(B, L, z.device, start)
-        pos_k = self.positions(B, start + L, z.device)  # past covers positions 0..start-1
+        if pos is None:
+            pos = self.positions(B, L, z.device)
+        pos_k = pos if past is None else torch.cat([past_pos, pos], 1)
         bs = self.cfg.block_size if self.cfg.dec_block_causal else 1
-        return self.decoder(self.z_in(z), pos_q, causal_mask(pos_q, pos_k, bs), past)
+        return self.decoder(self.z_in(z), pos, causal_mask(pos, pos_k, bs), past)
 
     def head(self, h):
         return h @ self.tok_emb.weight.t()  # tied output head: (..., W) -> (..., V)
 
-    def decode(self, z, start=0, past=None):
-        """p(x|z) logits (B, L, V); with past (a KV cache of positions 0..start-1) decodes incrementally."""
-        h, kvs = self.decode_hidden(z, start, past)
+    def decode(self, z, pos=None, past=None, past_pos=None):
+        """p(x|z) logits (B, L, V) and this call's KV; with a cache it decodes incrementally."""
+        h, kvs = self.decode_hidden(z, pos, past, past_pos)
         return self.head(h), kvs
 
     def mask_tokens(self, x):
@@ -165,8 +167,9 @@ if __name__ == "__main__":
     assert torch.allclose(mu[:, :20], mu2[:, :20], atol=1e-6) and not torch.allclose(mu[:, 20], mu2[:, 20])
     # cached decode == full decode
     full, _ = vae.decode(mu)
+    pos = TextVAE.positions(2, 32, "cpu")
     a, kv = vae.decode(mu[:, :16])
-    b, _ = vae.decode(mu[:, 16:], start=16, past=kv)
+    b, _ = vae.decode(mu[:, 16:], pos=pos[:, 16:], past=kv, past_pos=pos[:, :16])
     assert torch.allclose(full, torch.cat([a, b], 1), atol=1e-5)
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
     for step in range(150):

@@ -1,0 +1,101 @@
+"""Flow matching: t sampling, the loss on pinned positions, Euler, CFG and repaint, a 2-D fit."""
+import pytest
+import torch
+
+from dit import DiT, DiTConfig, block_mask
+from flow import FlowConfig, euler, fit_gmm, fm_loss, sample_block, sample_t
+
+
+def test_logit_normal_t():
+    torch.manual_seed(0)
+    t = sample_t((200000,), FlowConfig(t_loc=1.0, t_scale=1.0))
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() - 1.0) < 0.02 and abs(logit.std() - 1.0) < 0.02
+    u = sample_t((200000,), FlowConfig(t_dist="uniform"))
+    assert abs(u.mean() - 0.5) < 0.01
+    with pytest.raises(ValueError):
+        sample_t((3,), FlowConfig(t_dist="beta"))
+
+
+def test_fm_loss_of_zero_velocity_and_pinning():
+    """A fresh DiT predicts v = 0, so the loss is E|eps - z0|^2 per channel = 1 + E z0^2."""
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(n_layer=1, width=32, n_head=2, block_size=4))
+    z0 = 2.0 * torch.randn(64, 16, 16)
+    loss, st = fm_loss(dit, z0, FlowConfig(p_prompt_block=0.0))
+    assert abs(loss.item() - 5.0) < 0.15 and st["weight"].min() == 1
+    # t is shared within a block
+    t = st["t"].view(64, 4, 4)
+    assert torch.equal(t, t[:, :, :1].expand_as(t))
+    # every block keeps a clean leading part: t = 0 there, excluded from the loss, 1..bs-1 long
+    loss, st = fm_loss(dit, z0, FlowConfig(p_prompt_block=1.0))
+    pinned = st["weight"] == 0
+    assert torch.all(st["t"][pinned] == 0) and torch.all(st["t"][~pinned] > 0)
+    per_block = pinned.view(64, 4, 4).sum(-1)
+    assert per_block.min() >= 1 and per_block.max() <= 3
+    assert torch.all(pinned.view(64, 4, 4)[:, :, 0])  # the pinned part is a prefix of the block
+
+
+def test_euler_is_exact_for_constant_velocity_and_keeps_pinned():
+    z1 = torch.randn(3, 5, 2)
+    keep = torch.zeros(3, 5, dtype=torch.bool)
+    keep[:, :2] = True
+    out = euler(lambda z, t: torch.ones_like(z), z1.clone(), steps=7, keep=keep)
+    assert torch.allclose(out[~keep], z1[~keep] - 1.0, atol=1e-6)
+    assert torch.equal(out[keep], z1[keep])
+
+
+def random_dit(bs=4):
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=bs))
+    for p in dit.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return dit
+
+
+def history(dit, B, n_blocks):
+    """Clean latents of n_blocks blocks for B sequences, their positions and the DiT's KV cache."""
+    bs = dit.cfg.block_size
+    L = n_blocks * bs
+    pos = torch.arange(L).expand(B, L)
+    blk, clean = pos // bs, torch.zeros(B, L, dtype=torch.bool)
+    z = torch.randn(B, L, 16)
+    _, cache = dit(z, torch.zeros(B, L), pos, block_mask(blk, clean, blk, clean))
+    return z, pos, cache
+
+
+def test_cfg_one_equals_conditional_and_guidance_formula():
+    dit = random_dit()
+    z_hist, hist_pos, cache = history(dit, 2, 2)
+    noise = torch.randn(2, 4, 16)
+    pos = 8 + torch.arange(4).expand(2, 4)
+    keep = torch.zeros(2, 4, dtype=torch.bool)
+    keep[0, :3] = True  # sample 0: three prompt latents inside the block
+    args = dict(pos=pos, keep=keep, steps=4)
+    cond = sample_block(dit, noise.clone(), past=cache, past_pos=hist_pos, cfg_scale=1.0, **args)
+    # the conditional path by hand: one Euler loop over the DiT with history in the cache
+    by_hand = noise.clone()
+    blk = torch.cat([hist_pos, pos], 1) // 4
+    noisy = torch.cat([torch.zeros_like(hist_pos), torch.ones_like(pos)], 1).bool()
+    mask = block_mask(pos // 4, torch.ones_like(keep), blk, noisy)
+    for i in range(4):
+        t = torch.full((2, 4), 1 - i / 4).masked_fill(keep, 0.0)
+        v = dit(by_hand, t, pos, mask, cache)[0].masked_fill(keep[..., None], 0.0)
+        by_hand = by_hand - 0.25 * v
+    assert torch.allclose(cond, by_hand, atol=1e-6)
+    # w = 0 is the unconditional model: the block alone
+    alone = sample_block(dit, noise.clone(), cfg_scale=1.0, **{**args, "pos": torch.arange(4).expand(2, 4)})
+    w0 = sample_block(dit, noise.clone(), past=cache, past_pos=hist_pos, cfg_scale=0.0, **args)
+    assert torch.allclose(w0, alone, atol=1e-5) and not torch.allclose(cond, alone)
+    # cached == cache-free, and repaint keeps pinned latents bit-identical, for every guidance scale
+    for w in (1.0, 7.0):
+        out = sample_block(dit, noise.clone(), past=cache, past_pos=hist_pos, cfg_scale=w, **args)
+        free = sample_block(dit, noise.clone(), past_z=z_hist, past_pos=hist_pos, cfg_scale=w, **args)
+        assert torch.allclose(out, free, atol=1e-5)
+        assert torch.equal(out[keep], noise[keep]) and not torch.equal(out[~keep], noise[~keep])
+
+
+def test_flow_fits_gaussian_mixture():
+    _, samples, data = fit_gmm(iters=1500)
+    assert (samples.mean(0) - data.mean(0)).abs().max() < 0.1
+    assert (torch.cov(samples.T) - torch.cov(data.T)).abs().max() < 0.15

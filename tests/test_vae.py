@@ -1,0 +1,112 @@
+"""Text VAE: shapes, causality, KL/entropy maths, the mask loss, overfitting, cached decoding."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from layers import cat_kv, causal_mask
+from vae import TextVAE, VAEConfig, gaussian_kl, neg_entropy
+
+
+def tiny_vae(**kw):
+    torch.manual_seed(0)
+    return TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2, **kw))
+
+
+def test_shapes_and_unit_scale_mean():
+    vae = tiny_vae()
+    x = torch.randint(0, 256, (3, 20))
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (3, 20, 16)
+    assert torch.allclose(mu.pow(2).mean(-1), torch.ones(3, 20), atol=5e-3)  # non-affine LayerNorm (eps)
+    logits, kvs = vae.decode(mu)
+    assert logits.shape == (3, 20, vae.tok_emb.num_embeddings) and len(kvs) == 1
+    _, _, z, out = vae(x)
+    assert z.shape == mu.shape and set(out) >= {"ce", "kl", "negent", "mask_ce", "loss"}
+
+
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_causality(block_causal):
+    vae = tiny_vae(dec_block_causal=block_causal, block_size=4)
+    x = torch.randint(0, 256, (2, 24))
+    j = 13
+    x2 = x.clone()
+    x2[:, j] = (x2[:, j] + 7) % 256
+    mu, _ = vae.encode(x)
+    mu2, _ = vae.encode(x2)
+    assert torch.equal(mu[:, :j], mu2[:, :j])
+    assert not torch.allclose(mu[:, j], mu2[:, j])
+    # the decoder: changing latent j never changes logits before j (before j's block if block-causal)
+    z2 = mu.clone()
+    z2[:, j] += 1.0
+    first = (j // 4) * 4 if block_causal else j
+    a, b = vae.decode(mu)[0], vae.decode(z2)[0]
+    assert torch.equal(a[:, :first], b[:, :first])
+    assert not torch.allclose(a[:, j], b[:, j])
+
+
+def test_causal_mask_matches_reference():
+    for bs in (1, 4):
+        pos = torch.arange(11)[None]
+        m = causal_mask(pos, pos, bs)[0, 0]
+        ref = torch.tensor([[k // bs <= q // bs for k in range(11)] for q in range(11)])
+        assert torch.equal(m, ref)
+
+
+def test_kl_and_entropy_against_torch_distributions():
+    torch.manual_seed(1)
+    mu, logvar = torch.randn(5, 16), torch.randn(5, 16)
+    mu_r, logvar_r = torch.randn(5, 16), torch.randn(5, 16)
+    q = Normal(mu, (0.5 * logvar).exp())
+    ref = kl_divergence(q, Normal(torch.zeros(5, 16), torch.ones(5, 16))).sum(-1)
+    assert torch.allclose(gaussian_kl(mu, logvar), ref, atol=1e-5)
+    ref2 = kl_divergence(q, Normal(mu_r, (0.5 * logvar_r).exp())).sum(-1)
+    assert torch.allclose(gaussian_kl(mu, logvar, mu_r, logvar_r), ref2, atol=1e-4)
+    assert torch.allclose(neg_entropy(logvar), -q.entropy().sum(-1), atol=1e-5)
+    # and a Monte-Carlo check of E_q[log q]
+    z = q.sample((20000,))
+    mc = q.log_prob(z).sum(-1).mean(0)
+    assert torch.allclose(neg_entropy(logvar), mc, atol=0.15)
+
+
+def test_mask_loss_really_masks():
+    vae = tiny_vae(mask_ratio=0.5)
+    x = torch.randint(0, 256, (4, 32))
+    torch.manual_seed(3)
+    xm, m = vae.mask_tokens(x)
+    assert m.any() and torch.all(xm[m] == vae.mask_id) and torch.equal(xm[~m], x[~m])
+    assert 0.3 < m.float().mean() < 0.7
+    # mask_ratio 0: no mask term at all; > 0: a term that changes the loss
+    assert "mask_ce" not in tiny_vae(mask_ratio=0.0)(x)[3]
+    torch.manual_seed(0)
+    out = vae(x)[3]
+    assert out["mask_ce"] > 0 and torch.isclose(out["loss"], out["ce"] + 1e-3 * out["kl"] + out["mask_ce"])
+
+
+def test_overfits_one_batch():
+    vae = tiny_vae(mask_ratio=0.0)
+    x = torch.randint(0, 256, (4, 32))
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-2)
+    for _ in range(120):
+        loss = vae(x)[3]["loss"]
+        opt.zero_grad(); loss.backward(); opt.step()
+    d = vae.diagnostics(x)
+    assert d["token_acc"] == 1.0
+    assert math.isfinite(d["logsnr"])
+
+
+def test_cached_decode_equals_full_decode():
+    vae = tiny_vae()
+    for p in vae.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    z = torch.randn(2, 40, 16)
+    full, _ = vae.decode(z)
+    pos = TextVAE.positions(2, 40, "cpu")
+    cache, outs, start = None, [], 0
+    for n in (16, 5, 16, 3):  # uneven chunks, including mid-block boundaries
+        logits, kvs = vae.decode(z[:, start:start + n], pos[:, start:start + n], cache, pos[:, :start])
+        cache = cat_kv(cache, kvs)
+        outs.append(logits)
+        start += n
+    assert torch.allclose(full, torch.cat(outs, 1), atol=1e-5)
