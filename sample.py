@@ -48,13 +48,14 @@ def pick_tokens(logits, temperature, top_k, top_p, generators):
 
 @torch.no_grad()
 def generate(vae, dit, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temperature=0.0, top_k=0, top_p=1.0,
-             seed=0, use_cache=True, on_block=None, trace=None):
+             seed=0, use_cache=True, on_block=None, trace=None, stop_at_eot=True):
     """Generate continuations for a batch of token-id prompts (lists of ints, any lengths).
 
     Returns one list of new token ids per prompt (ending before <|endoftext|> if one was produced).
     on_block(i, ids) is called after every block with each sample's new ids so far (for streaming).
     use_cache=False recomputes the whole history at every step (the reference the caches must match).
-    trace, if a list, receives (latents, logits) of every block.
+    trace, if a list, receives (latents, logits) of every block. stop_at_eot=False (benchmarks)
+    keeps going to max_new_tokens.
     """
     tok = get_tokenizer(vae.cfg.tokenizer)
     dev = next(vae.parameters()).device
@@ -118,7 +119,7 @@ def generate(vae, dit, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temp
                 if keep[i, j]:
                     continue  # a prompt position: the prompt's own token stands
                 t = int(ids[i, j])
-                if t == tok.eot or len(out[i]) >= max_new_tokens:
+                if (t == tok.eot and stop_at_eot) or len(out[i]) >= max_new_tokens:
                     done[i] = True
                     break
                 out[i].append(t)

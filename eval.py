@@ -1,0 +1,211 @@
+"""
+Evaluate a Cola DLM checkpoint. Every subcommand prints a table and, with --out, writes JSON.
+
+    python eval.py recon --ckpt=out/ckpt.pt [--out=recon.json]   # VAE: token/masked accuracy, logSNR, noise robustness
+    python eval.py fm    --ckpt=out/ckpt.pt [--out=fm.json]      # prior: held-out flow-matching loss vs a Gaussian baseline
+    python eval.py speed --ckpt=out/ckpt.pt [--out=speed.json]   # sampler throughput, latency, KV-cache speedup
+
+Held-out data is the validation split of the dataset the checkpoint was trained on (fixed windows).
+Runs on CPU, CUDA or MPS (--device); --limit N caps the number of held-out windows.
+"""
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from common import UserError, autocast, load_models, pick_device, run_main
+from data.loader import resolve_data_dir, val_windows
+from flow import FlowConfig, fm_loss, interpolate, sample_t
+from train import fm_by_t
+
+
+def held_out(ckpt, limit, device):
+    tc = ckpt["config"]["train"]
+    try:
+        data_dir = resolve_data_dir(tc["dataset"])
+    except FileNotFoundError as e:
+        raise UserError(str(e))
+    return val_windows(data_dir, tc["seq_len"], limit).to(device)
+
+
+def batches(x, size):
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+# ----------------------------------------------------------------------------- recon
+
+ROBUST_T = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+PAPER_ROBUST = {0.1: 1.00, 0.15: 1.00, 0.3: 0.79, 0.4: 0.44, 0.5: 0.20}  # SPEC §3
+
+
+@torch.no_grad()
+def eval_recon(vae, x, device, batch_size=16, seed=0):
+    """Reconstruction diagnostics, plus token accuracy after noising the posterior-mean latents
+    along the flow path z_t = (1 - t) mu + t eps (the paper's latent-noise robustness)."""
+    torch.manual_seed(seed)
+    sums, n = {}, 0
+    robust = {t: 0.0 for t in ROBUST_T}
+    for xb in batches(x, batch_size):
+        with autocast(device):
+            d = vae.diagnostics(xb)
+            mu, _ = vae.encode(xb)
+            for t in ROBUST_T:
+                zt = interpolate(mu, torch.randn_like(mu), torch.full(mu.shape[:2], t, device=mu.device))
+                robust[t] += (vae.decode(zt)[0].argmax(-1) == xb).float().mean().item() * len(xb)
+        for k, v in d.items():
+            sums[k] = sums.get(k, 0.0) + v * len(xb)
+        n += len(xb)
+    out = {k: v / n for k, v in sums.items()}
+    out["robustness"] = {f"{t:g}": v / n for t, v in robust.items()}
+    out["windows"], out["tokens"] = n, n * x.shape[1]
+    return out
+
+
+def report_recon(r):
+    print(f"token_acc {r['token_acc']:.4f} | masked_acc {r['masked_acc']:.4f} | logSNR {r['logsnr']:.2f} | "
+          f"sigma {r['sigma']:.4f} | KL {r['kl']:.2f} nats/token | {r['tokens']} held-out tokens")
+    print("latent-noise robustness (token accuracy after z_t = (1-t) mu + t eps):")
+    print("   t    ours   paper")
+    for t, acc in r["robustness"].items():
+        paper = PAPER_ROBUST.get(float(t))
+        print(f"  {t:>4}  {acc:.3f}  {'' if paper is None else f'{paper:.2f}'}")
+
+
+# ----------------------------------------------------------------------------- fm
+
+def gauss_baseline(s2, t):
+    """Per-channel FM loss of the best predictor for structureless latents N(m, s2) with no history:
+    Var(v) - Cov(v, z_t)^2 / Var(z_t), with v = eps - z0, z_t = (1-t) z0 + t eps. s2 (C,), t (N,) -> (N,)."""
+    t = t[:, None]
+    return (1 + s2 - (t - (1 - t) * s2) ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean(-1)
+
+
+@torch.no_grad()
+def eval_fm(vae, dit, flow_cfg, x, device, batch_size=16, seed=0, repeats=4):
+    """Held-out FM loss per channel (training t distribution, no prompt-boundary pinning), per t-bin,
+    next to the Gaussian baseline fm_loss_gauss computed from the measured per-channel variance."""
+    torch.manual_seed(seed)
+    cfg = FlowConfig(**{**flow_cfg.__dict__, "p_prompt_block": 0.0})
+    ts, losses, zs = [], [], []
+    for _ in range(repeats):  # several t / noise draws per window
+        for xb in batches(x, batch_size):
+            with autocast(device):
+                mu, logvar = vae.encode(xb)
+                z = vae.sample(mu, logvar)  # what the prior models: posterior samples
+                _, st = fm_loss(dit, z, cfg)
+            ts.append(st["t"].flatten().float().cpu()); losses.append(st["per_token"].flatten().float().cpu())
+            zs.append(z.flatten(0, 1).float().cpu())
+    t, loss = torch.cat(ts), torch.cat(losses)
+    s2 = torch.cat(zs).var(0)  # (C,) per-channel variance of the latents
+    t_ref = sample_t((200_000,), cfg)
+    base = gauss_baseline(s2, t)  # at the same t draws, for the per-bin comparison
+    out = dict(fm_loss=loss.mean().item(), fm_loss_gauss=gauss_baseline(s2, t_ref).mean().item())
+    out["ratio"] = out["fm_loss"] / out["fm_loss_gauss"]
+    out["bins"] = fm_by_t(t, loss)
+    out["bins_gauss"] = fm_by_t(t, base)
+    out["latent_var"] = s2.tolist()
+    out["t_dist"] = f"{cfg.t_dist}(loc={cfg.t_loc}, scale={cfg.t_scale})"
+    out["tokens"] = len(t)
+    return out
+
+
+def report_fm(r):
+    print(f"held-out FM loss {r['fm_loss']:.4f} per channel | Gaussian baseline {r['fm_loss_gauss']:.4f} | "
+          f"ratio {r['ratio']:.3f} | t ~ {r['t_dist']} | {r['tokens']} tokens")
+    print("    t bin     ours   gauss  ratio")
+    for k, v in r["bins"].items():
+        g = r["bins_gauss"][k]
+        print(f"  {k}  {v:.4f}  {g:.4f}  {v / g:.3f}")
+
+
+# ----------------------------------------------------------------------------- speed
+
+def time_generate(vae, dit, prompt, batch, new_tokens, steps, cfg_scale, use_cache, device):
+    from sample import generate
+    prompts = [prompt] * batch
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = generate(vae, dit, prompts, new_tokens, steps, cfg_scale, use_cache=use_cache, stop_at_eot=False)
+    sync()
+    dt = time.perf_counter() - t0
+    assert all(len(o) == new_tokens for o in out)
+    return dt
+
+
+@torch.no_grad()
+def eval_speed(vae, dit, x, device, quick=False):
+    """Sampler tokens/s and per-block latency over a grid, and the KV-cache speedup (side by side)."""
+    prompt = x[0, :20].tolist()  # 20 prompt tokens: one full block in the cache, the tail repainted
+    bs = dit.cfg.block_size
+    grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in (8, 16) for w in (7.0, 1.0)]
+    if quick:
+        grid = [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
+    time_generate(vae, dit, prompt, 1, bs, 2, 7.0, True, device)  # warm-up
+    rows = []
+    for b, n, s, w in grid:
+        dt = time_generate(vae, dit, prompt, b, n, s, w, True, device)
+        rows.append(dict(batch=b, new_tokens=n, steps=s, cfg=w, seconds=dt, tok_s=b * n / dt,
+                         block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
+        print(f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
+              f"{rows[-1]['block_ms']:7.1f} ms/block", flush=True)
+    n = 64 if quick else 256
+    cached = time_generate(vae, dit, prompt, 1, n, 16, 7.0, True, device)
+    free = time_generate(vae, dit, prompt, 1, n, 16, 7.0, False, device)
+    return dict(device=str(device), threads=torch.get_num_threads(), rows=rows,
+                cache_speedup=free / cached, cache_speedup_setting=f"batch 1, {n} new tokens, 16 steps, cfg 7",
+                cached_seconds=cached, cache_free_seconds=free)
+
+
+def report_speed(r):
+    print(f"cache_speedup {r['cache_speedup']:.2f}x ({r['cache_speedup_setting']}: cache-free "
+          f"{r['cache_free_seconds']:.2f} s vs cached {r['cached_seconds']:.2f} s) on {r['device']}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate a Cola DLM checkpoint.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, help_ in [("recon", "VAE reconstruction and latent-noise robustness"),
+                        ("fm", "held-out flow-matching loss vs the Gaussian baseline"),
+                        ("speed", "sampler throughput and KV-cache speedup")]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--ckpt", required=True)
+        p.add_argument("--out", default=None, help="write the results as JSON here")
+        p.add_argument("--limit", type=int, default=64, help="held-out windows to use")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        if name == "speed":
+            p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
+    args = ap.parse_args(argv)
+    if args.limit < 1:
+        ap.error("--limit must be >= 1")
+    device = pick_device(args.device)
+    vae, dit, ckpt = load_models(args.ckpt, device)
+    if args.cmd in ("fm", "speed") and dit is None:
+        raise UserError(f"{args.ckpt} holds only a VAE; `{args.cmd}` needs a stage-2 checkpoint")
+    x = held_out(ckpt, args.limit, device)
+    t0 = time.time()
+    if args.cmd == "recon":
+        result = eval_recon(vae, x, device, seed=args.seed)
+        report_recon(result)
+    elif args.cmd == "fm":
+        result = eval_fm(vae, dit, FlowConfig(**ckpt["config"]["flow"]), x, device, seed=args.seed)
+        report_fm(result)
+    else:
+        torch.manual_seed(args.seed)
+        result = eval_speed(vae, dit, x, device, quick=args.quick)
+        report_speed(result)
+    result.update(ckpt=args.ckpt, step=ckpt.get("step"), stage=ckpt.get("stage"), wall_seconds=time.time() - t0)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,66 @@
+"""eval.py: the Gaussian FM baseline, and every subcommand end to end on a tiny checkpoint."""
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import eval as cola_eval
+from common import UserError, save_checkpoint
+from data import prepare
+from dit import DiT, DiTConfig
+from flow import FlowConfig, interpolate, sample_t
+from train import TrainConfig
+from vae import TextVAE, VAEConfig
+
+
+def test_gauss_baseline_value_and_monte_carlo():
+    torch.manual_seed(0)
+    t = sample_t((400_000,), FlowConfig())
+    assert abs(cola_eval.gauss_baseline(torch.ones(1), t).mean().item() - 1.61) < 0.01  # the value quoted in SPEC
+    # Monte Carlo: the best linear predictor of v from z_t, per t, reaches the formula
+    s2 = torch.tensor([0.5, 2.0])
+    for tv in (0.2, 0.7):
+        z0 = torch.randn(200_000, 2) * s2.sqrt()
+        eps = torch.randn_like(z0)
+        zt, v = interpolate(z0, eps, torch.full((200_000,), tv)), eps - z0
+        coef = (zt * v).mean(0) / (zt * zt).mean(0)
+        mse = (v - coef * zt).pow(2).mean().item()
+        assert abs(mse - cola_eval.gauss_baseline(s2, torch.tensor([tv])).item()) < 0.02
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the whale swam past the ship, and Emma smiled." for i in range(300)))
+    prepare.main(["--input", str(text), "--name", "tiny", "--tokenizer", "bytes", "--out_dir", str(root)])
+    torch.manual_seed(0)
+    vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2, block_size=4))
+    dit = DiT(DiTConfig(n_layer=1, width=32, n_head=2, block_size=4))
+    for p in dit.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    tc = TrainConfig(dataset=str(root / "tiny"), seq_len=32)
+    path = str(root / "ckpt.pt")
+    cfg = dict(vae=asdict(vae.cfg), dit=asdict(dit.cfg), train=asdict(tc), flow=asdict(FlowConfig()))
+    save_checkpoint(dict(config=cfg, vae=vae.state_dict(), dit=dit.state_dict(), stage="joint", step=0), path)
+    vae_only = str(root / "vae.pt")
+    save_checkpoint(dict(config=cfg, vae=vae.state_dict(), dit=None, stage="vae", step=0), vae_only)
+    return root, path, vae_only
+
+
+def test_recon_fm_speed_end_to_end(tiny_run, capsys):
+    root, path, vae_only = tiny_run
+    r = cola_eval.main(["recon", f"--ckpt={path}", "--limit=8", f"--out={root / 'r.json'}"])
+    saved = json.loads((root / "r.json").read_text())
+    for key in ("token_acc", "masked_acc", "logsnr", "robustness"):
+        assert key in saved
+    assert set(saved["robustness"]) == {"0.1", "0.15", "0.2", "0.3", "0.4", "0.5", "0.6"}
+    assert 0 <= r["token_acc"] <= 1
+    r = cola_eval.main(["fm", f"--ckpt={path}", "--limit=8"])
+    assert r["fm_loss"] > 0 and r["fm_loss_gauss"] > 0 and set(r["bins"]) == set(r["bins_gauss"])
+    r = cola_eval.main(["speed", f"--ckpt={path}", "--limit=1", "--quick"])
+    assert r["cache_speedup"] > 0 and len(r["rows"]) == 2
+    with pytest.raises(UserError, match="stage-2"):
+        cola_eval.main(["fm", f"--ckpt={vae_only}"])
+    assert "token_acc" in capsys.readouterr().out
