@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -44,10 +45,10 @@ class TrainConfig:
     init_vae: str = ""          # stage-1 checkpoint to start stage 2 from (--stage=joint)
     resume: bool = False        # continue exactly from out_dir/ckpt.pt
     seq_len: int = 128          # tokens per training window
-    batch_size: int = 32        # global batch in sequences (the invariant under DDP / accumulation)
+    batch_size: int = 16        # global batch in sequences (the invariant under DDP / accumulation)
     micro_batch: int = 0        # sequences per forward per process; 0 = batch_size / world_size
-    vae_iters: int = 700        # stage-1 steps
-    joint_iters: int = 900      # stage-2 steps
+    vae_iters: int = 300        # stage-1 steps
+    joint_iters: int = 220      # stage-2 steps
     max_iters: int = 0          # if > 0, overrides vae_iters / joint_iters for the stage(s) run
     lr: float = 2e-3            # peak learning rate (DiT; VAE in stage 1)
     min_lr: float = 1e-4        # end of the cosine decay
@@ -68,6 +69,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"        # auto = cuda > mps > cpu
     compile: bool = False       # torch.compile the model (useful on CUDA)
+    stop_after: int = 0         # if > 0: save and exit after this many steps in this process (time-boxed jobs)
 
 
 PRESETS = {
@@ -83,7 +85,8 @@ PRESETS = {
                   dit=dict(n_layer=24, width=2048, n_head=16)),
 }
 # options that may differ on --resume without changing the training itself
-RESUME_FREE = {"resume", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile", "stage"}
+RESUME_FREE = {"resume", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile", "stage",
+               "stop_after"}
 
 
 def build_configs(argv):
@@ -229,7 +232,7 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
         else:
             check_resume(resume, cfgs)
 
-    torch.manual_seed(tc.seed + rank)  # different masks / noise per rank
+    torch.manual_seed(tc.seed)  # same initial weights on every rank
     vae = TextVAE(cfgs["vae"])
     dit = ref = None
     if stage == "joint":
@@ -241,8 +244,7 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
             vae.requires_grad_(False)
     model = Cola(vae, dit, ref, tc, cfgs["flow"]).to(device)
     opt = make_optimizer(model, tc, device)
-    loader = BatchLoader(resolve_data_dir(tc.dataset), "train", micro, tc.seq_len, seed=tc.seed + 1000 * (stage == "joint"),
-                         rank=rank, world_size=world)
+    loader = BatchLoader(resolve_data_dir(tc.dataset), "train", tc.batch_size, tc.seq_len, seed=tc.seed + 1000 * (stage == "joint"))
     x_val = val_windows(resolve_data_dir(tc.dataset), tc.seq_len, tc.eval_windows, rank=rank, world_size=world)
     step = 0
     if resume is not None:
@@ -250,9 +252,7 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
         if dit is not None:
             model.dit.load_state_dict(resume["dit"]); model.ref.load_state_dict(resume["ref"])
         opt.load_state_dict(resume["optimizer"])
-        loader.load_state_dict(resume["loader"][rank] if rank < len(resume["loader"]) else resume["loader"][0])
-        torch.set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
-        step = resume["step"]
+        step = resume["step"]  # also the data position and the RNG position (see the training loop)
         print0(f"resumed {stage} from {ckpt_path} at step {step}")
     n_params = sum(p.numel() for p in model.parameters() if p is not None)
     n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
@@ -263,13 +263,12 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
         wrapped = DDP(wrapped, device_ids=[ctx["local_rank"]] if str(device).startswith("cuda") else None)
 
     def save(step):
-        rngs = gather_objects(torch.get_rng_state(), world)
-        loaders = gather_objects(loader.state_dict(), world)
+        # no data-loader or RNG state: both are functions of (seed, step), see the training loop
         if rank == 0:
             save_checkpoint(dict(stage=stage, step=step, config={k: asdict(v) for k, v in cfgs.items()},
                                  vae=model.vae.state_dict(), dit=None if dit is None else model.dit.state_dict(),
-                                 ref=None if ref is None else model.ref.state_dict(), optimizer=opt.state_dict(),
-                                 loader=loaders, rng=rngs), ckpt_path)
+                                 ref=None if ref is None else model.ref.state_dict(), optimizer=opt.state_dict()),
+                            ckpt_path)
 
     metrics = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
     t0, t_start, start_step, last_log = time.time(), time.time(), step, step
@@ -285,21 +284,26 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
             g["lr"] = tc.lr * factor * g["lr_scale"]
         sums = {}
         for micro_step in range(accum):
-            x = loader.next().to(device)
+            # micro-batch i of the global batch: its rows and its random draws (masks, noise, t) depend
+            # only on (seed, stage, step, i), so 1 process x accumulation N == N processes, and a resumed
+            # run continues the exact same streams
+            i = rank * accum + micro_step
+            x = loader.get(step, i * micro, micro).to(device)
+            torch.manual_seed(int(np.random.SeedSequence([tc.seed, stage == "joint", step, i]).generate_state(1)[0]))
             sync = micro_step == accum - 1
             with (wrapped.no_sync() if world > 1 and not sync else _null()), autocast(device):
                 loss, stats = wrapped(x)
                 (loss / accum).backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / accum
-        if not math.isfinite(sums["loss"].item()):
-            raise UserError(f"non-finite loss at {stage} step {step}; the last checkpoint {ckpt_path} is kept")
+        logged = all_reduce_mean(sums, world)  # averaged over ranks, so every rank takes the same decision
+        if not math.isfinite(logged["loss"]):
+            raise UserError(f"non-finite loss at {stage} step {step}; stopped, the last checkpoint {ckpt_path} is kept")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if step % tc.log_interval == 0 or step == max_iters:
-            logged = all_reduce_mean(sums, world)
             dt = (time.time() - t0) / (step - last_log)  # seconds per step since the last log line
             t0, last_log = time.time(), step
             tok_s = tc.batch_size * tc.seq_len / dt
@@ -309,10 +313,13 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
             if metrics:
                 metrics.write(json.dumps(dict(stage=stage, step=step, split="train", lr=tc.lr * factor, dt=dt,
                                               tok_s=tok_s, grad_norm=grad_norm.item(), **logged)) + "\n"); metrics.flush()
-        if step % tc.ckpt_interval == 0 or step == max_iters or ctx["stop"]:
+        ctx["steps_run"] += 1
+        stop = ctx["stop"] or ctx["steps_run"] == tc.stop_after
+        if step % tc.ckpt_interval == 0 or step == max_iters or stop:
             save(step)
-        if ctx["stop"]:
-            print0(f"stopped by signal at {stage} step {step}; checkpoint saved to {ckpt_path}")
+        if stop:
+            print0(f"stopped at {stage} step {step} ({'signal' if ctx['stop'] else 'stop_after'}); "
+                   f"checkpoint saved to {ckpt_path}, continue with --resume")
             sys.exit(0)
     if metrics:
         metrics.close()
@@ -323,14 +330,6 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
 class _null:
     def __enter__(self): return None
     def __exit__(self, *a): return False
-
-
-def gather_objects(obj, world):
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def load_vae_state(path, vae_cfg):
@@ -370,7 +369,7 @@ def setup(tc):
     if str(device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ctx = dict(rank=rank, world=world, local_rank=local_rank, device=device, stop=False,
+    ctx = dict(rank=rank, world=world, local_rank=local_rank, device=device, stop=False, steps_run=0,
                print0=lambda *a: print(*a, flush=True) if rank == 0 else None)
 
     def on_signal(signum, frame):  # finish the current step, save, exit

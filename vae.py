@@ -36,7 +36,7 @@ class VAEConfig:
     block_size: int = 16            # only used when dec_block_causal
     logvar_min: float = -10.0       # clamp of the posterior log-variance
     logvar_max: float = 2.0
-    beta: float = 1e-3              # weight of KL(q || N(0,I)) per token (stage 1) / of E_q[log q] (stage 2)
+    beta: float = 1e-4              # weight of KL(q || N(0,I)) per token (stage 1) / of E_q[log q] (stage 2)
     mask_ratio: float = 0.15        # fraction of encoder inputs replaced by <|mask|> for L_mask
     lambda_mask: float = 1.0        # weight of L_mask
 

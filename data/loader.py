@@ -3,14 +3,15 @@ Batches of token windows from the flat uint16 files that data/prepare.py writes.
 
     from data.loader import BatchLoader, resolve_data_dir, val_windows
     data_dir = resolve_data_dir("austen_bytes")            # or a path to any prepared folder
-    loader = BatchLoader(data_dir, "train", batch_size=8, seq_len=128, seed=0, rank=r, world_size=w)
-    x = loader.next()                                      # (8, 128) int64, random windows
-    ckpt["loader"] = loader.state_dict()                   # resume: loader.load_state_dict(...)
+    loader = BatchLoader(data_dir, "train", batch_size=32, seq_len=128, seed=0)
+    x = loader.get(step, start=8 * rank, count=8)          # (8, 128) int64: this rank's rows of the step's batch
     xv = val_windows(data_dir, seq_len=128, n_windows=64) # fixed evaluation windows
 
-Training windows are random offsets drawn from np.random.default_rng([seed, rank, k]) for the k-th
-batch: every (seed, rank) stream is reproducible on its own, ranks see different data, and resuming
-needs only the counter k. Validation windows are evenly spaced and use no randomness at all.
+The global batch of training step k is batch_size random windows whose offsets come from
+np.random.default_rng([seed, k]). Every process draws the same offsets and reads only its own rows
+(start, count), so ranks see different data, 1 process with gradient accumulation and N processes
+see the same global batch, and the data position of a run is just its step: resuming needs nothing
+else. Validation windows are evenly spaced and use no randomness at all.
 """
 
 import json
@@ -52,30 +53,23 @@ def open_split(data_dir, split, min_tokens):
 
 
 class BatchLoader:
-    """Random (batch_size, seq_len) windows from one split, deterministic per (seed, rank)."""
+    """Random windows from one split: the global batch of each step, deterministic in (seed, step)."""
 
-    def __init__(self, data_dir, split, batch_size, seq_len, seed=0, rank=0, world_size=1):
-        assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
+    def __init__(self, data_dir, split, batch_size, seq_len, seed=0):
         self.data_dir, self.split = data_dir, split
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.n_tokens = len(open_split(data_dir, split, seq_len + 1))  # fail early, not at step 1
-        self.step = 0  # number of batches drawn so far
 
-    def next(self):
+    def get(self, step, start=0, count=None):
+        """Rows start..start+count of step's global batch -> (count, seq_len) int64."""
+        count = self.batch_size - start if count is None else count
+        assert 0 <= start and start + count <= self.batch_size, "rows outside the global batch"
+        rng = np.random.default_rng([self.seed, step])
+        offsets = rng.integers(0, self.n_tokens - self.seq_len + 1, size=self.batch_size)[start:start + count]
         # re-open the memmap for every batch (cheap; avoids a memory leak, as in nanoGPT)
         data = np.memmap(os.path.join(self.data_dir, f"{self.split}.bin"), dtype=np.uint16, mode="r")
-        rng = np.random.default_rng([self.seed, self.rank, self.step])
-        offsets = rng.integers(0, self.n_tokens - self.seq_len + 1, size=self.batch_size)
-        self.step += 1
-        x = np.stack([data[i:i + self.seq_len] for i in offsets]).astype(np.int64)  # (B, T)
+        x = np.stack([data[i:i + self.seq_len] for i in offsets]).astype(np.int64)  # (count, T)
         return torch.from_numpy(x)
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, d):
-        self.step = int(d["step"])
 
 
 def val_windows(data_dir, seq_len, n_windows, rank=0, world_size=1):

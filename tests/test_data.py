@@ -308,34 +308,31 @@ def test_resolve_data_dir_and_meta(tmp_path):
 def test_batch_loader_shapes_and_windows(tmp_path):
     d = make_dataset(tmp_path / "ds")
     loader = BatchLoader(d, "train", batch_size=4, seq_len=16)
-    x = loader.next()
+    x = loader.get(0)
     assert x.shape == (4, 16) and x.dtype == torch.int64
     assert torch.all(x[:, 1:] - x[:, :-1] == 1)  # contiguous windows of the file
     assert x.min() >= 0 and x.max() < 5000
 
 
-def test_batch_loader_deterministic_and_resumable(tmp_path):
+def test_batch_loader_deterministic_and_sliced_by_rank(tmp_path):
     d = make_dataset(tmp_path / "ds")
-    make = lambda **kw: BatchLoader(d, "train", batch_size=4, seq_len=16, **kw)
-    a, b = make(seed=1, rank=0, world_size=2), make(seed=1, rank=0, world_size=2)
-    batches = [a.next() for _ in range(3)]
-    assert all(torch.equal(x, b.next()) for x in batches)  # same (seed, rank) -> same stream
-    assert a.state_dict() == {"step": 3}
-    # resume: a fresh loader given the state continues the same stream
-    c = make(seed=1, rank=0, world_size=2)
-    c.load_state_dict(a.state_dict())
-    assert all(torch.equal(a.next(), c.next()) for _ in range(3))
-    # other ranks and seeds draw other windows
-    assert not torch.equal(make(seed=1, rank=1, world_size=2).next(), batches[0])
-    assert not torch.equal(make(seed=2, rank=0, world_size=2).next(), batches[0])
-    assert not torch.equal(batches[0], batches[1])
+    make = lambda seed: BatchLoader(d, "train", batch_size=4, seq_len=16, seed=seed)
+    a, b = make(1), make(1)
+    batches = [a.get(k) for k in range(3)]
+    assert all(torch.equal(batches[k], b.get(k)) for k in range(3))  # same (seed, step) -> same batch
+    assert not torch.equal(batches[0], batches[1]) and not torch.equal(make(2).get(0), batches[0])
+    # two ranks with 2 rows each (or one process with two micro-batches) see the same global batch
+    rank0, rank1 = a.get(0, start=0, count=2), a.get(0, start=2, count=2)
+    assert torch.equal(torch.cat([rank0, rank1]), batches[0]) and not torch.equal(rank0, rank1)
+    with pytest.raises(AssertionError):
+        a.get(0, start=3, count=2)
 
 
 def test_batch_loader_too_short(tmp_path):
     d = make_dataset(tmp_path / "ds", n_train=16)
     with pytest.raises(ValueError, match="fewer than"):
         BatchLoader(d, "train", batch_size=2, seq_len=16)
-    BatchLoader(d, "train", batch_size=2, seq_len=15).next()  # seq_len + 1 tokens is enough
+    BatchLoader(d, "train", batch_size=2, seq_len=15).get(0)  # seq_len + 1 tokens is enough
 
 
 def test_val_windows_fixed_and_sharded(tmp_path):
@@ -358,6 +355,6 @@ def test_loader_on_prepared_dataset(tmp_path):
                     "--tokenizer=bytes"]) == 0
     d = resolve_data_dir(str(tmp_path / "ds"))
     tok = get_tokenizer(load_meta(d)["tokenizer"])
-    x = BatchLoader(d, "train", batch_size=2, seq_len=64, seed=0).next()
+    x = BatchLoader(d, "train", batch_size=2, seq_len=64, seed=0).get(0)
     assert x.shape == (2, 64) and tok.decode(x[0]) in make_doc(0, 200)
     assert val_windows(d, seq_len=64, n_windows=3).shape == (3, 64)

@@ -81,7 +81,7 @@ def test_mask_loss_really_masks():
     assert "mask_ce" not in tiny_vae(mask_ratio=0.0)(x)[3]
     torch.manual_seed(0)
     out = vae(x)[3]
-    assert out["mask_ce"] > 0 and torch.isclose(out["loss"], out["ce"] + 1e-3 * out["kl"] + out["mask_ce"])
+    assert out["mask_ce"] > 0 and torch.isclose(out["loss"], out["ce"] + vae.cfg.beta * out["kl"] + out["mask_ce"])
 
 
 def test_overfits_one_batch():
