@@ -3,6 +3,7 @@ Evaluate a Cola DLM checkpoint. Every subcommand prints a table and, with --out,
 
     python eval.py recon --ckpt=out/ckpt.pt [--out=recon.json]   # VAE: token/masked accuracy, logSNR, noise robustness
     python eval.py fm    --ckpt=out/ckpt.pt [--out=fm.json]      # prior: held-out flow-matching loss vs a Gaussian baseline
+    python eval.py nll   --ckpt=out/ckpt.pt [--samples=K]        # ELBO / IWAE bound: NLL per token, PPL, bits per byte
     python eval.py speed --ckpt=out/ckpt.pt [--out=speed.json]   # sampler throughput, latency, KV-cache speedup
 
 Held-out data is the validation split of the dataset the checkpoint was trained on (fixed windows).
@@ -14,10 +15,12 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 from common import UserError, autocast, load_models, pick_device, run_main
 from data.loader import resolve_data_dir, val_windows
-from flow import FlowConfig, fm_loss, interpolate, sample_t
+from data.tokenizer import get_tokenizer
+from flow import FlowConfig, fm_loss, interpolate, prior_logp, sample_t
 from train import fm_by_t
 
 
@@ -120,6 +123,59 @@ def report_fm(r):
         print(f"  {k}  {v:.4f}  {g:.4f}  {v / g:.3f}")
 
 
+# ----------------------------------------------------------------------------- nll
+
+@torch.no_grad()
+def log_weights(vae, dit, x, samples=1, ode_steps=32):
+    """Importance log-weights w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k ~ q(z|x): (K, B),
+    with each term's per-sequence value (averaged over k) for the report."""
+    B, L = x.shape
+    mu, logvar = vae.encode(x)
+    ws, parts = [], {"log_px": 0.0, "log_pz": 0.0, "log_q": 0.0}
+    for _ in range(samples):
+        z = vae.sample(mu, logvar)
+        log_px = -F.cross_entropy(vae.decode(z)[0].flatten(0, 1).float(), x.flatten(), reduction="none").view(B, L).sum(1)
+        log_q = (-0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi))).flatten(1).sum(1)
+        log_pz = prior_logp(dit, z, ode_steps)
+        ws.append(log_px + log_pz - log_q)
+        for k, v in (("log_px", log_px), ("log_pz", log_pz), ("log_q", log_q)):
+            parts[k] = parts[k] + v / samples
+    return torch.stack(ws), parts
+
+
+def eval_nll(vae, dit, x, samples=1, ode_steps=32, batch_size=8, seed=0):
+    """ELBO (and with samples > 1 the IWAE bound) on held-out windows: nats per token, PPL, bits per byte."""
+    torch.manual_seed(seed)
+    tok = get_tokenizer(vae.cfg.tokenizer)
+    elbo = iwae = 0.0
+    parts = {}
+    for xb in batches(x, batch_size):
+        w, p = log_weights(vae, dit, xb, samples, ode_steps)
+        elbo += w.mean(0).sum().item()
+        iwae += (torch.logsumexp(w, 0) - math.log(samples)).sum().item()
+        for k, v in p.items():
+            parts[k] = parts.get(k, 0.0) + v.sum().item()
+    n_tok = x.numel()
+    n_bytes = sum(len(tok.enc.decode_bytes([t for t in row.tolist() if t < tok.eot])) for row in x)
+    nll = -(iwae if samples > 1 else elbo)
+    return dict(nll=nll / n_tok, ppl=math.exp(nll / n_tok), bpb=nll / n_bytes / math.log(2),
+                nll_elbo=-elbo / n_tok, nll_iwae=-iwae / n_tok if samples > 1 else None,
+                recon_nats=-parts["log_px"] / n_tok, prior_nats=-parts["log_pz"] / n_tok,
+                entropy_nats=-parts["log_q"] / n_tok,
+                params=sum(p.numel() for p in vae.parameters()) + sum(p.numel() for p in dit.parameters()),
+                samples=samples, ode_steps=ode_steps, tokens=n_tok, bytes=n_bytes,
+                note="upper bound on NLL (ELBO/IWAE with a Hutchinson-Euler CNF prior density); "
+                     "held-out windows, the first block of each window has no history")
+
+
+def report_nll(r):
+    bound = "IWAE" if r["samples"] > 1 else "ELBO"
+    print(f"NLL <= {r['nll']:.4f} nats/token ({bound}, K={r['samples']}, {r['ode_steps']} ODE steps) | "
+          f"PPL <= {r['ppl']:.3f} | {r['bpb']:.4f} bits/byte | {r['params'] / 1e6:.2f}M params | {r['tokens']} tokens")
+    print(f"  terms per token: -log p(x|z) {r['recon_nats']:.4f} | -log p(z) {r['prior_nats']:.4f} | "
+          f"log q(z|x) {-r['entropy_nats']:.4f}")
+
+
 # ----------------------------------------------------------------------------- speed
 
 def time_generate(vae, dit, prompt, batch, new_tokens, steps, cfg_scale, use_cache, device):
@@ -171,6 +227,7 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, help_ in [("recon", "VAE reconstruction and latent-noise robustness"),
                         ("fm", "held-out flow-matching loss vs the Gaussian baseline"),
+                        ("nll", "likelihood bound: NLL per token, PPL, bits per byte"),
                         ("speed", "sampler throughput and KV-cache speedup")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--ckpt", required=True)
@@ -180,12 +237,17 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0)
         if name == "speed":
             p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
+        if name == "nll":
+            p.add_argument("--samples", type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")
+            p.add_argument("--ode_steps", type=int, default=32, help="Euler steps of the CNF density")
     args = ap.parse_args(argv)
     if args.limit < 1:
         ap.error("--limit must be >= 1")
     device = pick_device(args.device)
     vae, dit, ckpt = load_models(args.ckpt, device)
-    if args.cmd in ("fm", "speed") and dit is None:
+    if args.cmd == "nll" and (args.samples < 1 or args.ode_steps < 1):
+        ap.error("--samples and --ode_steps must be >= 1")
+    if args.cmd in ("fm", "nll", "speed") and dit is None:
         raise UserError(f"{args.ckpt} holds only a VAE; `{args.cmd}` needs a stage-2 checkpoint")
     x = held_out(ckpt, args.limit, device)
     t0 = time.time()
@@ -195,6 +257,9 @@ def main(argv=None):
     elif args.cmd == "fm":
         result = eval_fm(vae, dit, FlowConfig(**ckpt["config"]["flow"]), x, device, seed=args.seed)
         report_fm(result)
+    elif args.cmd == "nll":
+        result = eval_nll(vae, dit, x, args.samples, args.ode_steps, seed=args.seed)
+        report_nll(result)
     else:
         torch.manual_seed(args.seed)
         result = eval_speed(vae, dit, x, device, quick=args.quick)

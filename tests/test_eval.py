@@ -1,5 +1,6 @@
 """eval.py: the Gaussian FM baseline, and every subcommand end to end on a tiny checkpoint."""
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -49,6 +50,16 @@ def tiny_run(tmp_path_factory):
     return root, path, vae_only
 
 
+def test_iwae_bound_is_tighter_than_elbo():
+    torch.manual_seed(0)
+    vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2))
+    dit = DiT(DiTConfig(n_layer=1, width=32, n_head=2, block_size=4))
+    vae.logvar_head.bias.data.fill_(0.0)  # a wide posterior: the K samples differ a lot
+    w, _ = cola_eval.log_weights(vae, dit, torch.randint(0, 256, (3, 12)), samples=8, ode_steps=2)
+    iwae, elbo = torch.logsumexp(w, 0) - math.log(8), w.mean(0)
+    assert w.shape == (8, 3) and torch.all(iwae >= elbo) and torch.all(iwae > elbo + 1e-3)
+
+
 def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     root, path, vae_only = tiny_run
     r = cola_eval.main(["recon", f"--ckpt={path}", "--limit=8", f"--out={root / 'r.json'}"])
@@ -59,6 +70,10 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     assert 0 <= r["token_acc"] <= 1
     r = cola_eval.main(["fm", f"--ckpt={path}", "--limit=8"])
     assert r["fm_loss"] > 0 and r["fm_loss_gauss"] > 0 and set(r["bins"]) == set(r["bins_gauss"])
+    r = cola_eval.main(["nll", f"--ckpt={path}", "--limit=4", "--samples=3", "--ode_steps=2"])
+    assert r["nll_iwae"] <= r["nll_elbo"] and r["nll"] == r["nll_iwae"] and r["params"] > 0
+    assert r["bpb"] == pytest.approx(r["nll"] * r["tokens"] / r["bytes"] / math.log(2))
+    assert r["ppl"] == pytest.approx(math.exp(r["nll"]))
     r = cola_eval.main(["speed", f"--ckpt={path}", "--limit=1", "--quick"])
     assert r["cache_speedup"] > 0 and len(r["rows"]) == 2
     with pytest.raises(UserError, match="stage-2"):
