@@ -5,6 +5,8 @@ Evaluate a Cola DLM checkpoint. Every subcommand prints a table and, with --out,
     python eval.py fm    --ckpt=out/ckpt.pt [--out=fm.json]      # prior: held-out flow-matching loss vs a Gaussian baseline
     python eval.py nll   --ckpt=out/ckpt.pt [--samples=K]        # ELBO / IWAE bound: NLL per token, PPL, bits per byte
     python eval.py speed --ckpt=out/ckpt.pt [--out=speed.json]   # sampler throughput, latency, KV-cache speedup
+    python eval.py bench --ckpt=out/ckpt.pt --task=cloze --data=data/benchmarks/cloze.jsonl [--protocol=rank]
+    python eval.py all   --ckpt=out/ckpt.pt                      # everything above with a small budget
 
 Held-out data is the validation split of the dataset the checkpoint was trained on (fixed windows).
 Runs on CPU, CUDA or MPS (--device); --limit N caps the number of held-out windows.
@@ -12,6 +14,7 @@ Runs on CPU, CUDA or MPS (--device); --limit N caps the number of held-out windo
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -176,6 +179,74 @@ def report_nll(r):
           f"log q(z|x) {-r['entropy_nats']:.4f}")
 
 
+# ----------------------------------------------------------------------------- bench
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, c - h), min(1.0, c + h)]
+
+
+def fit_context(ids, room):
+    """Keep the last `room` tokens: few-shot prompts are left-truncated to the model's context."""
+    return ids[-room:] if room > 0 else []
+
+
+@torch.no_grad()
+def eval_bench(vae, dit, context, task, items, protocol="generate", limit=None, steps=16, cfg_scale=7.0,
+               max_new_tokens=32, batch_size=16, ode_steps=8, seed=0):
+    """The paper's few-shot generative protocol (SPEC §4), or ranking choices by their ELBO."""
+    from data import benchmarks as bm
+    from sample import generate
+    tok = get_tokenizer(vae.cfg.tokenizer)
+    shots, todo = items[:bm.SHOTS[task]], items[bm.SHOTS[task]:]  # shots are never evaluated
+    todo = todo[:limit] if limit else todo
+    prompts = [tok.encode(bm.build_prompt(task, it, shots)) for it in todo]
+    truncated = sum(len(p) > context - max_new_tokens for p in prompts)
+    correct, examples = [], []
+    if protocol == "generate":
+        for i in range(0, len(todo), batch_size):
+            chunk = [fit_context(p, context - max_new_tokens) for p in prompts[i:i + batch_size]]
+            outs = generate(vae, dit, chunk, max_new_tokens, steps, cfg_scale, seed=seed)
+            for it, o in zip(todo[i:i + batch_size], outs):
+                text = tok.decode(o)
+                correct.append(bm.is_correct(task, it, text))
+                if len(examples) < 5:
+                    examples.append(dict(answer=it["answer"], generated=text))
+    else:  # rank: log p(choice | prompt) ~ ELBO(prompt + choice) - ELBO(prompt), common random numbers
+        if not bm.is_multiple_choice(task):
+            raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
+        dev = next(vae.parameters()).device
+        for it, p in zip(todo, prompts):
+            seqs = [fit_context(p + tok.encode(" " + c), context) for c in it["choices"]]
+            base = fit_context(p, context)
+            scores = []
+            for s in seqs:
+                torch.manual_seed(seed)
+                w_full = log_weights(vae, dit, torch.tensor([s], device=dev), ode_steps=ode_steps)[0]
+                torch.manual_seed(seed)
+                w_base = log_weights(vae, dit, torch.tensor([base], device=dev), ode_steps=ode_steps)[0]
+                scores.append((w_full - w_base).item())
+            correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
+    k, n = sum(correct), len(correct)
+    chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if bm.is_multiple_choice(task) else 0.0
+    return dict(task=task, protocol=protocol, accuracy=k / max(n, 1), n=n, correct=k, chance=chance,
+                ci95=wilson(k, n), shots=len(shots), truncated_prompts=truncated, context=context,
+                steps=steps, cfg=cfg_scale, examples=examples)
+
+
+def report_bench(r):
+    lo, hi = r["ci95"]
+    print(f"{r['task']} ({r['protocol']}, {r['shots']}-shot): accuracy {r['accuracy']:.3f} "
+          f"[{lo:.3f}, {hi:.3f}] on {r['n']} items | chance {r['chance']:.3f} | "
+          f"{r['truncated_prompts']} prompts left-truncated to the {r['context']}-token context")
+    for e in r["examples"]:
+        print(f"  gold {e['answer']!r:20.20} generated {e['generated'][:60]!r}")
+
+
 # ----------------------------------------------------------------------------- speed
 
 def time_generate(vae, dit, prompt, batch, new_tokens, steps, cfg_scale, use_cache, device):
@@ -222,49 +293,101 @@ def report_speed(r):
 
 # ----------------------------------------------------------------------------- command line
 
+def run_bench(args, vae, dit, ckpt):
+    from data import benchmarks as bm
+    if args.task not in bm.TASKS:
+        raise UserError(f"unknown --task {args.task!r}; choose from {', '.join(bm.TASKS)}")
+    if not os.path.isfile(args.data):
+        raise UserError(f"--data file not found: {args.data} (build it with `python data/benchmarks.py`)")
+    try:
+        items = bm.load_items(args.data, args.task)
+    except bm.ItemError as e:
+        raise UserError(str(e))
+    return eval_bench(vae, dit, ckpt["config"]["train"]["seq_len"], args.task, items, args.protocol, args.limit,
+                      args.steps, args.cfg, seed=args.seed)
+
+
+def run_all(args, vae, dit, ckpt, device):
+    """Every metric with a small budget (a quick report, not a final number)."""
+    x = held_out(ckpt, min(args.limit, 32), device)
+    out = dict(recon=eval_recon(vae, x, device, seed=args.seed))
+    report_recon(out["recon"])
+    out["fm"] = eval_fm(vae, dit, FlowConfig(**ckpt["config"]["flow"]), x, device, seed=args.seed)
+    report_fm(out["fm"])
+    out["nll"] = eval_nll(vae, dit, x[:8], samples=1, ode_steps=16, seed=args.seed)
+    report_nll(out["nll"])
+    cloze = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "benchmarks", "cloze.jsonl")
+    if os.path.isfile(cloze):
+        args.task, args.data, args.protocol, args.limit = "cloze", cloze, "generate", min(args.limit, 50)
+        out["bench_cloze"] = run_bench(args, vae, dit, ckpt)
+        report_bench(out["bench_cloze"])
+    else:
+        print(f"(no {cloze}: run `python data/benchmarks.py --tasks=cloze` for the in-domain cloze task)")
+    out["speed"] = eval_speed(vae, dit, x, device, quick=True)
+    report_speed(out["speed"])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a Cola DLM checkpoint.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, help_ in [("recon", "VAE reconstruction and latent-noise robustness"),
                         ("fm", "held-out flow-matching loss vs the Gaussian baseline"),
                         ("nll", "likelihood bound: NLL per token, PPL, bits per byte"),
-                        ("speed", "sampler throughput and KV-cache speedup")]:
+                        ("speed", "sampler throughput and KV-cache speedup"),
+                        ("bench", "few-shot benchmark (generative protocol, or --protocol=rank)"),
+                        ("all", "everything with a small budget")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--ckpt", required=True)
         p.add_argument("--out", default=None, help="write the results as JSON here")
-        p.add_argument("--limit", type=int, default=64, help="held-out windows to use")
+        p.add_argument("--limit", type=int, default=64, help="held-out windows (bench: items) to use")
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0)
         if name == "speed":
             p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
         if name == "nll":
             p.add_argument("--samples", type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")
-            p.add_argument("--ode_steps", type=int, default=32, help="Euler steps of the CNF density")
+            p.add_argument("--ode_steps", type=int, default=32, help="midpoint steps of the CNF density")
+        if name == "bench":
+            p.add_argument("--task", required=True)
+            p.add_argument("--data", required=True, help="JSONL items (data/benchmarks.py builds them)")
+            p.add_argument("--protocol", choices=("generate", "rank"), default="generate")
+        if name in ("bench", "all"):
+            p.add_argument("--steps", type=int, default=16)
+            p.add_argument("--cfg", type=float, default=7.0)
     args = ap.parse_args(argv)
     if args.limit < 1:
         ap.error("--limit must be >= 1")
-    device = pick_device(args.device)
-    vae, dit, ckpt = load_models(args.ckpt, device)
     if args.cmd == "nll" and (args.samples < 1 or args.ode_steps < 1):
         ap.error("--samples and --ode_steps must be >= 1")
-    if args.cmd in ("fm", "nll", "speed") and dit is None:
+    if args.cmd in ("bench", "all") and (args.steps < 1 or args.cfg < 0):
+        ap.error("--steps must be >= 1 and --cfg >= 0")
+    device = pick_device(args.device)
+    vae, dit, ckpt = load_models(args.ckpt, device)
+    if args.cmd != "recon" and dit is None:
         raise UserError(f"{args.ckpt} holds only a VAE; `{args.cmd}` needs a stage-2 checkpoint")
-    x = held_out(ckpt, args.limit, device)
     t0 = time.time()
+    torch.manual_seed(args.seed)
     if args.cmd == "recon":
-        result = eval_recon(vae, x, device, seed=args.seed)
+        result = eval_recon(vae, held_out(ckpt, args.limit, device), device, seed=args.seed)
         report_recon(result)
     elif args.cmd == "fm":
-        result = eval_fm(vae, dit, FlowConfig(**ckpt["config"]["flow"]), x, device, seed=args.seed)
+        result = eval_fm(vae, dit, FlowConfig(**ckpt["config"]["flow"]), held_out(ckpt, args.limit, device), device,
+                         seed=args.seed)
         report_fm(result)
     elif args.cmd == "nll":
-        result = eval_nll(vae, dit, x, args.samples, args.ode_steps, seed=args.seed)
+        result = eval_nll(vae, dit, held_out(ckpt, args.limit, device), args.samples, args.ode_steps, seed=args.seed)
         report_nll(result)
-    else:
-        torch.manual_seed(args.seed)
-        result = eval_speed(vae, dit, x, device, quick=args.quick)
+    elif args.cmd == "speed":
+        result = eval_speed(vae, dit, held_out(ckpt, 1, device), device, quick=args.quick)
         report_speed(result)
-    result.update(ckpt=args.ckpt, step=ckpt.get("step"), stage=ckpt.get("stage"), wall_seconds=time.time() - t0)
+    elif args.cmd == "bench":
+        result = run_bench(args, vae, dit, ckpt)
+        report_bench(result)
+    else:
+        result = run_all(args, vae, dit, ckpt, device)
+    result.update(ckpt=args.ckpt, step=ckpt.get("step"), stage=ckpt.get("stage"), device=str(device),
+                  wall_seconds=time.time() - t0)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

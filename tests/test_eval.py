@@ -78,4 +78,18 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     assert r["cache_speedup"] > 0 and len(r["rows"]) == 2
     with pytest.raises(UserError, match="stage-2"):
         cola_eval.main(["fm", f"--ckpt={vae_only}"])
+    # bench, both protocols, on a tiny multiple-choice file (its first 2 items are the shots)
+    items = root / "mc.jsonl"
+    items.write_text("\n".join(json.dumps(dict(question=f"Q{i}?", choices=["yes", "no"], answer="yes"))
+                               for i in range(6)))
+    r = cola_eval.main(["bench", f"--ckpt={path}", "--task=obqa", f"--data={items}", "--steps=2", "--limit=3"])
+    assert r["n"] == 3 and r["chance"] == 0.5 and r["shots"] == 2 and 0 <= r["ci95"][0] <= r["ci95"][1] <= 1
+    r = cola_eval.main(["bench", f"--ckpt={path}", "--task=obqa", f"--data={items}", "--protocol=rank"])
+    assert r["n"] == 4 and r["accuracy"] in (0, 0.25, 0.5, 0.75, 1.0)
+    bad = root / "bad.jsonl"
+    bad.write_text(json.dumps(dict(question="q", answer="a")) + "\n{broken\n")
+    with pytest.raises(UserError, match="bad.jsonl, line 2"):
+        cola_eval.main(["bench", f"--ckpt={path}", "--task=lambada", f"--data={bad}"])
+    with pytest.raises(UserError, match="rank needs a multiple-choice"):
+        cola_eval.main(["bench", f"--ckpt={path}", "--task=lambada", f"--data={items}", "--protocol=rank"])
     assert "token_acc" in capsys.readouterr().out
