@@ -110,12 +110,18 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_models(path, device="cpu"):
-    """Rebuild (vae, dit or None, ckpt) in eval mode from a checkpoint written by train.py."""
+    """Rebuild the models of a train.py checkpoint in eval mode: ({"vae", "dit"} or {"ar"}, ckpt).
+    A stage-1 checkpoint has dit None."""
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or not ({"vae", "ar"} & set(ckpt)):
+        raise UserError(f"{path} is not a cola checkpoint (no model weights / configs in it)")
+    if "ar" in ckpt:
+        from ar import ARConfig, ARLM
+        ar = ARLM(ARConfig(**ckpt["config"]["ar"]))
+        ar.load_state_dict(ckpt["ar"])
+        return {"ar": ar.to(device).eval()}, ckpt
     from dit import DiT, DiTConfig
     from vae import TextVAE, VAEConfig
-    ckpt = load_checkpoint(path)
-    if "vae" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a cola checkpoint (no 'vae'/'config' entries)")
     vae = TextVAE(VAEConfig(**ckpt["config"]["vae"]))
     vae.load_state_dict(ckpt["vae"])
     dit = None
@@ -123,4 +129,4 @@ def load_models(path, device="cpu"):
         dit = DiT(DiTConfig(**ckpt["config"]["dit"]))
         dit.load_state_dict(ckpt["dit"])
         dit.to(device).eval()
-    return vae.to(device).eval(), dit, ckpt
+    return {"vae": vae.to(device).eval(), "dit": dit}, ckpt

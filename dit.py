@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from layers import Attention, SwiGLU, init_weights, rope_angles
+from layers import Attention, SwiGLU, init_weights, rope_angles, transformer_flops
 
 PAD_POS = 1 << 20  # position of padding tokens: after every real position, so causal rules hide them
 
@@ -129,6 +129,11 @@ class DiT(nn.Module):
                                                                   self.final_layer.linear]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def flops(self, attended):
+        """Forward FLOPs per latent token attending to `attended` keys (adaLN is per distinct t: ~free)."""
+        c = self.cfg
+        return transformer_flops(c.n_layer, c.width, attended) + 4 * c.latent_dim * c.width
 
     def forward(self, z, t, pos, mask, past=None):
         """Velocity for latents z (B, L, d) at per-token times t (B, L), positions pos (B, L).

@@ -146,32 +146,48 @@ def log_weights(vae, dit, x, samples=1, ode_steps=32):
     return torch.stack(ws), parts
 
 
-def eval_nll(vae, dit, x, samples=1, ode_steps=32, batch_size=8, seed=0):
-    """ELBO (and with samples > 1 the IWAE bound) on held-out windows: nats per token, PPL, bits per byte."""
+def eval_nll(models, x, samples=1, ode_steps=32, batch_size=8, seed=0):
+    """Cola: ELBO (samples > 1: IWAE) bound on held-out windows. AR: the exact NLL of tokens 2..L of
+    each window. Nats per token, PPL, bits per UTF-8 byte (the axis both models share)."""
     torch.manual_seed(seed)
-    tok = get_tokenizer(vae.cfg.tokenizer)
+    ar = models.get("ar")
+    tok = get_tokenizer(model_cfg(models).tokenizer)
     elbo = iwae = 0.0
     parts = {}
     for xb in batches(x, batch_size):
-        w, p = log_weights(vae, dit, xb, samples, ode_steps)
+        if ar is not None:
+            elbo += ar.score(xb).sum().item()
+            continue
+        w, p = log_weights(models["vae"], models["dit"], xb, samples, ode_steps)
         elbo += w.mean(0).sum().item()
         iwae += (torch.logsumexp(w, 0) - math.log(samples)).sum().item()
         for k, v in p.items():
             parts[k] = parts.get(k, 0.0) + v.sum().item()
-    n_tok = x.numel()
-    n_bytes = sum(len(tok.enc.decode_bytes([t for t in row.tolist() if t < tok.eot])) for row in x)
-    nll = -(iwae if samples > 1 else elbo)
-    return dict(nll=nll / n_tok, ppl=math.exp(nll / n_tok), bpb=nll / n_bytes / math.log(2),
-                nll_elbo=-elbo / n_tok, nll_iwae=-iwae / n_tok if samples > 1 else None,
-                recon_nats=-parts["log_px"] / n_tok, prior_nats=-parts["log_pz"] / n_tok,
-                entropy_nats=-parts["log_q"] / n_tok,
-                params=sum(p.numel() for p in vae.parameters()) + sum(p.numel() for p in dit.parameters()),
-                samples=samples, ode_steps=ode_steps, tokens=n_tok, bytes=n_bytes,
-                note="upper bound on NLL (ELBO/IWAE with a Hutchinson-Euler CNF prior density); "
-                     "held-out windows, the first block of each window has no history")
+    scored = x[:, 1:] if ar is not None else x  # the AR model is given each window's first token
+    n_tok = scored.numel()
+    n_bytes = sum(len(tok.enc.decode_bytes([t for t in row.tolist() if t < tok.eot])) for row in scored)
+    nll = -(iwae if samples > 1 and ar is None else elbo)
+    params = sum(p.numel() for m in models.values() if m is not None for p in m.parameters())
+    out = dict(nll=nll / n_tok, ppl=math.exp(nll / n_tok), bpb=nll / n_bytes / math.log(2), params=params,
+               tokens=n_tok, bytes=n_bytes, exact=ar is not None)
+    if ar is None:
+        out.update(nll_elbo=-elbo / n_tok, nll_iwae=-iwae / n_tok if samples > 1 else None,
+                   recon_nats=-parts["log_px"] / n_tok, prior_nats=-parts["log_pz"] / n_tok,
+                   entropy_nats=-parts["log_q"] / n_tok, samples=samples, ode_steps=ode_steps,
+                   note="upper bound on the NLL (ELBO/IWAE; CNF prior density by midpoint steps and a Hutchinson "
+                        "trace); held-out windows, whose first block has no history")
+    return out
+
+
+def model_cfg(models):
+    return (models.get("ar") or models["vae"]).cfg
 
 
 def report_nll(r):
+    if r["exact"]:
+        print(f"NLL {r['nll']:.4f} nats/token (exact, AR) | PPL {r['ppl']:.3f} | {r['bpb']:.4f} bits/byte | "
+              f"{r['params'] / 1e6:.2f}M params | {r['tokens']} tokens")
+        return
     bound = "IWAE" if r["samples"] > 1 else "ELBO"
     print(f"NLL <= {r['nll']:.4f} nats/token ({bound}, K={r['samples']}, {r['ode_steps']} ODE steps) | "
           f"PPL <= {r['ppl']:.3f} | {r['bpb']:.4f} bits/byte | {r['params'] / 1e6:.2f}M params | {r['tokens']} tokens")
@@ -196,12 +212,19 @@ def fit_context(ids, room):
 
 
 @torch.no_grad()
-def eval_bench(vae, dit, context, task, items, protocol="generate", limit=None, steps=16, cfg_scale=7.0,
+def score(models, x, ode_steps):
+    """log p(x) per sequence: exact for AR, the ELBO for Cola."""
+    if "ar" in models:
+        return models["ar"].score(x)
+    return log_weights(models["vae"], models["dit"], x, ode_steps=ode_steps)[0][0]
+
+
+def eval_bench(models, context, task, items, protocol="generate", limit=None, steps=16, cfg_scale=7.0,
                max_new_tokens=32, batch_size=16, ode_steps=8, seed=0):
-    """The paper's few-shot generative protocol (SPEC §4), or ranking choices by their ELBO."""
+    """The paper's few-shot generative protocol (SPEC §4), or ranking choices by log-likelihood."""
     from data import benchmarks as bm
-    from sample import generate
-    tok = get_tokenizer(vae.cfg.tokenizer)
+    from sample import generate_any
+    tok = get_tokenizer(model_cfg(models).tokenizer)
     shots, todo = items[:bm.SHOTS[task]], items[bm.SHOTS[task]:]  # shots are never evaluated
     todo = todo[:limit] if limit else todo
     prompts = [tok.encode(bm.build_prompt(task, it, shots)) for it in todo]
@@ -210,26 +233,26 @@ def eval_bench(vae, dit, context, task, items, protocol="generate", limit=None, 
     if protocol == "generate":
         for i in range(0, len(todo), batch_size):
             chunk = [fit_context(p, context - max_new_tokens) for p in prompts[i:i + batch_size]]
-            outs = generate(vae, dit, chunk, max_new_tokens, steps, cfg_scale, seed=seed)
+            outs = generate_any(models, chunk, max_new_tokens, steps, cfg_scale, seed=seed)
             for it, o in zip(todo[i:i + batch_size], outs):
                 text = tok.decode(o)
                 correct.append(bm.is_correct(task, it, text))
                 if len(examples) < 5:
                     examples.append(dict(answer=it["answer"], generated=text))
-    else:  # rank: log p(choice | prompt) ~ ELBO(prompt + choice) - ELBO(prompt), common random numbers
+    else:  # rank: log p(choice | prompt) = log p(prompt + choice) - log p(prompt); for Cola both are ELBOs
+        # (an approximation, not a bound) evaluated with common random numbers
         if not bm.is_multiple_choice(task):
             raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
-        dev = next(vae.parameters()).device
+        dev = next(next(iter(models.values())).parameters()).device
         for it, p in zip(todo, prompts):
             seqs = [fit_context(p + tok.encode(" " + c), context) for c in it["choices"]]
             base = fit_context(p, context)
             scores = []
             for s in seqs:
                 torch.manual_seed(seed)
-                w_full = log_weights(vae, dit, torch.tensor([s], device=dev), ode_steps=ode_steps)[0]
+                full = score(models, torch.tensor([s], device=dev), ode_steps)
                 torch.manual_seed(seed)
-                w_base = log_weights(vae, dit, torch.tensor([base], device=dev), ode_steps=ode_steps)[0]
-                scores.append((w_full - w_base).item())
+                scores.append((full - score(models, torch.tensor([base], device=dev), ode_steps)).item())
             correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
     k, n = sum(correct), len(correct)
     chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if bm.is_multiple_choice(task) else 0.0
@@ -249,51 +272,56 @@ def report_bench(r):
 
 # ----------------------------------------------------------------------------- speed
 
-def time_generate(vae, dit, prompt, batch, new_tokens, steps, cfg_scale, use_cache, device):
-    from sample import generate
-    prompts = [prompt] * batch
+def time_generate(models, prompt, batch, new_tokens, steps, cfg_scale, use_cache, device):
+    from sample import generate_any
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    out = generate(vae, dit, prompts, new_tokens, steps, cfg_scale, use_cache=use_cache, stop_at_eot=False)
+    out = generate_any(models, [prompt] * batch, new_tokens, steps, cfg_scale, use_cache=use_cache, stop_at_eot=False)
     sync()
-    dt = time.perf_counter() - t0
     assert all(len(o) == new_tokens for o in out)
-    return dt
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
-def eval_speed(vae, dit, x, device, quick=False):
-    """Sampler tokens/s and per-block latency over a grid, and the KV-cache speedup (side by side)."""
+def eval_speed(models, x, device, quick=False):
+    """Sampler tokens/s and per-block latency over a grid, and (Cola) the KV-cache speedup measured
+    side by side: the same sampler recomputing the whole history at every step."""
+    ar = "ar" in models
     prompt = x[0, :20].tolist()  # 20 prompt tokens: one full block in the cache, the tail repainted
-    bs = dit.cfg.block_size
-    grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in (8, 16) for w in (7.0, 1.0)]
+    bs = 1 if ar else models["dit"].cfg.block_size
+    grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((0,) if ar else (8, 16))
+            for w in ((1.0,) if ar else (7.0, 1.0))]
     if quick:
         grid = [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
-    time_generate(vae, dit, prompt, 1, bs, 2, 7.0, True, device)  # warm-up
+    time_generate(models, prompt, 1, 16, 2, 7.0, True, device)  # warm-up
     rows = []
     for b, n, s, w in grid:
-        dt = time_generate(vae, dit, prompt, b, n, s, w, True, device)
+        dt = time_generate(models, prompt, b, n, s, w, True, device)
         rows.append(dict(batch=b, new_tokens=n, steps=s, cfg=w, seconds=dt, tok_s=b * n / dt,
                          block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
         print(f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
-              f"{rows[-1]['block_ms']:7.1f} ms/block", flush=True)
-    n = 64 if quick else 256
-    cached = time_generate(vae, dit, prompt, 1, n, 16, 7.0, True, device)
-    free = time_generate(vae, dit, prompt, 1, n, 16, 7.0, False, device)
-    return dict(device=str(device), threads=torch.get_num_threads(), rows=rows,
-                cache_speedup=free / cached, cache_speedup_setting=f"batch 1, {n} new tokens, 16 steps, cfg 7",
-                cached_seconds=cached, cache_free_seconds=free)
+              f"{rows[-1]['block_ms']:7.1f} ms/{'token' if ar else 'block'}", flush=True)
+    out = dict(device=str(device), threads=torch.get_num_threads(), rows=rows)
+    if not ar:
+        n = 64 if quick else 256
+        cached = time_generate(models, prompt, 1, n, 16, 7.0, True, device)
+        free = time_generate(models, prompt, 1, n, 16, 7.0, False, device)
+        out.update(cache_speedup=free / cached, cache_speedup_setting=f"batch 1, {n} new tokens, 16 steps, cfg 7",
+                   cached_seconds=cached, cache_free_seconds=free)
+    return out
 
 
 def report_speed(r):
+    if "cache_speedup" not in r:
+        return
     print(f"cache_speedup {r['cache_speedup']:.2f}x ({r['cache_speedup_setting']}: cache-free "
           f"{r['cache_free_seconds']:.2f} s vs cached {r['cached_seconds']:.2f} s) on {r['device']}")
 
 
 # ----------------------------------------------------------------------------- command line
 
-def run_bench(args, vae, dit, ckpt):
+def run_bench(args, models, ckpt):
     from data import benchmarks as bm
     if args.task not in bm.TASKS:
         raise UserError(f"unknown --task {args.task!r}; choose from {', '.join(bm.TASKS)}")
@@ -303,27 +331,29 @@ def run_bench(args, vae, dit, ckpt):
         items = bm.load_items(args.data, args.task)
     except bm.ItemError as e:
         raise UserError(str(e))
-    return eval_bench(vae, dit, ckpt["config"]["train"]["seq_len"], args.task, items, args.protocol, args.limit,
+    return eval_bench(models, ckpt["config"]["train"]["seq_len"], args.task, items, args.protocol, args.limit,
                       args.steps, args.cfg, seed=args.seed)
 
 
-def run_all(args, vae, dit, ckpt, device):
+def run_all(args, models, ckpt, device):
     """Every metric with a small budget (a quick report, not a final number)."""
     x = held_out(ckpt, min(args.limit, 32), device)
-    out = dict(recon=eval_recon(vae, x, device, seed=args.seed))
-    report_recon(out["recon"])
-    out["fm"] = eval_fm(vae, dit, FlowConfig(**ckpt["config"]["flow"]), x, device, seed=args.seed)
-    report_fm(out["fm"])
-    out["nll"] = eval_nll(vae, dit, x[:8], samples=1, ode_steps=16, seed=args.seed)
+    out = {}
+    if "ar" not in models:
+        out["recon"] = eval_recon(models["vae"], x, device, seed=args.seed)
+        report_recon(out["recon"])
+        out["fm"] = eval_fm(models["vae"], models["dit"], FlowConfig(**ckpt["config"]["flow"]), x, device, seed=args.seed)
+        report_fm(out["fm"])
+    out["nll"] = eval_nll(models, x[:8], samples=1, ode_steps=16, seed=args.seed)
     report_nll(out["nll"])
     cloze = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "benchmarks", "cloze.jsonl")
     if os.path.isfile(cloze):
         args.task, args.data, args.protocol, args.limit = "cloze", cloze, "generate", min(args.limit, 50)
-        out["bench_cloze"] = run_bench(args, vae, dit, ckpt)
+        out["bench_cloze"] = run_bench(args, models, ckpt)
         report_bench(out["bench_cloze"])
     else:
         print(f"(no {cloze}: run `python data/benchmarks.py --tasks=cloze` for the in-domain cloze task)")
-    out["speed"] = eval_speed(vae, dit, x, device, quick=True)
+    out["speed"] = eval_speed(models, x, device, quick=True)
     report_speed(out["speed"])
     return out
 
@@ -363,8 +393,11 @@ def main(argv=None):
     if args.cmd in ("bench", "all") and (args.steps < 1 or args.cfg < 0):
         ap.error("--steps must be >= 1 and --cfg >= 0")
     device = pick_device(args.device)
-    vae, dit, ckpt = load_models(args.ckpt, device)
-    if args.cmd != "recon" and dit is None:
+    models, ckpt = load_models(args.ckpt, device)
+    vae, dit = models.get("vae"), models.get("dit")
+    if "ar" in models and args.cmd in ("recon", "fm"):
+        raise UserError(f"{args.ckpt} is an AR baseline: `{args.cmd}` needs a Cola checkpoint")
+    if "ar" not in models and args.cmd != "recon" and dit is None:
         raise UserError(f"{args.ckpt} holds only a VAE; `{args.cmd}` needs a stage-2 checkpoint")
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -376,16 +409,16 @@ def main(argv=None):
                          seed=args.seed)
         report_fm(result)
     elif args.cmd == "nll":
-        result = eval_nll(vae, dit, held_out(ckpt, args.limit, device), args.samples, args.ode_steps, seed=args.seed)
+        result = eval_nll(models, held_out(ckpt, args.limit, device), args.samples, args.ode_steps, seed=args.seed)
         report_nll(result)
     elif args.cmd == "speed":
-        result = eval_speed(vae, dit, held_out(ckpt, 1, device), device, quick=args.quick)
+        result = eval_speed(models, held_out(ckpt, 1, device), device, quick=args.quick)
         report_speed(result)
     elif args.cmd == "bench":
-        result = run_bench(args, vae, dit, ckpt)
+        result = run_bench(args, models, ckpt)
         report_bench(result)
     else:
-        result = run_all(args, vae, dit, ckpt, device)
+        result = run_all(args, models, ckpt, device)
     result.update(ckpt=args.ckpt, step=ckpt.get("step"), stage=ckpt.get("stage"), device=str(device),
                   wall_seconds=time.time() - t0)
     if args.out:

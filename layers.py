@@ -108,6 +108,13 @@ def init_weights(module, n_layer):
             nn.init.zeros_(p)
 
 
+def transformer_flops(n_layer, width, attended):
+    """Forward FLOPs per token of layers.Transformer: 2 x (q,k,v,o + SwiGLU) matmuls plus attention
+    scores and weighted sum over `attended` keys (the causal average, L/2, in training)."""
+    hidden = 64 * math.ceil(8 * width / 3 / 64)
+    return n_layer * (2 * (4 * width * width + 3 * width * hidden) + 4 * attended * width)
+
+
 def cat_kv(cache, kvs):
     """Append one call's per-layer (k, v) to a cache (None = empty) along the sequence axis."""
     if cache is None:

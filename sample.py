@@ -9,7 +9,8 @@ Per prompt: encode it (posterior mean); the full prompt blocks prefill the DiT a
 caches; then, block after block: Gaussian noise -> `steps` Euler steps with classifier-free
 guidance (flow.sample_block), the prompt's tail inside the first block pinned clean (repaint) ->
 decode the block's tokens with the cached causal decoder -> commit the block's latents to the DiT
-cache with t = 0. Stops at <|endoftext|> or max_new_tokens. Runs on CPU, CUDA or MPS (--device).
+cache with t = 0. Stops at <|endoftext|> or max_new_tokens. Runs on CPU, CUDA or MPS (--device). An AR baseline
+checkpoint (train.py --model=ar) samples token by token with a KV cache; --steps / --cfg do not apply.
 """
 import argparse
 import sys
@@ -142,6 +143,22 @@ def generate(vae, dit, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temp
     return out
 
 
+def generate_any(models, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temperature=0.0, top_k=0,
+                 top_p=1.0, seed=0, on_block=None, stop_at_eot=True, use_cache=True):
+    """generate() for a Cola checkpoint's models, or KV-cached sampling for the AR baseline (ar.py)."""
+    if "ar" not in models:
+        return generate(models["vae"], models["dit"], prompts, max_new_tokens, steps, cfg_scale, temperature, top_k,
+                        top_p, seed, use_cache=use_cache, on_block=on_block, stop_at_eot=stop_at_eot)
+    dev = next(models["ar"].parameters()).device
+    gens = [torch.Generator(dev).manual_seed(sample_seed(seed, p, 0)) for p in prompts]
+    out = models["ar"].generate(prompts, max_new_tokens, lambda lg: pick_tokens(lg, temperature, top_k, top_p, gens),
+                                stop_at_eot=stop_at_eot)
+    if on_block is not None:
+        for i, o in enumerate(out):
+            on_block(i, o)
+    return out
+
+
 class Streamer:
     """Prints one sample's text as its blocks are decoded (holding back a cut multi-byte character)."""
 
@@ -180,10 +197,10 @@ def main(argv=None):
     if args.prompt is None and args.prompts_file is None:
         ap.error("give --prompt or --prompts_file")
     device = pick_device(args.device)
-    vae, dit, ckpt = load_models(args.ckpt, device)
-    if dit is None:
+    models, ckpt = load_models(args.ckpt, device)
+    if "ar" not in models and models["dit"] is None:
         raise UserError(f"{args.ckpt} holds only a VAE (stage 1); sampling needs a stage-2 checkpoint")
-    tok = get_tokenizer(vae.cfg.tokenizer)
+    tok = get_tokenizer(next(m for m in models.values() if m is not None).cfg.tokenizer)
     texts = [args.prompt] if args.prompt is not None else []
     if args.prompts_file:
         try:
@@ -203,8 +220,8 @@ def main(argv=None):
     stream = Streamer(tok) if len(prompts) == 1 else None
     if stream:
         print(texts[0], end="", flush=True)
-    outs = generate(vae, dit, prompts, args.max_new_tokens, args.steps, args.cfg, args.temperature, args.top_k,
-                    args.top_p, args.seed, on_block=stream)
+    outs = generate_any(models, prompts, args.max_new_tokens, args.steps, args.cfg, args.temperature, args.top_k,
+                        args.top_p, args.seed, on_block=stream)
     if stream:
         print()
         return

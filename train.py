@@ -33,12 +33,14 @@ from common import UserError, autocast, load_checkpoint, parse_overrides, pick_d
 from data.loader import BatchLoader, resolve_data_dir, val_windows
 from dit import DiT, DiTConfig
 from flow import FlowConfig, fm_loss
+from ar import ARConfig, ARLM
 from vae import TextVAE, VAEConfig, gaussian_kl
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "all"          # "vae" (stage 1), "joint" (stage 2), "all" (1 then 2 into one out_dir)
+    model: str = "cola"         # "cola", or "ar": the autoregressive baseline (ar.py), same data and trainer
+    stage: str = "all"          # cola: "vae" (stage 1), "joint" (stage 2), "all" (1 then 2 into one out_dir)
     config: str = "tiny"        # preset: tiny | small | paper (applied before other overrides)
     dataset: str = "austen_bytes"  # data/NAME prepared by data/prepare.py, or a path
     out_dir: str = "out"
@@ -49,6 +51,7 @@ class TrainConfig:
     micro_batch: int = 0        # sequences per forward per process; 0 = batch_size / world_size
     vae_iters: int = 300        # stage-1 steps
     joint_iters: int = 220      # stage-2 steps
+    ar_iters: int = 1000        # steps of the AR baseline (--model=ar)
     max_iters: int = 0          # if > 0, overrides vae_iters / joint_iters for the stage(s) run
     lr: float = 2e-3            # peak learning rate (DiT; VAE in stage 1)
     min_lr: float = 1e-4        # end of the cosine decay
@@ -77,12 +80,12 @@ PRESETS = {
     "small": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=64, lr=6e-4, min_lr=6e-5,
                              vae_iters=5000, joint_iters=20000, warmup_iters=500, eval_interval=500, ckpt_interval=1000),
                   vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=512, n_head=8),
-                  dit=dict(n_layer=12, width=768, n_head=12)),
+                  dit=dict(n_layer=12, width=768, n_head=12), ar=dict(n_layer=20, width=768, n_head=12)),
     # the paper's 2.3B model (SPEC §2); FFN width here follows SwiGLU's 8/3 rule, not the paper's 6144
     "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5,
                              vae_iters=20000, joint_iters=100000, warmup_iters=2000, eval_interval=1000),
                   vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
-                  dit=dict(n_layer=24, width=2048, n_head=16)),
+                  dit=dict(n_layer=24, width=2048, n_head=16), ar=dict(n_layer=28, width=2048, n_head=16)),
 }
 # options that may differ on --resume without changing the training itself
 RESUME_FREE = {"resume", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile", "stage",
@@ -90,19 +93,25 @@ RESUME_FREE = {"resume", "out_dir", "eval_interval", "log_interval", "ckpt_inter
 
 
 def build_configs(argv):
-    cfgs = dict(train=TrainConfig(), vae=VAEConfig(), dit=DiTConfig(), flow=FlowConfig())
+    cfgs = dict(train=TrainConfig(), vae=VAEConfig(), dit=DiTConfig(), flow=FlowConfig(), ar=ARConfig())
     preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "tiny")
     if preset not in PRESETS:
         raise UserError(f"unknown --config={preset}; choose from {', '.join(PRESETS)}")
     for part, values in PRESETS[preset].items():
         for k, v in values.items():
             setattr(cfgs[part], k, v)
-    parse_overrides(argv, {"": cfgs["train"], "vae": cfgs["vae"], "dit": cfgs["dit"], "flow": cfgs["flow"]},
+    parse_overrides(argv, {"": cfgs["train"], **{k: v for k, v in cfgs.items() if k != "train"}},
                     verbose=int(os.environ.get("RANK", 0)) == 0)
     tc = cfgs["train"]
     if tc.stage not in ("vae", "joint", "all"):
         raise UserError(f"--stage must be vae, joint or all, got {tc.stage!r}")
+    if tc.model not in ("cola", "ar"):
+        raise UserError(f"--model must be cola or ar, got {tc.model!r}")
     cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
+    cfgs["ar"].tokenizer = cfgs["vae"].tokenizer     # one tokenizer per preset / dataset
+    if tc.model == "ar":
+        return dict(train=tc, ar=cfgs["ar"])
+    del cfgs["ar"]
     return cfgs
 
 
@@ -116,6 +125,27 @@ class Cola(nn.Module):
         self.tc, self.flow_cfg = tc, flow_cfg
         if ref is not None:
             ref.requires_grad_(False).eval()
+
+    def parts(self):
+        """Sub-modules as saved in the checkpoint, with their learning-rate scale (None: not trained)."""
+        if self.dit is None:
+            return {"vae": (self.vae, 1.0)}
+        return {"vae": (self.vae, self.tc.vae_lr_ratio or None), "dit": (self.dit, 1.0), "ref": (self.ref, None)}
+
+    def flops(self, seq_len, steps=16, cfg_scale=7.0):
+        """FLOPs per training token of this stage and per generated token (matmul-based estimate).
+        Stage 1: encoder + decoder, again for the mask pass (head only at masked positions).
+        Stage 2 adds the reference encoder (forward only) and the DiT over the 2L layout (2 tokens per
+        token). Sampling: steps x (2 with CFG) DiT forwards, one commit forward, the decoder."""
+        f = self.vae.flops(seq_len)
+        vae_fwd = 2 * (f["enc"] + f["dec"]) + f["head"] * (1 + self.vae.cfg.mask_ratio)
+        if self.dit is None:
+            return dict(train=3 * vae_fwd, sample=0.0)
+        dit_fwd = 2 * self.dit.flops(seq_len / 2)
+        train = (3 * vae_fwd + f["enc"] if self.tc.vae_lr_ratio else f["enc"]) + 3 * dit_fwd
+        block = self.dit.flops(seq_len / 2)
+        sample = steps * (2 if cfg_scale != 1 else 1) * block + block + f["dec"] + f["head"]
+        return dict(train=train, sample=sample)
 
     def forward(self, x):
         if self.dit is None:  # stage 1
@@ -142,6 +172,20 @@ class Cola(nn.Module):
         return loss, {k: v.detach() for k, v in out.items()}
 
 
+def build_cola(stage, cfgs):
+    """Stage 1: a fresh VAE. Stage 2: VAE from stage 1, a fresh DiT, a frozen copy of the encoder."""
+    tc = cfgs["train"]
+    vae = TextVAE(cfgs["vae"])
+    dit = ref = None
+    if stage == "joint":
+        dit = DiT(cfgs["dit"])
+        vae.load_state_dict(load_vae_state(tc.init_vae, cfgs["vae"]))
+        ref = copy.deepcopy(vae)
+        if tc.vae_lr_ratio == 0:
+            vae.requires_grad_(False)
+    return Cola(vae, dit, ref, tc, cfgs["flow"])
+
+
 def lr_factor(step, tc, max_iters):
     """Linear warmup then cosine decay from 1 to min_lr / lr."""
     if step < tc.warmup_iters:
@@ -152,15 +196,13 @@ def lr_factor(step, tc, max_iters):
 
 
 def make_optimizer(model, tc, device):
-    """AdamW; decay on matrices only; the VAE's parameters at vae_lr_ratio x lr in stage 2."""
+    """AdamW; decay on matrices only; each part at its lr scale (stage 2: VAE at vae_lr_ratio x lr)."""
     groups = []
-    for part, scale in (("vae", 1.0 if model.dit is None else tc.vae_lr_ratio), ("dit", 1.0)):
-        module = getattr(model, part)
-        if module is None or scale == 0:
-            continue
-        params = [p for p in module.parameters() if p.requires_grad]
-        groups += [dict(params=[p for p in params if p.dim() >= 2], weight_decay=tc.weight_decay, lr_scale=scale),
-                   dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, lr_scale=scale)]
+    for module, scale in model.parts().values():
+        params = [p for p in module.parameters() if p.requires_grad] if scale else []
+        if params:
+            groups += [dict(params=[p for p in params if p.dim() >= 2], weight_decay=tc.weight_decay, lr_scale=scale),
+                       dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, lr_scale=scale)]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2),
                              fused=str(device).startswith("cuda"))
 
@@ -177,8 +219,11 @@ def evaluate(model, x_val, device, micro):
         for i in range(0, len(x_val), micro):
             x = x_val[i:i + micro].to(device)
             with autocast(device):
-                d = model.vae.diagnostics(x)
-                if model.dit is not None:
+                if not isinstance(model, Cola):  # the AR baseline: held-out next-token loss
+                    d = {"loss": model(x)[0].item()}
+                else:
+                    d = model.vae.diagnostics(x)
+                if getattr(model, "dit", None) is not None:
                     mu, logvar = model.vae.encode(x)
                     mu_r, logvar_r = model.ref.encode(x)
                     d["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean().item()
@@ -213,11 +258,11 @@ def all_reduce_mean(values, world):
     return {k: (v / world).item() for k, v in zip(keys, t)}
 
 
-def run_stage(stage, cfgs, ctx, init_vae=None):
+def run_stage(stage, cfgs, ctx):
     """Train one stage; returns the trained Cola module (unwrapped)."""
     tc = cfgs["train"]
     rank, world, device, print0 = ctx["rank"], ctx["world"], ctx["device"], ctx["print0"]
-    max_iters = tc.max_iters or (tc.vae_iters if stage == "vae" else tc.joint_iters)
+    max_iters = tc.max_iters or dict(vae=tc.vae_iters, joint=tc.joint_iters, ar=tc.ar_iters)[stage]
     micro = tc.micro_batch or tc.batch_size // world
     if tc.batch_size % (micro * world):
         raise UserError(f"batch_size {tc.batch_size} is not a multiple of micro_batch {micro} x world {world}")
@@ -233,31 +278,26 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
             check_resume(resume, cfgs)
 
     torch.manual_seed(tc.seed)  # same initial weights on every rank
-    vae = TextVAE(cfgs["vae"])
-    dit = ref = None
-    if stage == "joint":
-        dit = DiT(cfgs["dit"])
-        src = init_vae if init_vae is not None else load_vae_state(tc.init_vae, cfgs["vae"])
-        vae.load_state_dict(src)
-        ref = copy.deepcopy(vae)
-        if tc.vae_lr_ratio == 0:
-            vae.requires_grad_(False)
-    model = Cola(vae, dit, ref, tc, cfgs["flow"]).to(device)
+    if stage == "ar":
+        model = ARLM(cfgs["ar"]).to(device)
+    else:
+        model = build_cola(stage, cfgs).to(device)
     opt = make_optimizer(model, tc, device)
     loader = BatchLoader(resolve_data_dir(tc.dataset), "train", tc.batch_size, tc.seq_len, seed=tc.seed + 1000 * (stage == "joint"))
     x_val = val_windows(resolve_data_dir(tc.dataset), tc.seq_len, tc.eval_windows, rank=rank, world_size=world)
     step = 0
     if resume is not None:
-        model.vae.load_state_dict(resume["vae"])
-        if dit is not None:
-            model.dit.load_state_dict(resume["dit"]); model.ref.load_state_dict(resume["ref"])
+        for name, (module, _) in model.parts().items():
+            module.load_state_dict(resume[name])
         opt.load_state_dict(resume["optimizer"])
         step = resume["step"]  # also the data position and the RNG position (see the training loop)
         print0(f"resumed {stage} from {ckpt_path} at step {step}")
-    n_params = sum(p.numel() for p in model.parameters() if p is not None)
+    n_params = sum(p.numel() for name, (m, _) in model.parts().items() if name != "ref" for p in m.parameters())
     n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    flops = model.flops(tc.seq_len)
     print0(f"stage {stage}: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trained), {max_iters} iters, "
-           f"batch {tc.batch_size} x {tc.seq_len} tokens (micro {micro} x accum {accum} x world {world}), device {device}")
+           f"batch {tc.batch_size} x {tc.seq_len} tokens (micro {micro} x accum {accum} x world {world}), device {device}, "
+           f"{flops['train'] / 1e6:.1f} MFLOPs per training token")
     wrapped = torch.compile(model) if tc.compile else model
     if world > 1:
         wrapped = DDP(wrapped, device_ids=[ctx["local_rank"]] if str(device).startswith("cuda") else None)
@@ -266,9 +306,8 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
         # no data-loader or RNG state: both are functions of (seed, step), see the training loop
         if rank == 0:
             save_checkpoint(dict(stage=stage, step=step, config={k: asdict(v) for k, v in cfgs.items()},
-                                 vae=model.vae.state_dict(), dit=None if dit is None else model.dit.state_dict(),
-                                 ref=None if ref is None else model.ref.state_dict(), optimizer=opt.state_dict()),
-                            ckpt_path)
+                                 optimizer=opt.state_dict(), flops_per_token=flops,
+                                 **{name: m.state_dict() for name, (m, _) in model.parts().items()}), ckpt_path)
 
     metrics = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
     t0, t_start, start_step, last_log = time.time(), time.time(), step, step
@@ -312,7 +351,9 @@ def run_stage(stage, cfgs, ctx, init_vae=None):
                    + f" | gnorm {grad_norm.item():.2f} | lr {tc.lr * factor:.2e} | {dt * 1000:.0f} ms | {tok_s:.0f} tok/s | eta {eta / 60:.1f} min")
             if metrics:
                 metrics.write(json.dumps(dict(stage=stage, step=step, split="train", lr=tc.lr * factor, dt=dt,
-                                              tok_s=tok_s, grad_norm=grad_norm.item(), **logged)) + "\n"); metrics.flush()
+                                              tok_s=tok_s, grad_norm=grad_norm.item(),
+                                              flops=step * tc.batch_size * tc.seq_len * flops["train"], **logged)) + "\n")
+                metrics.flush()
         ctx["steps_run"] += 1
         stop = ctx["stop"] or ctx["steps_run"] == tc.stop_after
         if step % tc.ckpt_interval == 0 or step == max_iters or stop:
@@ -386,9 +427,13 @@ def main(argv=None):
     ctx = setup(tc)
     os.makedirs(tc.out_dir, exist_ok=True)
     try:
+        if tc.model == "ar":
+            run_stage("ar", cfgs, ctx)
+            return
         if tc.stage in ("vae", "all"):
             vae_done = tc.stage == "all" and tc.resume and os.path.isfile(os.path.join(tc.out_dir, "vae.pt"))
-            model = None if vae_done else run_stage("vae", cfgs, ctx)
+            if not vae_done:
+                run_stage("vae", cfgs, ctx)
             if tc.stage == "all":
                 vae_path = os.path.join(tc.out_dir, "vae.pt")
                 if not vae_done and ctx["rank"] == 0:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from layers import Transformer, causal_mask, init_weights
+from layers import Transformer, causal_mask, init_weights, transformer_flops
 
 
 @dataclass
@@ -132,6 +132,13 @@ class TextVAE(nn.Module):
             loss = loss + cfg.lambda_mask * out["mask_ce"]
         out["loss"] = loss
         return mu, logvar, z, out
+
+    def flops(self, seq_len):
+        """Forward FLOPs per token: encoder (with heads), decoder trunk, output head."""
+        c = self.cfg
+        return dict(enc=transformer_flops(c.n_enc_layer, c.width, seq_len / 2) + 4 * c.width * c.latent_dim,
+                    dec=transformer_flops(c.n_dec_layer, c.width, seq_len / 2) + 2 * c.latent_dim * c.width,
+                    head=2 * c.width * self.tok_emb.num_embeddings)
 
     @torch.no_grad()
     def diagnostics(self, x):
