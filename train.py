@@ -51,7 +51,7 @@ class TrainConfig:
     micro_batch: int = 0        # sequences per forward per process; 0 = batch_size / world_size
     vae_iters: int = 300        # stage-1 steps
     joint_iters: int = 220      # stage-2 steps
-    ar_iters: int = 1000        # steps of the AR baseline (--model=ar)
+    ar_iters: int = 600         # AR baseline steps: ~ the training FLOPs of the default Cola run
     max_iters: int = 0          # if > 0, overrides vae_iters / joint_iters for the stage(s) run
     lr: float = 2e-3            # peak learning rate (DiT; VAE in stage 1)
     min_lr: float = 1e-4        # end of the cosine decay
@@ -348,7 +348,8 @@ def run_stage(stage, cfgs, ctx):
             tok_s = tc.batch_size * tc.seq_len / dt
             eta = (max_iters - step) * (time.time() - t_start) / (step - start_step)
             print0(f"{stage} step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in logged.items())
-                   + f" | gnorm {grad_norm.item():.2f} | lr {tc.lr * factor:.2e} | {dt * 1000:.0f} ms | {tok_s:.0f} tok/s | eta {eta / 60:.1f} min")
+                   + f" | gnorm {grad_norm.item():.2f} | lr {tc.lr * factor:.2e} | {dt * 1000:.0f} ms | {tok_s:.0f} tok/s"
+                   + f" | {tok_s * flops['train'] / 1e12:.3f} TFLOP/s | eta {eta / 60:.1f} min")
             if metrics:
                 metrics.write(json.dumps(dict(stage=stage, step=step, split="train", lr=tc.lr * factor, dt=dt,
                                               tok_s=tok_s, grad_norm=grad_norm.item(),
