@@ -6,9 +6,11 @@ import ast
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -73,8 +75,16 @@ def parse_overrides(argv, configs, verbose=True):
 # ----------------------------------------------------------------------------- device / DDP
 
 def pick_device(name="auto"):
-    """cuda > mps > cpu, or the device named."""
+    """cuda > mps > cpu, or the device named (checked)."""
     if name != "auto":
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown --device {name!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device={name} but CUDA is not available here")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device={name} but MPS is not available here")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -88,6 +98,41 @@ def autocast(device):
     if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def setup(device_name="auto"):
+    """Device and DDP (exactly when RANK is set, i.e. under torchrun: gloo on CPU, nccl on CUDA); SIGTERM/SIGINT
+    set ctx["stop"] so the trainer saves and exits after the current step."""
+    ddp = "RANK" in os.environ
+    rank, world, local_rank = 0, 1, 0
+    device = pick_device(device_name)
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = dict(rank=rank, world=world, local_rank=local_rank, device=device, stop=False, steps_run=0,
+               print0=lambda *a: print(*a, flush=True) if rank == 0 else None)
+
+    def on_signal(signum, frame):  # finish the current step, save, exit
+        ctx["stop"] = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return ctx
+
+
+def all_reduce_mean(values, world):
+    """Average a dict of scalar tensors over ranks -> floats (logging, validation, the finite-loss check)."""
+    if world == 1:
+        return {k: v.item() for k, v in values.items()}
+    keys = sorted(values)
+    t = torch.stack([values[k].float() for k in keys])
+    dist.all_reduce(t)
+    return {k: (v / world).item() for k, v in zip(keys, t)}
 
 
 # ----------------------------------------------------------------------------- checkpoints

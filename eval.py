@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from common import UserError, autocast, load_models, pick_device, run_main
 from data.loader import resolve_data_dir, val_windows
 from data.tokenizer import get_tokenizer
-from flow import FlowConfig, fm_loss, interpolate, prior_logp, sample_t
-from train import fm_by_t
+from flow import FlowConfig, fm_by_t, fm_loss, interpolate, prior_logp, sample_t
 
 
 def held_out(ckpt, limit, device):
@@ -228,11 +227,13 @@ def eval_bench(models, context, task, items, protocol="generate", limit=None, st
     shots, todo = items[:bm.SHOTS[task]], items[bm.SHOTS[task]:]  # shots are never evaluated
     todo = todo[:limit] if limit else todo
     prompts = [tok.encode(bm.build_prompt(task, it, shots)) for it in todo]
-    truncated = sum(len(p) > context - max_new_tokens for p in prompts)
+    room = context - max_new_tokens if protocol == "generate" else context
+    truncated = 0
     correct, examples = [], []
     if protocol == "generate":
         for i in range(0, len(todo), batch_size):
-            chunk = [fit_context(p, context - max_new_tokens) for p in prompts[i:i + batch_size]]
+            chunk = [fit_context(p, room) for p in prompts[i:i + batch_size]]
+            truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
             outs = generate_any(models, chunk, max_new_tokens, steps, cfg_scale, seed=seed)
             for it, o in zip(todo[i:i + batch_size], outs):
                 text = tok.decode(o)
@@ -245,14 +246,15 @@ def eval_bench(models, context, task, items, protocol="generate", limit=None, st
             raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
         dev = next(next(iter(models.values())).parameters()).device
         for it, p in zip(todo, prompts):
-            seqs = [fit_context(p + tok.encode(" " + c), context) for c in it["choices"]]
-            base = fit_context(p, context)
             scores = []
-            for s in seqs:
+            for c in it["choices"]:
+                full = p + tok.encode(" " + c)
+                cut = max(0, len(full) - room)  # drop the same prompt prefix from both sequences
+                truncated += cut > 0
                 torch.manual_seed(seed)
-                full = score(models, torch.tensor([s], device=dev), ode_steps)
+                lp_full = score(models, torch.tensor([full[cut:]], device=dev), ode_steps)
                 torch.manual_seed(seed)
-                scores.append((full - score(models, torch.tensor([base], device=dev), ode_steps)).item())
+                scores.append((lp_full - score(models, torch.tensor([p[cut:]], device=dev), ode_steps)).item())
             correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
     k, n = sum(correct), len(correct)
     chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if bm.is_multiple_choice(task) else 0.0
@@ -265,7 +267,7 @@ def report_bench(r):
     lo, hi = r["ci95"]
     print(f"{r['task']} ({r['protocol']}, {r['shots']}-shot): accuracy {r['accuracy']:.3f} "
           f"[{lo:.3f}, {hi:.3f}] on {r['n']} items | chance {r['chance']:.3f} | "
-          f"{r['truncated_prompts']} prompts left-truncated to the {r['context']}-token context")
+          f"{r['truncated_prompts']} sequences left-truncated to the {r['context']}-token context")
     for e in r["examples"]:
         print(f"  gold {e['answer']!r:20.20} generated {e['generated'][:60]!r}")
 

@@ -73,6 +73,15 @@ def fm_loss(dit, z0, cfg, z_src=None):
     return loss, dict(t=t.detach(), per_token=per_token.detach(), weight=w)
 
 
+def fm_by_t(t, loss, edges=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):
+    """Mean per-channel FM loss in bins of t: {'0.0-0.2': value, ...} (nan for an empty bin)."""
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (t >= lo) & (t < hi) if hi < 1 else (t >= lo)
+        out[f"{lo:.1f}-{hi:.1f}"] = loss[sel].mean().item() if sel.any() else float("nan")
+    return out
+
+
 def euler(velocity, z, steps, keep=None):
     """Integrate dz/dt = velocity(z, t) from t = 1 to 0 in `steps` Euler steps: z <- z - dt v.
 

@@ -30,8 +30,23 @@ def sample_seed(seed, prompt_ids, k):
     return (seed * 1_000_003 + zlib.crc32(bytes(str(list(prompt_ids)), "ascii")) * 101 + k) % (1 << 62)
 
 
-def pick_tokens(logits, temperature, top_k, top_p, generators):
-    """logits (B, L, V) -> token ids (B, L): greedy at temperature 0, else top-k / top-p sampling."""
+def generators(prompts, seed, device):
+    """One RNG per sample, so a prompt's output does not depend on what else is in the batch;
+    repeats of one prompt get consecutive sub-seeds."""
+    counts, gens = {}, []
+    for p in prompts:
+        k = counts[tuple(p)] = counts.get(tuple(p), -1) + 1
+        gens.append(torch.Generator(device).manual_seed(sample_seed(seed, p, k)))
+    return gens
+
+
+def pick_tokens(logits, temperature, top_k, top_p, generators, tok=None):
+    """logits (B, L, V) -> token ids (B, L): greedy at temperature 0, else top-k / top-p sampling.
+    With tok, only real tokens and <|endoftext|> can be picked (not <|mask|>, <|pad|>, padding ids)."""
+    if tok is not None:
+        banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        banned[tok.eot + 1:] = True  # the specials after eot and the vocabulary padding
+        logits = logits.masked_fill(banned, float("-inf"))
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -61,13 +76,7 @@ def generate(vae, dit, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temp
     tok = get_tokenizer(vae.cfg.tokenizer)
     dev = next(vae.parameters()).device
     bs, B = dit.cfg.block_size, len(prompts)
-    # every sample draws its noise from its own generator, so a prompt's output does not depend on
-    # what else is in the batch; repeats of one prompt get consecutive sub-seeds
-    counts = {}
-    gens = []
-    for p in prompts:
-        k = counts[tuple(p)] = counts.get(tuple(p), -1) + 1
-        gens.append(torch.Generator(dev).manual_seed(sample_seed(seed, p, k)))
+    gens = generators(prompts, seed, dev)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     n_full = lens // bs  # complete prompt blocks: history
     H = int(n_full.max()) * bs if B else 0
@@ -112,7 +121,7 @@ def generate(vae, dit, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temp
             logits = vae.decode(torch.cat([hist_z, z], 1), torch.cat([hist_pos, pos], 1))[0][:, -bs:]
         if trace is not None:
             trace.append((z.clone(), logits.clone()))
-        ids = pick_tokens(logits, temperature, top_k, top_p, gens)  # (B, bs)
+        ids = pick_tokens(logits, temperature, top_k, top_p, gens, tok)  # (B, bs)
         for i in range(B):
             if done[i]:
                 continue
@@ -150,8 +159,8 @@ def generate_any(models, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, te
         return generate(models["vae"], models["dit"], prompts, max_new_tokens, steps, cfg_scale, temperature, top_k,
                         top_p, seed, use_cache=use_cache, on_block=on_block, stop_at_eot=stop_at_eot)
     dev = next(models["ar"].parameters()).device
-    gens = [torch.Generator(dev).manual_seed(sample_seed(seed, p, 0)) for p in prompts]
-    out = models["ar"].generate(prompts, max_new_tokens, lambda lg: pick_tokens(lg, temperature, top_k, top_p, gens),
+    gens, tok = generators(prompts, seed, dev), get_tokenizer(models["ar"].cfg.tokenizer)
+    out = models["ar"].generate(prompts, max_new_tokens, lambda lg: pick_tokens(lg, temperature, top_k, top_p, gens, tok),
                                 stop_at_eot=stop_at_eot)
     if on_block is not None:
         for i, o in enumerate(out):
@@ -208,6 +217,8 @@ def main(argv=None):
                 texts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --prompts_file: {e}")
+    if not texts:
+        raise UserError(f"no prompts in {args.prompts_file}")
     context = ckpt["config"]["train"]["seq_len"]
     prompts = []
     for text in texts:

@@ -12,13 +12,12 @@ Options are --key=value: train options by name (--lr=1e-3), component options wi
 The checkpoint out_dir/ckpt.pt carries every config, so sample.py and eval.py need only --ckpt;
 --resume continues a run exactly from it.
 """
+import contextlib
 import copy
-import dataclasses
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,11 +28,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import UserError, autocast, load_checkpoint, parse_overrides, pick_device, run_main, save_checkpoint
-from data.loader import BatchLoader, resolve_data_dir, val_windows
-from dit import DiT, DiTConfig
-from flow import FlowConfig, fm_loss
 from ar import ARConfig, ARLM
+from common import (UserError, all_reduce_mean, autocast, load_checkpoint, parse_overrides, run_main,
+                    save_checkpoint, setup)
+from data.loader import BatchLoader, load_meta, resolve_data_dir, val_windows
+from dit import DiT, DiTConfig
+from flow import FlowConfig, fm_by_t, fm_loss
 from vae import TextVAE, VAEConfig, gaussian_kl
 
 
@@ -107,7 +107,18 @@ def build_configs(argv):
         raise UserError(f"--stage must be vae, joint or all, got {tc.stage!r}")
     if tc.model not in ("cola", "ar"):
         raise UserError(f"--model must be cola or ar, got {tc.model!r}")
+    for name in ("eval_interval", "log_interval", "ckpt_interval", "batch_size", "seq_len", "eval_windows"):
+        if getattr(tc, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    if cfgs["flow"].t_dist not in ("logit_normal", "uniform"):
+        raise UserError(f"--flow.t_dist must be logit_normal or uniform, got {cfgs['flow'].t_dist!r}")
+    if cfgs["vae"].tokenizer not in ("bytes", "gpt2"):
+        raise UserError(f"--vae.tokenizer must be bytes or gpt2, got {cfgs['vae'].tokenizer!r}")
+    for part in ("vae", "dit", "ar"):
+        if cfgs[part].width % cfgs[part].n_head or (cfgs[part].width // cfgs[part].n_head) % 2:
+            raise UserError(f"--{part}.width must be a multiple of 2 x n_head (even head size for RoPE)")
     cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
+    cfgs["vae"].block_size = cfgs["dit"].block_size  # a block-causal decoder decodes the DiT's blocks
     cfgs["ar"].tokenizer = cfgs["vae"].tokenizer     # one tokenizer per preset / dataset
     if tc.model == "ar":
         return dict(train=tc, ar=cfgs["ar"])
@@ -172,14 +183,16 @@ class Cola(nn.Module):
         return loss, {k: v.detach() for k, v in out.items()}
 
 
-def build_cola(stage, cfgs):
-    """Stage 1: a fresh VAE. Stage 2: VAE from stage 1, a fresh DiT, a frozen copy of the encoder."""
+def build_cola(stage, cfgs, load_init=True):
+    """Stage 1: a fresh VAE. Stage 2: VAE from stage 1 (unless resuming: the checkpoint has it), a
+    fresh DiT, a frozen copy of the encoder."""
     tc = cfgs["train"]
     vae = TextVAE(cfgs["vae"])
     dit = ref = None
     if stage == "joint":
         dit = DiT(cfgs["dit"])
-        vae.load_state_dict(load_vae_state(tc.init_vae, cfgs["vae"]))
+        if load_init:
+            vae.load_state_dict(load_vae_state(tc.init_vae, cfgs["vae"]))
         ref = copy.deepcopy(vae)
         if tc.vae_lr_ratio == 0:
             vae.requires_grad_(False)
@@ -239,52 +252,48 @@ def evaluate(model, x_val, device, micro):
     return stats
 
 
-def fm_by_t(t, loss, edges=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):
-    """Mean per-channel FM loss in bins of t: {'0.0-0.2': value, ...} (nan for an empty bin)."""
-    out = {}
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (t >= lo) & (t < hi) if hi < 1 else (t >= lo)
-        out[f"{lo:.1f}-{hi:.1f}"] = loss[sel].mean().item() if sel.any() else float("nan")
-    return out
-
-
-def all_reduce_mean(values, world):
-    """Average a dict of scalar tensors over ranks (logging only)."""
-    if world == 1:
-        return {k: v.item() for k, v in values.items()}
-    keys = sorted(values)
-    t = torch.stack([values[k].float() for k in keys])
-    dist.all_reduce(t)
-    return {k: (v / world).item() for k, v in zip(keys, t)}
-
-
 def run_stage(stage, cfgs, ctx):
-    """Train one stage; returns the trained Cola module (unwrapped)."""
+    """Train one stage ("vae", "joint" or "ar") to max_iters, checkpointing to out_dir/ckpt.pt."""
     tc = cfgs["train"]
     rank, world, device, print0 = ctx["rank"], ctx["world"], ctx["device"], ctx["print0"]
     max_iters = tc.max_iters or dict(vae=tc.vae_iters, joint=tc.joint_iters, ar=tc.ar_iters)[stage]
     micro = tc.micro_batch or tc.batch_size // world
+    if micro < 1 or tc.eval_windows < world:
+        raise UserError(f"batch_size ({tc.batch_size}) and eval_windows ({tc.eval_windows}) must be >= world size {world}")
     if tc.batch_size % (micro * world):
         raise UserError(f"batch_size {tc.batch_size} is not a multiple of micro_batch {micro} x world {world}")
     accum = tc.batch_size // (micro * world)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
 
     resume = None
-    if tc.resume and os.path.isfile(ckpt_path):
+    if tc.resume and not os.path.isfile(ckpt_path):
+        print0(f"--resume: no checkpoint at {ckpt_path}, starting {stage} from scratch")
+    elif tc.resume:
         resume = load_checkpoint(ckpt_path)
-        if resume.get("stage") != stage:
-            resume = None  # 'all': the checkpoint belongs to the other stage
-        else:
+        if resume.get("stage") == stage:
             check_resume(resume, cfgs)
+        elif tc.stage == "all" and stage == "joint" and resume.get("stage") == "vae":
+            resume = None  # stage 1 finished (out_dir/vae.pt); stage 2 had not saved yet
+        else:
+            raise UserError(f"--resume: {ckpt_path} holds stage {resume.get('stage')!r}, not {stage!r}; "
+                            f"refusing to overwrite it (use another --out_dir)")
 
     torch.manual_seed(tc.seed)  # same initial weights on every rank
     if stage == "ar":
         model = ARLM(cfgs["ar"]).to(device)
     else:
-        model = build_cola(stage, cfgs).to(device)
+        model = build_cola(stage, cfgs, load_init=resume is None).to(device)
     opt = make_optimizer(model, tc, device)
-    loader = BatchLoader(resolve_data_dir(tc.dataset), "train", tc.batch_size, tc.seq_len, seed=tc.seed + 1000 * (stage == "joint"))
-    x_val = val_windows(resolve_data_dir(tc.dataset), tc.seq_len, tc.eval_windows, rank=rank, world_size=world)
+    try:
+        data_dir = resolve_data_dir(tc.dataset)
+        tokenizer = cfgs["ar" if stage == "ar" else "vae"].tokenizer
+        if load_meta(data_dir)["tokenizer"] != tokenizer:
+            raise UserError(f"dataset {tc.dataset} is tokenized with {load_meta(data_dir)['tokenizer']!r} but the model "
+                            f"uses {tokenizer!r} (set --vae.tokenizer, or prepare the data with --tokenizer={tokenizer})")
+        loader = BatchLoader(data_dir, "train", tc.batch_size, tc.seq_len, seed=tc.seed + 1000 * (stage == "joint"))
+        x_val = val_windows(data_dir, tc.seq_len, tc.eval_windows, rank=rank, world_size=world)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e))
     step = 0
     if resume is not None:
         for name, (module, _) in model.parts().items():
@@ -311,13 +320,18 @@ def run_stage(stage, cfgs, ctx):
 
     metrics = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
     t0, t_start, start_step, last_log = time.time(), time.time(), step, step
+    def validate():
+        ev = evaluate(model, x_val, device, micro)
+        ev = all_reduce_mean({k: torch.tensor(v, device=device) for k, v in ev.items()}, world)
+        print0(f"val {stage} step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if metrics:
+            metrics.write(json.dumps(dict(stage=stage, step=step, split="val", **ev)) + "\n"); metrics.flush()
+
     while step < max_iters:
-        if step % tc.eval_interval == 0 or step == max_iters - 1:
-            ev = evaluate(model, x_val, device, micro)
-            ev = all_reduce_mean({k: torch.tensor(v, device=device) for k, v in ev.items()}, world)
-            print0(f"val {stage} step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if metrics:
-                metrics.write(json.dumps(dict(stage=stage, step=step, split="val", **ev)) + "\n"); metrics.flush()
+        if step % tc.eval_interval == 0:
+            t_eval = time.time()
+            validate()
+            t0 += time.time() - t_eval  # throughput counts training time only
         factor = lr_factor(step, tc, max_iters)
         for g in opt.param_groups:
             g["lr"] = tc.lr * factor * g["lr_scale"]
@@ -330,7 +344,7 @@ def run_stage(stage, cfgs, ctx):
             x = loader.get(step, i * micro, micro).to(device)
             torch.manual_seed(int(np.random.SeedSequence([tc.seed, stage == "joint", step, i]).generate_state(1)[0]))
             sync = micro_step == accum - 1
-            with (wrapped.no_sync() if world > 1 and not sync else _null()), autocast(device):
+            with (wrapped.no_sync() if world > 1 and not sync else contextlib.nullcontext()), autocast(device):
                 loss, stats = wrapped(x)
                 (loss / accum).backward()
             for k, v in stats.items():
@@ -353,25 +367,29 @@ def run_stage(stage, cfgs, ctx):
             if metrics:
                 metrics.write(json.dumps(dict(stage=stage, step=step, split="train", lr=tc.lr * factor, dt=dt,
                                               tok_s=tok_s, grad_norm=grad_norm.item(),
-                                              flops=step * tc.batch_size * tc.seq_len * flops["train"], **logged)) + "\n")
+                                              stage_flops=step * tc.batch_size * tc.seq_len * flops["train"], **logged))
+                              + "\n")
                 metrics.flush()
         ctx["steps_run"] += 1
+        if world > 1:  # a signal that reached any rank stops all of them at the same step
+            flag = torch.tensor(float(ctx["stop"]), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            ctx["stop"] = bool(flag.item())
         stop = ctx["stop"] or ctx["steps_run"] == tc.stop_after
         if step % tc.ckpt_interval == 0 or step == max_iters or stop:
+            t_save = time.time()
             save(step)
+            t0 += time.time() - t_save
         if stop:
             print0(f"stopped at {stage} step {step} ({'signal' if ctx['stop'] else 'stop_after'}); "
                    f"checkpoint saved to {ckpt_path}, continue with --resume")
             sys.exit(0)
+    if step > start_step:
+        validate()  # the final model
     if metrics:
         metrics.close()
     print0(f"stage {stage} done in {(time.time() - t_start) / 60:.1f} min -> {ckpt_path}")
     return model
-
-
-class _null:
-    def __enter__(self): return None
-    def __exit__(self, *a): return False
 
 
 def load_vae_state(path, vae_cfg):
@@ -380,9 +398,12 @@ def load_vae_state(path, vae_cfg):
     ckpt = load_checkpoint(path)
     if "vae" not in ckpt:
         raise UserError(f"{path} holds no VAE weights")
-    if ckpt["config"]["vae"] != asdict(vae_cfg):
-        diff = {k: (v, asdict(vae_cfg).get(k)) for k, v in ckpt["config"]["vae"].items() if asdict(vae_cfg).get(k) != v}
-        raise UserError(f"--init_vae {path} was trained with different VAE settings (ckpt, now): {diff}")
+    # the architecture must match; loss weights (beta, mask_ratio, ...) may change for stage 2
+    arch = ("tokenizer", "n_enc_layer", "n_dec_layer", "width", "n_head", "latent_dim", "dec_block_causal", "block_size")
+    diff = {k: (ckpt["config"]["vae"].get(k), getattr(vae_cfg, k)) for k in arch
+            if ckpt["config"]["vae"].get(k) != getattr(vae_cfg, k)}
+    if diff:
+        raise UserError(f"--init_vae {path} has a different VAE architecture (checkpoint, now): {diff}")
     return ckpt["vae"]
 
 
@@ -397,35 +418,11 @@ def check_resume(ckpt, cfgs):
         raise UserError("--resume with settings that differ from the checkpoint: " + "; ".join(diff))
 
 
-def setup(tc):
-    """DDP exactly when RANK is set (torchrun): gloo on CPU, nccl on CUDA."""
-    ddp = "RANK" in os.environ
-    rank, world, local_rank = 0, 1, 0
-    device = pick_device(tc.device)
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if str(device).startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ctx = dict(rank=rank, world=world, local_rank=local_rank, device=device, stop=False, steps_run=0,
-               print0=lambda *a: print(*a, flush=True) if rank == 0 else None)
-
-    def on_signal(signum, frame):  # finish the current step, save, exit
-        ctx["stop"] = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return ctx
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfgs = build_configs(argv)
     tc = cfgs["train"]
-    ctx = setup(tc)
+    ctx = setup(tc.device)
     os.makedirs(tc.out_dir, exist_ok=True)
     try:
         if tc.model == "ar":

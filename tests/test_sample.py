@@ -96,3 +96,16 @@ def test_cli_user_errors(ckpt, tmp_path, capsys):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         sample.main([f"--ckpt={junk}", "--prompt=a"])
+
+
+def test_ar_repeats_differ_and_specials_are_never_sampled():
+    from ar import ARConfig, ARLM
+    from data.tokenizer import get_tokenizer
+    torch.manual_seed(0)
+    ar = ARLM(ARConfig(n_layer=1, width=32, n_head=2)).eval()
+    outs = sample.generate_any({"ar": ar}, [list(b"ab")] * 3, max_new_tokens=12, temperature=1.0, seed=0)
+    assert len({tuple(o) for o in outs}) == 3  # --num_samples gives different samples
+    tok = get_tokenizer("bytes")
+    logits = torch.zeros(1, 1, tok.vocab_size)
+    logits[..., tok.mask] = logits[..., tok.pad] = logits[..., tok.n_vocab + 3] = 100.0
+    assert int(sample.pick_tokens(logits, 0, 0, 1.0, None, tok)) < tok.mask
