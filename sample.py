@@ -185,7 +185,8 @@ def main(argv=None):
     ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     ap.add_argument("--prompt", default=None, help='prompt text ("" = unconditional)')
     ap.add_argument("--prompts_file", default=None, help="one prompt per line (\\n inside a prompt: write \\\\n)")
-    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--max_new_tokens", type=int, default=None,
+                    help="default: 128, or what fits in the model's context after the longest prompt")
     ap.add_argument("--steps", type=int, default=16, help="Euler steps per block")
     ap.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale w (1 = off)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
@@ -201,7 +202,7 @@ def main(argv=None):
         ap.error("--cfg must be >= 0")
     if not 0 < args.top_p <= 1:
         ap.error("--top_p must be in (0, 1]")
-    if args.temperature < 0 or args.top_k < 0 or args.max_new_tokens < 0 or args.num_samples < 1:
+    if args.temperature < 0 or args.top_k < 0 or (args.max_new_tokens or 0) < 0 or args.num_samples < 1:
         ap.error("--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1")
     if args.prompt is None and args.prompts_file is None:
         ap.error("give --prompt or --prompts_file")
@@ -220,6 +221,8 @@ def main(argv=None):
     if not texts:
         raise UserError(f"no prompts in {args.prompts_file}")
     context = ckpt["config"]["train"]["seq_len"]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = max(0, min(128, context - max(len(tok.encode(t)) for t in texts)))
     prompts = []
     for text in texts:
         ids = tok.encode(text)
