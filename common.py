@@ -154,6 +154,34 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
+def load_vae_state(path, vae_cfg):
+    """The VAE weights of a stage-1 checkpoint, checked against the VAE architecture of vae_cfg."""
+    if not path:
+        raise UserError("--stage=joint needs --init_vae=PATH (a stage-1 checkpoint)")
+    ckpt = load_checkpoint(path)
+    if "vae" not in ckpt:
+        raise UserError(f"{path} holds no VAE weights")
+    # the architecture must match; loss weights (beta, mask_ratio, ...) may change for stage 2
+    arch = ("tokenizer", "n_enc_layer", "n_dec_layer", "width", "n_head", "latent_dim", "dec_block_causal", "block_size")
+    diff = {k: (ckpt["config"]["vae"].get(k), getattr(vae_cfg, k)) for k in arch
+            if ckpt["config"]["vae"].get(k) != getattr(vae_cfg, k)}
+    if diff:
+        raise UserError(f"--init_vae {path} has a different VAE architecture (checkpoint, now): {diff}")
+    return ckpt["vae"]
+
+
+def check_resume(ckpt, cfgs, free=()):
+    """Refuse a resume whose configs differ from the checkpoint's (train options in `free` may change)."""
+    now = {k: dataclasses.asdict(v) for k, v in cfgs.items()}
+    diff = []
+    for part, values in ckpt["config"].items():
+        for k, v in values.items():
+            if not (part == "train" and k in free) and now[part].get(k) != v:
+                diff.append(f"{part}.{k}: checkpoint {v!r}, now {now[part].get(k)!r}")
+    if diff:
+        raise UserError("--resume with settings that differ from the checkpoint: " + "; ".join(diff))
+
+
 def load_models(path, device="cpu"):
     """Rebuild the models of a train.py checkpoint in eval mode: ({"vae", "dit"} or {"ar"}, ckpt).
     A stage-1 checkpoint has dit None."""

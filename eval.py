@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from common import UserError, autocast, load_models, pick_device, run_main
 from data.loader import resolve_data_dir, val_windows
@@ -153,7 +154,7 @@ def eval_nll(models, x, samples=1, ode_steps=32, batch_size=8, seed=0):
     tok = get_tokenizer(model_cfg(models).tokenizer)
     elbo = iwae = 0.0
     parts = {}
-    for xb in batches(x, batch_size):
+    for xb in tqdm(batches(x, batch_size), desc="nll", leave=False):
         if ar is not None:
             elbo += ar.score(xb).sum().item()
             continue
@@ -231,7 +232,7 @@ def eval_bench(models, context, task, items, protocol="generate", limit=None, st
     truncated = 0
     correct, examples = [], []
     if protocol == "generate":
-        for i in range(0, len(todo), batch_size):
+        for i in tqdm(range(0, len(todo), batch_size), desc=task, leave=False):
             chunk = [fit_context(p, room) for p in prompts[i:i + batch_size]]
             truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
             outs = generate_any(models, chunk, max_new_tokens, steps, cfg_scale, seed=seed)
@@ -245,7 +246,7 @@ def eval_bench(models, context, task, items, protocol="generate", limit=None, st
         if not bm.is_multiple_choice(task):
             raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
         dev = next(next(iter(models.values())).parameters()).device
-        for it, p in zip(todo, prompts):
+        for it, p in tqdm(list(zip(todo, prompts)), desc=task, leave=False):
             scores = []
             for c in it["choices"]:
                 full = p + tok.encode(" " + c)

@@ -204,6 +204,8 @@ def main(argv=None):
         ap.error("--top_p must be in (0, 1]")
     if args.temperature < 0 or args.top_k < 0 or (args.max_new_tokens or 0) < 0 or args.num_samples < 1:
         ap.error("--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1")
+    if args.temperature == 0 and (args.top_k or args.top_p < 1):
+        ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
     if args.prompt is None and args.prompts_file is None:
         ap.error("give --prompt or --prompts_file")
     device = pick_device(args.device)

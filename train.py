@@ -29,8 +29,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ar import ARConfig, ARLM
-from common import (UserError, all_reduce_mean, autocast, load_checkpoint, parse_overrides, run_main,
-                    save_checkpoint, setup)
+from common import (UserError, all_reduce_mean, autocast, check_resume, load_checkpoint, load_vae_state,
+                    parse_overrides, run_main, save_checkpoint, setup)
 from data.loader import BatchLoader, load_meta, resolve_data_dir, val_windows
 from dit import DiT, DiTConfig
 from flow import FlowConfig, fm_by_t, fm_loss
@@ -117,6 +117,13 @@ def build_configs(argv):
     for part in ("vae", "dit", "ar"):
         if cfgs[part].width % cfgs[part].n_head or (cfgs[part].width // cfgs[part].n_head) % 2:
             raise UserError(f"--{part}.width must be a multiple of 2 x n_head (even head size for RoPE)")
+    given = {a[2:].split("=", 1)[0] for a in argv}
+    for key, why in (("dit.latent_dim", "it follows --vae.latent_dim"), ("vae.block_size", "it follows --dit.block_size"),
+                     ("ar.tokenizer", "it follows --vae.tokenizer")):
+        if key in given:
+            raise UserError(f"--{key} cannot be set: {why}")
+    if "init_vae" in given and tc.stage != "joint":
+        raise UserError("--init_vae is for --stage=joint (--stage=all trains its own stage 1)")
     cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
     cfgs["vae"].block_size = cfgs["dit"].block_size  # a block-causal decoder decodes the DiT's blocks
     cfgs["ar"].tokenizer = cfgs["vae"].tokenizer     # one tokenizer per preset / dataset
@@ -271,7 +278,7 @@ def run_stage(stage, cfgs, ctx):
     elif tc.resume:
         resume = load_checkpoint(ckpt_path)
         if resume.get("stage") == stage:
-            check_resume(resume, cfgs)
+            check_resume(resume, cfgs, RESUME_FREE)
         elif tc.stage == "all" and stage == "joint" and resume.get("stage") == "vae":
             resume = None  # stage 1 finished (out_dir/vae.pt); stage 2 had not saved yet
         else:
@@ -390,32 +397,6 @@ def run_stage(stage, cfgs, ctx):
         metrics.close()
     print0(f"stage {stage} done in {(time.time() - t_start) / 60:.1f} min -> {ckpt_path}")
     return model
-
-
-def load_vae_state(path, vae_cfg):
-    if not path:
-        raise UserError("--stage=joint needs --init_vae=PATH (a stage-1 checkpoint)")
-    ckpt = load_checkpoint(path)
-    if "vae" not in ckpt:
-        raise UserError(f"{path} holds no VAE weights")
-    # the architecture must match; loss weights (beta, mask_ratio, ...) may change for stage 2
-    arch = ("tokenizer", "n_enc_layer", "n_dec_layer", "width", "n_head", "latent_dim", "dec_block_causal", "block_size")
-    diff = {k: (ckpt["config"]["vae"].get(k), getattr(vae_cfg, k)) for k in arch
-            if ckpt["config"]["vae"].get(k) != getattr(vae_cfg, k)}
-    if diff:
-        raise UserError(f"--init_vae {path} has a different VAE architecture (checkpoint, now): {diff}")
-    return ckpt["vae"]
-
-
-def check_resume(ckpt, cfgs):
-    now = {k: asdict(v) for k, v in cfgs.items()}
-    diff = []
-    for part, values in ckpt["config"].items():
-        for k, v in values.items():
-            if not (part == "train" and k in RESUME_FREE) and now[part].get(k) != v:
-                diff.append(f"{part}.{k}: checkpoint {v!r}, now {now[part].get(k)!r}")
-    if diff:
-        raise UserError("--resume with settings that differ from the checkpoint: " + "; ".join(diff))
 
 
 def main(argv=None):

@@ -78,7 +78,8 @@ def test_cli_generates_and_streams(ckpt, capsys):
     assert capsys.readouterr().out.count("--- sample") == 2
 
 
-@pytest.mark.parametrize("bad", [["--steps=0"], ["--cfg=-1"], ["--top_p=0"], ["--top_p=1.5"], []])
+@pytest.mark.parametrize("bad", [["--steps=0"], ["--cfg=-1"], ["--top_p=0"], ["--top_p=1.5"], [],
+                                 ["--top_k=5"]])
 def test_cli_argument_errors(ckpt, bad, capsys):
     args = [f"--ckpt={ckpt}"] + bad + (["--prompt=a"] if bad else [])
     with pytest.raises(SystemExit) as e:

@@ -17,7 +17,8 @@ def test_build_configs_presets_and_overrides(capsys):
     assert cfgs["vae"].beta == 0.5 and cfgs["train"].lr == 1e-3 and cfgs["train"].fm_grad_to_encoder is True
     assert "override: vae.beta = 0.5" in capsys.readouterr().out
     for bad in (["--nope=1"], ["--vae.nope=1"], ["--lr=abc"], ["--max_iters=1.5"], ["lr=1"], ["--config=huge"],
-                ["--stage=both"]):
+                ["--stage=both"], ["--dit.latent_dim=8"], ["--init_vae=x.pt"], ["--eval_interval=0"],
+                ["--vae.n_head=3"]):
         with pytest.raises(UserError):
             build_configs(bad)
 
