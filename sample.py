@@ -13,7 +13,6 @@ cache with t = 0. Stops at <|endoftext|> or max_new_tokens. Runs on CPU, CUDA or
 checkpoint (train.py --model=ar) samples token by token with a KV cache; --steps / --cfg do not apply.
 """
 import argparse
-import sys
 import zlib
 
 import torch
