@@ -90,6 +90,8 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     bad.write_text(json.dumps(dict(question="q", answer="a")) + "\n{broken\n")
     with pytest.raises(UserError, match="bad.jsonl, line 2"):
         cola_eval.main(["bench", f"--ckpt={path}", "--task=lambada", f"--data={bad}"])
+    r = cola_eval.main(["all", f"--ckpt={path}", "--limit=4", "--steps=2"])
+    assert {"recon", "fm", "nll", "speed"} <= set(r) and r["nll"]["params"] > 0
     with pytest.raises(UserError, match="rank needs a multiple-choice"):
         cola_eval.main(["bench", f"--ckpt={path}", "--task=lambada", f"--data={items}", "--protocol=rank"])
     assert "token_acc" in capsys.readouterr().out
