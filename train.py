@@ -85,7 +85,7 @@ PRESETS = {
     "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5,
                              vae_iters=20000, joint_iters=100000, warmup_iters=2000, eval_interval=1000),
                   vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
-                  dit=dict(n_layer=24, width=2048, n_head=16), ar=dict(n_layer=28, width=2048, n_head=16)),
+                  dit=dict(n_layer=24, width=2048, n_head=16), ar=dict(n_layer=40, width=2048, n_head=16)),
 }
 # options that may differ on --resume without changing the training itself
 RESUME_FREE = {"resume", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile", "stage",
