@@ -16,8 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from dit import PAD_POS
-from layers import Transformer, causal_mask, cat_kv, init_weights, transformer_flops
+from layers import PAD_POS, Transformer, causal_mask, cat_kv, init_weights, transformer_flops
 
 
 @dataclass

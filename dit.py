@@ -24,8 +24,6 @@ import torch.nn as nn
 
 from layers import Attention, SwiGLU, init_weights, rope_angles, transformer_flops
 
-PAD_POS = 1 << 20  # position of padding tokens: after every real position, so causal rules hide them
-
 
 @dataclass
 class DiTConfig:
@@ -42,7 +40,7 @@ def block_mask(q_block, q_noisy, k_block, k_noisy, k_valid=None):
     clean key:  visible to clean queries of the same or later blocks, to noisy queries of later blocks
     noisy key:  visible only to noisy queries of the same block
     k_valid (B, Lk) hides keys per row (the unconditional CFG rows hide their history). Padding needs
-    no flag: it gets a position (PAD_POS) beyond any real one, so no real query ever sees it.
+    no flag: it gets a position (layers.PAD_POS) beyond any real one, so no real query ever sees it.
     """
     qb, qn = q_block[:, :, None], q_noisy[:, :, None]  # (B, Lq, 1)
     kb, kn = k_block[:, None, :], k_noisy[:, None, :]  # (B, 1, Lk)

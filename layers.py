@@ -14,6 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+PAD_POS = 1 << 20  # position of padding tokens: after every real position, so causal rules hide them
+
+
+def swiglu_hidden(width):
+    return 64 * math.ceil(8 * width / 3 / 64)  # ~8/3 width keeps params equal to a 4x GELU MLP
+
+
 def rope_angles(pos, head_dim, base=10000.0):
     """cos/sin tables for rotary embeddings at integer positions pos (B, L) -> 2 x (B, 1, L, hd/2)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
@@ -57,7 +64,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, width):
         super().__init__()
-        hidden = 64 * math.ceil(8 * width / 3 / 64)  # ~8/3 width keeps params equal to a 4x GELU MLP
+        hidden = swiglu_hidden(width)
         self.w13 = nn.Linear(width, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, width, bias=False)
 
@@ -111,7 +118,7 @@ def init_weights(module, n_layer):
 def transformer_flops(n_layer, width, attended):
     """Forward FLOPs per token of layers.Transformer: 2 x (q,k,v,o + SwiGLU) matmuls plus attention
     scores and weighted sum over `attended` keys (the causal average, L/2, in training)."""
-    hidden = 64 * math.ceil(8 * width / 3 / 64)
+    hidden = swiglu_hidden(width)
     return n_layer * (2 * (4 * width * width + 3 * width * hidden) + 4 * attended * width)
 
 

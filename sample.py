@@ -19,9 +19,9 @@ import torch
 
 from common import UserError, load_models, pick_device, run_main
 from data.tokenizer import get_tokenizer
-from dit import PAD_POS, block_mask
+from dit import block_mask
 from flow import sample_block
-from layers import cat_kv
+from layers import PAD_POS, cat_kv
 
 
 def sample_seed(seed, prompt_ids, k):

@@ -159,10 +159,9 @@ class Cola(nn.Module):
         vae_fwd = 2 * (f["enc"] + f["dec"]) + f["head"] * (1 + self.vae.cfg.mask_ratio)
         if self.dit is None:
             return dict(train=3 * vae_fwd, sample=0.0)
-        dit_fwd = 2 * self.dit.flops(seq_len / 2)
-        train = (3 * vae_fwd + f["enc"] if self.tc.vae_lr_ratio else f["enc"]) + 3 * dit_fwd
-        block = self.dit.flops(seq_len / 2)
-        sample = steps * (2 if cfg_scale != 1 else 1) * block + block + f["dec"] + f["head"]
+        dit_tok = self.dit.flops(seq_len / 2)  # one latent token, attending to ~L/2 keys
+        train = (3 * vae_fwd + f["enc"] if self.tc.vae_lr_ratio else f["enc"]) + 3 * 2 * dit_tok
+        sample = steps * (2 if cfg_scale != 1 else 1) * dit_tok + dit_tok + f["dec"] + f["head"]
         return dict(train=train, sample=sample)
 
     def forward(self, x):

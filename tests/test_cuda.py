@@ -4,23 +4,16 @@ import pytest
 import torch
 
 from common import autocast
-from dit import DiT, DiTConfig, block_mask, layout_2L
+from dit import block_mask, layout_2L
+from tests.helpers import random_dit
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def random_dit():
-    torch.manual_seed(0)
-    dit = DiT(DiTConfig(n_layer=2, width=64, n_head=2, block_size=4))
-    for p in dit.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
-    return dit.eval()
 
 
 @cuda
 def test_efficient_attention_kernel_matches_cpu():
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    dit = random_dit()
+    dit = random_dit(width=64)
     pos, blk, noisy = layout_2L(2, 22, 4, "cpu")
     z, t = torch.randn(2, 44, 16), torch.rand(2, 44) * noisy
     ref, _ = dit(z, t, pos, block_mask(blk, noisy, blk, noisy))
@@ -41,6 +34,6 @@ def test_generation_on_cuda():
     from vae import TextVAE, VAEConfig
     torch.manual_seed(0)
     vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2, block_size=4)).cuda().eval()
-    dit = random_dit().cuda()
+    dit = random_dit(width=64).cuda()
     out = generate(vae, dit, [list(b"Hello"), []], max_new_tokens=9, steps=3, stop_at_eot=False)
     assert [len(o) for o in out] == [9, 9]

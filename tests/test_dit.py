@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dit import DiT, DiTConfig, block_mask, layout_2L
+from tests.helpers import random_dit
 
 
 def allowed(q_pos, q_noisy, k_pos, k_noisy, bs):
@@ -42,14 +43,6 @@ def test_generation_mask_matches_reference(bs):
                                                             noisy_k[0, j].item(), bs)
                              for j in range(Lp + bs)] for i in range(bs)])
         assert torch.equal(m, ref)
-
-
-def random_dit(bs=4):
-    torch.manual_seed(0)
-    dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=bs))
-    for p in dit.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))  # leave the exact-zero init so outputs are non-trivial
-    return dit
 
 
 def test_fresh_dit_outputs_exactly_zero():

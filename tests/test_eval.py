@@ -13,6 +13,7 @@ from dit import DiT, DiTConfig
 from flow import FlowConfig, interpolate, sample_t
 from train import TrainConfig
 from vae import TextVAE, VAEConfig
+from tests.helpers import perturb
 
 
 def test_gauss_baseline_value_and_monte_carlo():
@@ -39,8 +40,7 @@ def tiny_run(tmp_path_factory):
     torch.manual_seed(0)
     vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2, block_size=4))
     dit = DiT(DiTConfig(n_layer=1, width=32, n_head=2, block_size=4))
-    for p in dit.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))
+    perturb(dit, scale=0.02)
     tc = TrainConfig(dataset=str(root / "tiny"), seq_len=32)
     path = str(root / "ckpt.pt")
     cfg = dict(vae=asdict(vae.cfg), dit=asdict(dit.cfg), train=asdict(tc), flow=asdict(FlowConfig()))

@@ -4,6 +4,7 @@ import torch
 
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, cnf_logp, euler, fit_gmm, fm_loss, prior_logp, sample_block, sample_t
+from tests.helpers import random_dit
 
 
 def test_logit_normal_t():
@@ -43,14 +44,6 @@ def test_euler_is_exact_for_constant_velocity_and_keeps_pinned():
     out = euler(lambda z, t: torch.ones_like(z), z1.clone(), steps=7, keep=keep)
     assert torch.allclose(out[~keep], z1[~keep] - 1.0, atol=1e-6)
     assert torch.equal(out[keep], z1[keep])
-
-
-def random_dit(bs=4):
-    torch.manual_seed(0)
-    dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=bs))
-    for p in dit.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
-    return dit
 
 
 def history(dit, B, n_blocks):

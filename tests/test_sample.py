@@ -9,14 +9,14 @@ from common import save_checkpoint
 from dit import DiT, DiTConfig
 from train import TrainConfig
 from vae import TextVAE, VAEConfig
+from tests.helpers import perturb
 
 
 def models(seed=0):
     torch.manual_seed(seed)
     vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=2, width=32, n_head=2, block_size=4))
     dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=4))
-    for p in list(vae.parameters()) + list(dit.parameters()):
-        p.data.add_(0.05 * torch.randn_like(p))  # a random, non-trivial model (no zero init left)
+    perturb(vae, dit)  # a random, non-trivial model (no zero init left)
     return vae.eval(), dit.eval()
 
 

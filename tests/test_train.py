@@ -9,6 +9,7 @@ from dit import DiT, DiTConfig
 from flow import FlowConfig
 from train import Cola, TrainConfig, build_configs, make_optimizer
 from vae import TextVAE, VAEConfig
+from tests.helpers import perturb
 
 
 def test_build_configs_presets_and_overrides(capsys):
@@ -27,8 +28,7 @@ def joint_model(fm_grad_to_encoder=False, vae_lr_ratio=1.0):
     torch.manual_seed(0)
     vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2, mask_ratio=0.2))
     dit = DiT(DiTConfig(n_layer=1, width=32, n_head=2, block_size=4))
-    for p in dit.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))  # past the zero init, so gradients can flow through the DiT
+    perturb(dit, scale=0.02)  # past the zero init, so gradients can flow through the DiT
     tc = TrainConfig(fm_grad_to_encoder=fm_grad_to_encoder, vae_lr_ratio=vae_lr_ratio)
     return Cola(vae, dit, copy.deepcopy(vae), tc, FlowConfig())
 

@@ -7,6 +7,7 @@ from torch.distributions import Normal, kl_divergence
 
 from layers import cat_kv, causal_mask
 from vae import TextVAE, VAEConfig, gaussian_kl, neg_entropy
+from tests.helpers import perturb
 
 
 def tiny_vae(**kw):
@@ -98,8 +99,7 @@ def test_overfits_one_batch():
 
 def test_cached_decode_equals_full_decode():
     vae = tiny_vae()
-    for p in vae.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    perturb(vae)
     z = torch.randn(2, 40, 16)
     full, _ = vae.decode(z)
     pos = TextVAE.positions(2, 40, "cpu")

@@ -1,0 +1,20 @@
+"""Small models shared by the tests."""
+import torch
+
+from dit import DiT, DiTConfig
+
+
+def perturb(*modules, scale=0.05):
+    """Move every weight off its init (the DiT's exact-zero adaLN and output layers included), so
+    outputs and gradients are non-trivial."""
+    for m in modules:
+        for p in m.parameters():
+            p.data.add_(scale * torch.randn_like(p))
+
+
+def random_dit(bs=4, width=32):
+    """A 2-layer DiT with random (non-zero-initialised) weights, in eval mode."""
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(n_layer=2, width=width, n_head=2, block_size=bs))
+    perturb(dit)
+    return dit.eval()
