@@ -55,8 +55,8 @@ def eval_recon(vae, x, device, batch_size=16, seed=0):
     robust = {t: 0.0 for t in ROBUST_T}
     for xb in batches(x, batch_size):
         with autocast(device):
-            d = vae.diagnostics(xb)
-            mu, _ = vae.encode(xb)
+            mu, logvar = vae.encode(xb)
+            d = vae.diagnostics(xb, (mu, logvar))
             for t in ROBUST_T:
                 zt = interpolate(mu, torch.randn_like(mu), torch.full(mu.shape[:2], t, device=mu.device))
                 robust[t] += (vae.decode(zt)[0].argmax(-1) == xb).float().mean().item() * len(xb)
@@ -247,15 +247,16 @@ def eval_bench(models, context, task, items, protocol="generate", limit=None, st
             raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
         dev = next(next(iter(models.values())).parameters()).device
         for it, p in tqdm(list(zip(todo, prompts)), desc=task, leave=False):
-            scores = []
+            scores, base = [], {}  # base: log p(prompt) per truncation, computed once
             for c in it["choices"]:
                 full = p + tok.encode(" " + c)
                 cut = max(0, len(full) - room)  # drop the same prompt prefix from both sequences
                 truncated += cut > 0
+                if cut not in base:
+                    torch.manual_seed(seed)
+                    base[cut] = score(models, torch.tensor([p[cut:]], device=dev), ode_steps)
                 torch.manual_seed(seed)
-                lp_full = score(models, torch.tensor([full[cut:]], device=dev), ode_steps)
-                torch.manual_seed(seed)
-                scores.append((lp_full - score(models, torch.tensor([p[cut:]], device=dev), ode_steps)).item())
+                scores.append((score(models, torch.tensor([full[cut:]], device=dev), ode_steps) - base[cut]).item())
             correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
     k, n = sum(correct), len(correct)
     chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if bm.is_multiple_choice(task) else 0.0

@@ -241,9 +241,9 @@ def evaluate(model, x_val, device, micro):
                 if not isinstance(model, Cola):  # the AR baseline: held-out next-token loss
                     d = {"loss": model(x)[0].item()}
                 else:
-                    d = model.vae.diagnostics(x)
-                if getattr(model, "dit", None) is not None:
                     mu, logvar = model.vae.encode(x)
+                    d = model.vae.diagnostics(x, (mu, logvar))
+                if getattr(model, "dit", None) is not None:
                     mu_r, logvar_r = model.ref.encode(x)
                     d["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean().item()
                     fm, st = fm_loss(model.dit, model.vae.sample(mu, logvar), model.flow_cfg)

@@ -141,9 +141,10 @@ class TextVAE(nn.Module):
                     head=2 * c.width * self.tok_emb.num_embeddings)
 
     @torch.no_grad()
-    def diagnostics(self, x):
-        """Token accuracy from the posterior mean, masked-position accuracy, logSNR, latent stats."""
-        mu, logvar = self.encode(x)
+    def diagnostics(self, x, posterior=None):
+        """Token accuracy from the posterior mean, masked-position accuracy, logSNR, latent stats.
+        posterior: (mu, logvar) of x if the caller has already encoded it."""
+        mu, logvar = self.encode(x) if posterior is None else posterior
         acc = (self.decode(mu)[0].argmax(-1) == x).float().mean()
         xm, m = self.mask_tokens(x)
         mu_m, _ = self.encode(xm)
