@@ -145,7 +145,9 @@ def generate(vae, dit, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temp
             _, kv = dit(z, torch.zeros(B, bs, device=dev), pos,
                         block_mask(pos // bs, clean, k_pos // bs, torch.zeros_like(k_pos, dtype=torch.bool)), dit_cache)
             dit_cache, dec_cache = cat_kv(dit_cache, kv), cat_kv(dec_cache, dec_kv)
-        hist_pos, hist_z = torch.cat([hist_pos, pos], 1), torch.cat([hist_z, z], 1)
+        else:  # the cache-free reference keeps the latents themselves
+            hist_z = torch.cat([hist_z, z], 1)
+        hist_pos = torch.cat([hist_pos, pos], 1)
         start = start + bs
         keep = torch.zeros_like(keep)
     return out
