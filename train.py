@@ -398,31 +398,44 @@ def run_stage(stage, cfgs, ctx):
     return model
 
 
+def train_stages(cfgs, ctx):
+    """--model=ar, or Cola's stage 1, stage 2, or both (stage 1 kept as out_dir/vae.pt)."""
+    tc = cfgs["train"]
+    if tc.model == "ar":
+        run_stage("ar", cfgs, ctx)
+        return
+    if tc.stage in ("vae", "all"):
+        vae_done = tc.stage == "all" and tc.resume and os.path.isfile(os.path.join(tc.out_dir, "vae.pt"))
+        if not vae_done:
+            run_stage("vae", cfgs, ctx)
+        if tc.stage == "all":
+            vae_path = os.path.join(tc.out_dir, "vae.pt")
+            if not vae_done and ctx["rank"] == 0:
+                shutil.copyfile(os.path.join(tc.out_dir, "ckpt.pt"), vae_path)  # keep stage 1 for ablations
+            if ctx["world"] > 1:
+                dist.barrier()
+            tc.init_vae = vae_path
+    if tc.stage in ("joint", "all"):
+        run_stage("joint", cfgs, ctx)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfgs = build_configs(argv)
     tc = cfgs["train"]
     ctx = setup(tc.device)
     os.makedirs(tc.out_dir, exist_ok=True)
+    clean_exit = False
     try:
-        if tc.model == "ar":
-            run_stage("ar", cfgs, ctx)
-            return
-        if tc.stage in ("vae", "all"):
-            vae_done = tc.stage == "all" and tc.resume and os.path.isfile(os.path.join(tc.out_dir, "vae.pt"))
-            if not vae_done:
-                run_stage("vae", cfgs, ctx)
-            if tc.stage == "all":
-                vae_path = os.path.join(tc.out_dir, "vae.pt")
-                if not vae_done and ctx["rank"] == 0:
-                    shutil.copyfile(os.path.join(tc.out_dir, "ckpt.pt"), vae_path)  # keep stage 1 for ablations
-                if ctx["world"] > 1:
-                    dist.barrier()
-                tc.init_vae = vae_path
-        if tc.stage in ("joint", "all"):
-            run_stage("joint", cfgs, ctx)
+        train_stages(cfgs, ctx)
+        clean_exit = True
+    except SystemExit as e:  # a signal or --stop_after: every rank stops at the same step
+        clean_exit = not e.code
+        raise
     finally:
         if ctx["world"] > 1:
+            if clean_exit:
+                dist.barrier()  # rank 0 may still be writing the checkpoint: tearing gloo down under it aborts
             dist.destroy_process_group()
 
 
