@@ -1,7 +1,9 @@
 """
 Autoregressive baseline: a nanoGPT-style causal transformer LM built from the same blocks as the
 Cola models (RoPE, RMSNorm, QK-norm, SwiGLU; layers.py), trained by the same trainer on the same
-data, so the two can be compared at matched parameters and compute (SPEC §4 compares Cola with AR).
+data, so the two can be compared at matched parameters and compute (arXiv 2605.06548 §4.5, Fig. 10
+compares Cola with AR). It offers the same calls as cola.Cola (forward, generate, score, diagnostics),
+so sample.py and eval.py serve both.
 
     python train.py --model=ar                  # tiny AR, sized to the default Cola model's parameters
     python sample.py --ckpt=out_ar/ckpt.pt --prompt="Call me"
@@ -16,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from layers import PAD_POS, Transformer, causal_mask, cat_kv, init_weights, transformer_flops
+from layers import (PAD_POS, Transformer, append_tokens, causal_mask, cat_kv, init_weights, pick_tokens,
+                    sample_generators, transformer_flops)
 
 
 @dataclass
@@ -36,9 +39,25 @@ class ARLM(nn.Module):
         self.transformer = Transformer(cfg.n_layer, cfg.width, cfg.n_head)
         init_weights(self, cfg.n_layer)
 
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        model = cls(ARConfig(**ckpt["config"]["ar"]))
+        model.load_state_dict(ckpt["ar"])
+        return model
+
+    @property
+    def tok(self):
+        return get_tokenizer(self.cfg.tokenizer)
+
+    block_size = 1  # tokens per sampler step
+    can_generate = True
+
     def parts(self):
         """As Cola.parts(): what the checkpoint holds, with the learning-rate scale."""
         return {"ar": (self, 1.0)}
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
 
     def logits(self, x, pos, past=None, past_pos=None):
         """x (B, L) at positions pos (B, L), optional KV cache at past_pos -> logits (B, L, V), new KV."""
@@ -54,41 +73,43 @@ class ARLM(nn.Module):
         return loss, dict(loss=loss.detach())
 
     @torch.no_grad()
-    def score(self, x):
+    def score(self, x, **_):
         """Exact log p(x[:, 1:] | x[:, 0]) per sequence (B,) (the first token is given)."""
         pos = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
         logp = self.logits(x[:, :-1], pos)[0].float().log_softmax(-1)
         return logp.gather(-1, x[:, 1:, None]).squeeze(-1).sum(1)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, pick, stop_at_eot=True):
+    def diagnostics(self, x, batch_size):
+        """Held-out next-token loss over windows x (N, L)."""
+        loss = sum(self(x[i:i + batch_size])[0].item() * len(x[i:i + batch_size]) for i in range(0, len(x), batch_size))
+        return {"loss": loss / len(x)}
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_at_eot=True,
+                 on_block=None, **sampler):
         """KV-cached sampling for a batch of token-id prompts of any lengths (left-padded at PAD_POS,
-        which the causal rule hides). pick(logits (B, 1, V)) -> ids (B, 1). Returns new ids per prompt."""
-        tok = get_tokenizer(self.cfg.tokenizer)
-        dev = self.tok_emb.weight.device
-        B = len(prompts)
+        which the causal rule hides): new ids per prompt, as Cola.generate. `sampler` takes the diffusion
+        sampler's options (steps, cfg_scale, use_cache): they do not apply to an AR model."""
+        tok, dev, B = self.tok, self.tok_emb.weight.device, len(prompts)
+        gens = sample_generators(prompts, seed, dev)
         prompts = [p if len(p) else [tok.eot] for p in prompts]  # an empty prompt starts a new document
-        width = max(len(p) for p in prompts)
+        width = max(len(p) for p in prompts) if B else 1
         x = torch.full((B, width), tok.pad, dtype=torch.long, device=dev)
         pos = torch.full((B, width), PAD_POS, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
             x[i, width - len(p):] = torch.tensor(p, device=dev)
             pos[i, width - len(p):] = torch.arange(len(p), device=dev)
         logits, cache = self.logits(x, pos)
+        last = logits[:, -1:]  # (B, 1, V)
         nxt = torch.tensor([len(p) for p in prompts], device=dev)[:, None]  # (B, 1) next positions
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
-        last = logits[:, -1:]
         while not all(done):
-            ids = pick(last)  # (B, 1)
+            ids = pick_tokens(last, temperature, top_k, top_p, gens, tok)  # (B, 1)
             for i in range(B):
-                t = int(ids[i, 0])
-                if done[i]:
-                    continue
-                if t == tok.eot and stop_at_eot:
-                    done[i] = True
-                else:
-                    out[i].append(t)
-                    done[i] = len(out[i]) >= max_new_tokens
+                done[i] = done[i] or append_tokens(out[i], ids[i].tolist(), max_new_tokens, tok.eot if stop_at_eot else None)
+                if on_block is not None:
+                    on_block(i, out[i])
             if all(done):
                 break
             last, kv = self.logits(ids, nxt, cache, pos)
@@ -111,8 +132,7 @@ if __name__ == "__main__":
         loss = model(x)[0]
         opt.zero_grad(); loss.backward(); opt.step()
     print("after 100 steps on one batch:", loss.item())
-    greedy = lambda logits: logits.argmax(-1)
-    full = model.generate([x[0, :8].tolist()], 16, greedy, stop_at_eot=False)[0]
+    full = model.generate([x[0, :8].tolist()], 16, stop_at_eot=False)[0]  # greedy
     print("continuation of a training prefix:", full, "\nexpected:", x[0, 8:24].tolist())
     assert loss.item() < 0.5
     print("ar.py self-check OK")

@@ -1,16 +1,23 @@
 """
-Helpers shared by train.py, sample.py and eval.py: command-line overrides, device and DDP setup,
-checkpoint I/O and rebuilding models from a checkpoint. Each lives here once and is imported.
+Helpers shared by the scripts (train.py, sample.py, eval.py, data/): the one-line error convention,
+command-line overrides, device and DDP setup, checkpoint I/O and loading a model from a checkpoint.
+Each lives here once and is imported.
 """
 import ast
+import collections
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
+
+from ar import ARLM
+from cola import Cola
 
 
 class UserError(Exception):
@@ -56,17 +63,21 @@ def parse_overrides(argv, configs, verbose=True):
     """Apply --key=value arguments to dataclass configs.
 
     configs maps a prefix to a dataclass instance: {"": train_cfg, "vae": vae_cfg, ...}; "--lr=1e-3"
-    sets train_cfg.lr, "--vae.beta=0.01" sets vae_cfg.beta. Unknown keys are an error; every
-    override is printed.
+    sets train_cfg.lr, "--vae.beta=0.01" sets vae_cfg.beta, and a bare "--resume" means
+    "--resume=true" for a boolean option. Unknown keys are an error; every override is printed.
     """
     for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"arguments look like --key=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
+        if not arg.startswith("--"):
+            raise UserError(f"arguments look like --key=value (or --flag for a boolean), got {arg!r}")
+        key, eq, text = arg[2:].partition("=")
         prefix, _, name = key.rpartition(".")
         cfg = configs.get(prefix)
         if cfg is None or name not in {f.name for f in dataclasses.fields(cfg)}:
             raise UserError(f"unknown option --{key}")
+        if not eq:  # a bare --flag sets a boolean option
+            if not isinstance(getattr(cfg, name), bool):
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
+            text = "true"
         try:
             setattr(cfg, name, parse_value(text, getattr(cfg, name)))
         except UserError as e:
@@ -103,13 +114,15 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+Env = collections.namedtuple("Env", "rank world local_rank device")
+
+
 def setup(device_name="auto"):
-    """Device and DDP (exactly when RANK is set, i.e. under torchrun: gloo on CPU, nccl on CUDA); SIGTERM/SIGINT
-    set ctx["stop"] so the trainer saves and exits after the current step."""
-    ddp = "RANK" in os.environ
+    """Device and DDP: DDP is on exactly when RANK is set (torchrun), gloo on CPU, nccl on CUDA.
+    Returns Env(rank, world, local_rank, device)."""
     rank, world, local_rank = 0, 1, 0
     device = pick_device(device_name)
-    if ddp:
+    if "RANK" in os.environ:
         rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         if device == "cuda":
             device = f"cuda:{local_rank}"
@@ -118,14 +131,13 @@ def setup(device_name="auto"):
     if str(device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ctx = dict(rank=rank, world=world, local_rank=local_rank, device=device, stop=False, steps_run=0,
-               print0=lambda *a: print(*a, flush=True) if rank == 0 else None)
+    return Env(rank, world, local_rank, device)
 
-    def on_signal(signum, frame):  # finish the current step, save, exit
-        ctx["stop"] = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return ctx
+
+def print0(*args):
+    """print on rank 0 only (every process under torchrun has RANK; a plain run is rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, flush=True)
 
 
 def all_reduce_mean(values, world):
@@ -136,6 +148,73 @@ def all_reduce_mean(values, world):
     t = torch.stack([values[k].float() for k in keys])
     dist.all_reduce(t)
     return {k: (v / world).item() for k, v in zip(keys, t)}
+
+
+# ----------------------------------------------------------------------------- training runs
+
+class StopFlag:
+    """SIGTERM / SIGINT, or --stop_after steps in this process, end the run after the current step
+    with a checkpoint; under DDP a signal that reached any rank stops all of them at the same step."""
+
+    def __init__(self, stop_after):
+        self.signalled, self.steps, self.stop_after = False, 0, stop_after
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+
+    def on_signal(self, signum, frame):
+        self.signalled = True
+
+    def after_step(self, env):
+        self.steps += 1
+        if env.world > 1:
+            flag = torch.tensor(float(self.signalled), device=env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signalled = bool(flag.item())
+        return self.signalled or self.steps == self.stop_after
+
+
+class Log:
+    """One line per log_interval and per validation, the same as JSON lines in out_dir/metrics.jsonl.
+    Throughput counts training time only: validation and checkpoint writes run inside paused()."""
+
+    def __init__(self, stage, tc, env, flops, step, max_iters):
+        self.stage, self.tc, self.flops, self.max_iters = stage, tc, flops, max_iters
+        self.file = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if env.rank == 0 else None
+        self.t_start = self.t_last = time.time()
+        self.start = self.last = step
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.time()
+        yield
+        self.t_last += time.time() - t
+
+    def write(self, **row):
+        if self.file:
+            self.file.write(json.dumps(dict(stage=self.stage, **row)) + "\n")
+            self.file.flush()
+
+    def val(self, step, stats):
+        print0(f"val {self.stage} step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+        self.write(step=step, split="val", **stats)
+
+    def train(self, step, stats, grad_norm, lr):
+        tc = self.tc
+        if step % tc.log_interval and step != self.max_iters:
+            return
+        dt = (time.time() - self.t_last) / (step - self.last)  # seconds per step since the last line
+        self.t_last, self.last = time.time(), step
+        tok_s = tc.batch_size * tc.seq_len / dt
+        eta = (self.max_iters - step) * (time.time() - self.t_start) / (step - self.start)
+        print0(f"{self.stage} step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items())
+               + f" | gnorm {grad_norm:.2f} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tok_s:.0f} tok/s"
+               + f" | {tok_s * self.flops['train'] / 1e12:.3f} TFLOP/s | eta {eta / 60:.1f} min")
+        self.write(step=step, split="train", lr=lr, dt=dt, tok_s=tok_s, grad_norm=grad_norm,
+                   stage_flops=step * tc.batch_size * tc.seq_len * self.flops["train"], **stats)
+
+    def close(self):
+        if self.file:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -185,24 +264,11 @@ def check_resume(ckpt, cfgs, free=()):
         raise UserError("--resume with settings that differ from the checkpoint: " + "; ".join(diff))
 
 
-def load_models(path, device="cpu"):
-    """Rebuild the models of a train.py checkpoint in eval mode: ({"vae", "dit"} or {"ar"}, ckpt).
-    A stage-1 checkpoint has dit None."""
+def load_model(path, device="cpu"):
+    """The model of a train.py checkpoint, in eval mode on device: (cola.Cola or ar.ARLM, checkpoint).
+    Both offer generate, score and diagnostics; a stage-1 Cola checkpoint has no prior (dit None)."""
     ckpt = load_checkpoint(path)
     if "config" not in ckpt or not ({"vae", "ar"} & set(ckpt)):
         raise UserError(f"{path} is not a cola checkpoint (no model weights / configs in it)")
-    if "ar" in ckpt:
-        from ar import ARConfig, ARLM
-        ar = ARLM(ARConfig(**ckpt["config"]["ar"]))
-        ar.load_state_dict(ckpt["ar"])
-        return {"ar": ar.to(device).eval()}, ckpt
-    from dit import DiT, DiTConfig
-    from vae import TextVAE, VAEConfig
-    vae = TextVAE(VAEConfig(**ckpt["config"]["vae"]))
-    vae.load_state_dict(ckpt["vae"])
-    dit = None
-    if ckpt.get("dit") is not None:
-        dit = DiT(DiTConfig(**ckpt["config"]["dit"]))
-        dit.load_state_dict(ckpt["dit"])
-        dit.to(device).eval()
-    return {"vae": vae.to(device).eval(), "dit": dit}, ckpt
+    model = (ARLM if "ar" in ckpt else Cola).from_checkpoint(ckpt)
+    return model.to(device).eval(), ckpt

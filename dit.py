@@ -5,9 +5,11 @@ Latents (B, L, d) are cut into blocks of block_size positions. Every token carri
 a block id, a clean/noisy flag and its own timestep t (clean tokens: t = 0). One function,
 `block_mask`, turns those into the attention mask for both uses:
 
-  training, the "2L" layout (SPEC §1): [clean z0 (pos 0..L-1) | noisy z_t (pos 0..L-1)]
+  training, the "2L" layout: [clean z0 (pos 0..L-1) | noisy z_t (pos 0..L-1)]
       clean block b -> clean blocks <= b;  noisy block b -> clean blocks < b and noisy block b
-      (clean never sees noisy), so one forward trains every block's p(z^(b) | z^(<b)).
+      (clean never sees noisy), so one forward trains every factor p(z^(b) | z^(<b)) of the
+      block-causal prior (arXiv 2605.06548 §3.1.1, eq. 3.3) under the stage-2 visible set
+      {sg(z0^(<b)), z_t^(b)} (paper §3.2.2, Fig. 1).
   generation: [cached clean blocks | current noisy block], the same rules.
 
 Architecture as in DiT (Peebles & Xie): adaLN-Zero modulation from the timestep embedding (here per
@@ -78,7 +80,7 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = (1000.0 * t.float())[..., None] * freqs  # (..., half)
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (..., freq_dim) -> (..., W)
 
 
 class DiTBlock(nn.Module):
@@ -91,12 +93,13 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c, rope, mask, past=None):
+        """x (B, L, W); c: embeddings (U, W) of the U distinct timesteps and the token -> row map (B, L)."""
         c, inverse = c
-        # modulation of each distinct timestep, gathered per token: (B, L, 6W) -> 6 x (B, L, W)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[inverse].chunk(6, dim=-1)
-        a, kv = self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, past)
-        x = x + gate1 * a
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        mod = self.adaLN_modulation(c)[inverse]  # (U, 6W) -> (B, L, 6W): each distinct t once, gathered per token
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, L, W)
+        a, kv = self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, past)  # (B, L, W), 2 x (B, H, L, W/H)
+        x = x + gate1 * a  # (B, L, W)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, L, W)
         return x, kv
 
 
@@ -108,9 +111,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x, c):
+        """x (B, L, W), c as in DiTBlock.forward -> velocity (B, L, d)."""
         c, inverse = c
-        shift, scale = self.adaLN_modulation(c)[inverse].chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c)[inverse].chunk(2, dim=-1)  # (U, 2W) -> 2 x (B, L, W)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, L, d)
 
 
 class DiT(nn.Module):
@@ -143,13 +147,13 @@ class DiT(nn.Module):
         # Per-token conditioning, but t takes few distinct values (one per block, 0 for clean tokens),
         # so embed and modulate each distinct t once and gather: exact, and most of adaLN's cost saved.
         t_unique, inverse = torch.unique(t, return_inverse=True)  # (U,), (B, L)
-        c = (self.t_embedder(t_unique), inverse)  # (U, W) and the token -> row map
-        rope = rope_angles(pos, self.cfg.width // self.cfg.n_head)
+        c = (self.t_embedder(t_unique), inverse)  # (U, W) and the token -> row map (B, L)
+        rope = rope_angles(pos, self.cfg.width // self.cfg.n_head)  # 2 x (B, 1, L, W/H/2)
         kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, c, rope, mask, None if past is None else past[i])
+            x, kv = block(x, c, rope, mask, None if past is None else past[i])  # (B, L, W), 2 x (B, H, L, W/H)
             kvs.append(kv)
-        return self.final_layer(x, c), kvs
+        return self.final_layer(x, c), kvs  # (B, L, d), n_layer x 2 x (B, H, L, W/H)
 
 
 if __name__ == "__main__":
@@ -169,10 +173,10 @@ if __name__ == "__main__":
         p.data.add_(0.02 * torch.randn_like(p))
     v, _ = dit(z, t, pos, mask)
     # the 2L trick: noisy block b in the 2L layout == a plain forward over [clean blocks < b, noisy block b]
-    b = 2
-    sel = torch.cat([torch.arange(b * 4), L + torch.arange(b * 4, b * 4 + 4)])
+    b, bs = 2, cfg.block_size
+    sel = torch.cat([torch.arange(b * bs), L + torch.arange(b * bs, (b + 1) * bs)])
     vb, _ = dit(z[:, sel], t[:, sel], pos[:, sel], block_mask(blk[:, sel], noisy[:, sel], blk[:, sel], noisy[:, sel]))
-    err = (vb[:, -4:] - v[:, L + b * 4:L + b * 4 + 4]).abs().max().item()
+    err = (vb[:, -bs:] - v[:, L + b * bs:L + (b + 1) * bs]).abs().max().item()
     print(f"2L vs direct max abs diff: {err:.2e}")
     assert err < 1e-5
     print("dit.py self-check OK")

@@ -1,5 +1,5 @@
 """
-Flow matching for Cola DLM's latent prior (SPEC §1), convention t = 1 is noise:
+Flow matching for Cola DLM's latent prior (arXiv 2605.06548 §3.1.1, App. A.4), convention t = 1 is noise:
 
     z_t = (1 - t) z0 + t eps,   eps ~ N(0, I),   target velocity v* = eps - z0,   loss = MSE
 
@@ -105,45 +105,48 @@ def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, s
     that stay pinned with t = 0 (repaint). pos (B, bs): the block's positions. History, at positions
     past_pos (B, Lp) (padding at PAD_POS), comes either as the DiT's KV cache `past` (per layer
     (k, v)) or, cache-free, as clean latents `past_z` (B, Lp, d) recomputed at every step.
-    CFG (SPEC §1 Inference): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone
+    CFG (paper §3.2.3, App. B.1): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone
     at positions 0..bs-1. Both run in one batched forward; with no history the uncond pass is skipped.
+    bs is dit.cfg.block_size: one call generates one whole block.
     """
-    B, bs, _ = noise.shape
+    B, bs = noise.shape[0], dit.cfg.block_size
+    assert noise.shape[1] == bs, f"noise holds {noise.shape[1]} positions, the DiT's blocks {bs}"
     dev = noise.device
     has_hist = past_pos is not None and past_pos.shape[1] > 0
     guided = has_hist and cfg_scale != 1.0
-    rows = 2 if guided else 1
-    q_pos = torch.cat([pos, torch.arange(bs, device=dev).expand(B, bs)]) if guided else pos  # [cond | uncond]
-    q_noisy = torch.ones_like(q_pos, dtype=torch.bool)
-    k_pos, k_noisy, k_valid = q_pos, q_noisy, None
+    rows = 2 if guided else 1  # a guided batch stacks [cond | uncond]: rB = rows x B below
+    q_pos = torch.cat([pos, torch.arange(bs, device=dev).expand(B, bs)]) if guided else pos  # (rB, bs)
+    q_noisy = torch.ones_like(q_pos, dtype=torch.bool)  # (rB, bs)
+    k_pos, k_noisy, k_valid = q_pos, q_noisy, None  # no history: the block attends to itself only
     if has_hist:
-        h_pos = past_pos.repeat(rows, 1)
-        h_valid = torch.ones_like(h_pos, dtype=torch.bool)
+        h_pos = past_pos.repeat(rows, 1)  # (rB, Lp)
+        h_valid = torch.ones_like(h_pos, dtype=torch.bool)  # (rB, Lp)
         if guided:
             h_valid[B:] = False  # the unconditional rows see no history
-        k_pos = torch.cat([h_pos, q_pos], 1)
-        k_noisy = torch.cat([torch.zeros_like(h_valid), q_noisy], 1)
-        k_valid = torch.cat([h_valid, torch.ones_like(q_noisy)], 1)
-        if past is not None:
+        k_pos = torch.cat([h_pos, q_pos], 1)  # (rB, Lp + bs)
+        k_noisy = torch.cat([torch.zeros_like(h_valid), q_noisy], 1)  # (rB, Lp + bs)
+        k_valid = torch.cat([h_valid, torch.ones_like(q_noisy)], 1)  # (rB, Lp + bs)
+        if past is not None:  # per layer 2 x (B, H, Lp, W/H) -> 2 x (rB, H, Lp, W/H)
             past = [(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1)) for k, v in past]
         else:  # cache-free: the history tokens are queries too
-            hist_z = past_z.repeat(rows, 1, 1)
-            q_pos, q_noisy = k_pos, k_noisy
-    bsz = dit.cfg.block_size
-    mask = block_mask(q_pos // bsz, q_noisy, k_pos // bsz, k_noisy, k_valid)
+            hist_z = past_z.repeat(rows, 1, 1)  # (rB, Lp, d)
+            q_pos, q_noisy = k_pos, k_noisy  # (rB, Lp + bs)
+    # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history)
+    mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid)
 
     def velocity(z, t):
-        tt = torch.full((B, bs), t, device=dev).masked_fill(keep, 0.0).repeat(rows, 1)  # pinned: t = 0
-        zz = z.repeat(rows, 1, 1)
-        if has_hist and past is None:
-            zz, tt = torch.cat([hist_z, zz], 1), torch.cat([torch.zeros(hist_z.shape[:2], device=dev), tt], 1)
-        v = dit(zz, tt, q_pos, mask, past)[0][:, -bs:]
+        tt = torch.full((B, bs), t, device=dev).masked_fill(keep, 0.0).repeat(rows, 1)  # (rB, bs), pinned: t = 0
+        zz = z.repeat(rows, 1, 1)  # (rB, bs, d)
+        if has_hist and past is None:  # the clean history runs again at t = 0 in front of the block
+            zz = torch.cat([hist_z, zz], 1)  # (rB, Lp + bs, d)
+            tt = torch.cat([torch.zeros(hist_z.shape[:2], device=dev), tt], 1)  # (rB, Lp + bs)
+        v = dit(zz, tt, q_pos, mask, past)[0][:, -bs:]  # (rB, bs, d)
         if guided:
-            v_c, v_u = v.chunk(2)
-            return v_u + cfg_scale * (v_c - v_u)
-        return v
+            v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
+            return v_u + cfg_scale * (v_c - v_u)  # (B, bs, d)
+        return v  # (B, bs, d)
 
-    return euler(velocity, noise, steps, keep)
+    return euler(velocity, noise, steps, keep)  # (B, bs, d)
 
 
 # ----------------------------------------------------------------------------- likelihood
@@ -151,7 +154,7 @@ def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, s
 def cnf_logp(velocity, z0, steps, probe):
     """log-density of z0 (B, ...) under the flow, summed over all but the batch axis -> (B,).
 
-    The instantaneous change of variables (SPEC §1 Likelihood): integrate d/dt [z, l] = [v, div v]
+    The instantaneous change of variables (paper §3.1.1, App. A.2-A.5): integrate d/dt [z, l] = [v, div v]
     from t = 0 (data) to t = 1 (noise); log p(z0) = log N(z1; 0, I) + l1. Midpoint (RK2) steps: the
     density is far more sensitive to discretisation than samples are (Euler's O(1/steps) bias is
     visible at a few hundred steps). div v is Hutchinson's estimate probe^T (dv/dz) probe with one

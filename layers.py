@@ -1,5 +1,6 @@
 """
-Transformer building blocks shared by the text VAE (vae.py) and the DiT (dit.py).
+Transformer building blocks shared by the text VAE (vae.py), the DiT (dit.py) and the AR baseline
+(ar.py), and the token-level decoding both generators use (per-sample RNGs, top-k / top-p picking).
 
 Pre-norm blocks with RoPE on explicit position ids, QK-norm and SwiGLU. Attention always goes
 through F.scaled_dot_product_attention with a boolean mask (True = may attend), so one code path
@@ -8,6 +9,7 @@ layout, cached generation) is just a different mask. Keys/values of the current 
 so callers can keep a KV cache: `past` is prepended to the keys, never modified in place.
 """
 import math
+import zlib
 
 import torch
 import torch.nn as nn
@@ -127,3 +129,49 @@ def cat_kv(cache, kvs):
     if cache is None:
         return [(k, v) for k, v in kvs]
     return [(torch.cat([ck, k], 2), torch.cat([cv, v], 2)) for (ck, cv), (k, v) in zip(cache, kvs)]
+
+
+# ----------------------------------------------------------------------------- decoding (cola.py and ar.py)
+
+def sample_generators(prompts, seed, device):
+    """One RNG per sample, seeded from (seed, the prompt, its repeat index in the batch), so a prompt's
+    output does not depend on what else is in the batch; repeats of one prompt get different streams."""
+    counts, gens = {}, []
+    for p in prompts:
+        k = counts[tuple(p)] = counts.get(tuple(p), -1) + 1
+        s = (seed * 1_000_003 + zlib.crc32(bytes(str(list(p)), "ascii")) * 101 + k) % (1 << 62)
+        gens.append(torch.Generator(device).manual_seed(s))
+    return gens
+
+
+def pick_tokens(logits, temperature, top_k, top_p, generators, tok=None):
+    """logits (B, L, V) -> token ids (B, L): greedy at temperature 0, else top-k / top-p sampling with
+    each row's own generator. With tok, only real tokens and <|endoftext|> can be picked (never
+    <|mask|>, <|pad|> or the vocabulary padding)."""
+    if tok is not None:
+        banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        banned[tok.eot + 1:] = True  # the specials after eot and the vocabulary padding
+        logits = logits.masked_fill(banned, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set with mass >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
+
+
+def append_tokens(out, new, max_new_tokens, eot=None):
+    """Append new ids to one sample's output, stopping at eot (if given) or at max_new_tokens.
+    Returns True when the sample is finished."""
+    for t in new:
+        if t == eot or len(out) >= max_new_tokens:
+            return True
+        out.append(t)
+    return len(out) >= max_new_tokens

@@ -1,20 +1,21 @@
 """
-Train Cola DLM: stage 1 (text VAE), stage 2 (joint VAE + block-causal DiT), or both.
+Train Cola DLM: stage 1 (text VAE), stage 2 (joint VAE + block-causal DiT), or both; or the AR baseline.
 
     python train.py                                  # stage 1 then stage 2 on `tiny` (CPU, minutes) -> out/ckpt.pt
     python train.py --stage=vae --out_dir=out_vae    # stage 1 only
-    python train.py --stage=joint --init_vae=out_vae/ckpt.pt
+    python train.py --stage=joint --init_vae=out_vae/ckpt.pt --out_dir=out_joint
+    python train.py --model=ar --out_dir=out_ar      # the autoregressive baseline (ar.py)
     python train.py --config=small                   # one GPU
     torchrun --standalone --nproc_per_node=4 train.py --config=small
 
 Options are --key=value: train options by name (--lr=1e-3), component options with a prefix
-(--vae.beta=1e-3, --dit.n_layer=6, --flow.t_loc=1.0). Unknown keys are an error.
-The checkpoint out_dir/ckpt.pt carries every config, so sample.py and eval.py need only --ckpt;
---resume continues a run exactly from it.
+(--vae.beta=1e-3, --dit.n_layer=6, --flow.t_loc=1.0); boolean options also as a bare --flag.
+Unknown keys are an error. The checkpoint out_dir/ckpt.pt carries every config, so sample.py and
+eval.py need only --ckpt; --resume continues a run exactly from it, and an out_dir that already
+holds a run is never overwritten without --overwrite. The losses live with the models
+(cola.Cola.forward, ar.ARLM.forward); this file is the loop around them.
 """
 import contextlib
-import copy
-import json
 import math
 import os
 import shutil
@@ -25,17 +26,19 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ar import ARConfig, ARLM
-from common import (UserError, all_reduce_mean, autocast, check_resume, load_checkpoint, load_vae_state,
-                    parse_overrides, run_main, save_checkpoint, setup)
+from cola import Cola
+from common import (Log, StopFlag, UserError, all_reduce_mean, autocast, check_resume, load_checkpoint,
+                    load_vae_state, parse_overrides, print0, run_main, save_checkpoint, setup)
 from data.loader import BatchLoader, load_meta, resolve_data_dir, val_windows
-from dit import DiT, DiTConfig
-from flow import FlowConfig, fm_by_t, fm_loss
-from vae import TextVAE, VAEConfig, gaussian_kl
+from dit import DiTConfig
+from flow import FlowConfig
+from vae import VAEConfig
 
+
+# ----------------------------------------------------------------------------- configuration
 
 @dataclass
 class TrainConfig:
@@ -46,6 +49,7 @@ class TrainConfig:
     out_dir: str = "out"
     init_vae: str = ""          # stage-1 checkpoint to start stage 2 from (--stage=joint)
     resume: bool = False        # continue exactly from out_dir/ckpt.pt
+    overwrite: bool = False     # start afresh in an out_dir that already holds a run (replaces it)
     seq_len: int = 128          # tokens per training window
     batch_size: int = 16        # global batch in sequences (the invariant under DDP / accumulation)
     micro_batch: int = 0        # sequences per forward per process; 0 = batch_size / world_size
@@ -61,7 +65,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     vae_lr_ratio: float = 1.0   # stage 2: VAE lr = ratio x lr (paper best 1.0; 0 freezes the VAE)
-    lambda_vae: float = 1.0     # stage 2 loss weights (SPEC §1)
+    lambda_vae: float = 1.0     # stage 2 loss weights (paper §3.2.2, eq. 3.18; cola.Cola.forward)
     lambda_fm: float = 1.0
     lambda_ref: float = 1.0     # KL(q || q_ref) to the frozen stage-1 encoder
     fm_grad_to_encoder: bool = False  # let FM gradients reach the encoder through the noisy block
@@ -81,15 +85,15 @@ PRESETS = {
                              vae_iters=5000, joint_iters=20000, warmup_iters=500, eval_interval=500, ckpt_interval=1000),
                   vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=512, n_head=8),
                   dit=dict(n_layer=12, width=768, n_head=12), ar=dict(n_layer=20, width=768, n_head=12)),
-    # the paper's 2.3B model (SPEC §2); FFN width here follows SwiGLU's 8/3 rule, not the paper's 6144
+    # the paper's 2.3B model (arXiv 2605.06548 Table 9); FFN width here follows SwiGLU's 8/3 rule, not the paper's 6144
     "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5,
                              vae_iters=20000, joint_iters=100000, warmup_iters=2000, eval_interval=1000),
                   vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
                   dit=dict(n_layer=24, width=2048, n_head=16), ar=dict(n_layer=40, width=2048, n_head=16)),
 }
 # options that may differ on --resume without changing the training itself
-RESUME_FREE = {"resume", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile", "stage",
-               "stop_after"}
+RESUME_FREE = {"resume", "overwrite", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile",
+               "stage", "stop_after"}
 
 
 def build_configs(argv):
@@ -122,6 +126,8 @@ def build_configs(argv):
                      ("ar.tokenizer", "it follows --vae.tokenizer")):
         if key in given:
             raise UserError(f"--{key} cannot be set: {why}")
+    if tc.resume and tc.overwrite:
+        raise UserError("--resume continues the run in out_dir, --overwrite replaces it: choose one")
     if "init_vae" in given and tc.stage != "joint":
         raise UserError("--init_vae is for --stage=joint (--stage=all trains its own stage 1)")
     cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
@@ -133,76 +139,27 @@ def build_configs(argv):
     return cfgs
 
 
-class Cola(nn.Module):
-    """VAE + DiT (+ frozen reference encoder) in one module, so one optimizer and one DDP wrapper
-    cover stage 2. forward(x) returns (loss, dict of detached stats)."""
+# ----------------------------------------------------------------------------- model, optimizer, schedule
 
-    def __init__(self, vae, dit=None, ref=None, tc=None, flow_cfg=None):
-        super().__init__()
-        self.vae, self.dit, self.ref = vae, dit, ref
-        self.tc, self.flow_cfg = tc, flow_cfg
-        if ref is not None:
-            ref.requires_grad_(False).eval()
-
-    def parts(self):
-        """Sub-modules as saved in the checkpoint, with their learning-rate scale (None: not trained)."""
-        if self.dit is None:
-            return {"vae": (self.vae, 1.0)}
-        return {"vae": (self.vae, self.tc.vae_lr_ratio or None), "dit": (self.dit, 1.0), "ref": (self.ref, None)}
-
-    def flops(self, seq_len, steps=16, cfg_scale=7.0):
-        """FLOPs per training token of this stage and per generated token (matmul-based estimate).
-        Stage 1: encoder + decoder, again for the mask pass (head only at masked positions).
-        Stage 2 adds the reference encoder (forward only) and the DiT over the 2L layout (2 tokens per
-        token). Sampling: steps x (2 with CFG) DiT forwards, one commit forward, the decoder."""
-        f = self.vae.flops(seq_len)
-        vae_fwd = 2 * (f["enc"] + f["dec"]) + f["head"] * (1 + self.vae.cfg.mask_ratio)
-        if self.dit is None:
-            return dict(train=3 * vae_fwd, sample=0.0)
-        dit_tok = self.dit.flops(seq_len / 2)  # one latent token, attending to ~L/2 keys
-        train = (3 * vae_fwd + f["enc"] if self.tc.vae_lr_ratio else f["enc"]) + 3 * 2 * dit_tok
-        sample = steps * (2 if cfg_scale != 1 else 1) * dit_tok + dit_tok + f["dec"] + f["head"]
-        return dict(train=train, sample=sample)
-
-    def forward(self, x):
-        if self.dit is None:  # stage 1
-            _, _, _, out = self.vae(x, stage=1)
-            return out["loss"], {k: v.detach() for k, v in out.items()}
-        tc = self.tc
-        frozen = tc.vae_lr_ratio == 0
-        if frozen:  # the frozen-VAE ablation: only the prior trains
-            with torch.no_grad():
-                mu, logvar = self.vae.encode(x)
-                z = self.vae.sample(mu, logvar)
-            out, loss = {}, 0.0
-        else:
-            mu, logvar, z, out = self.vae(x, stage=2)
-            with torch.no_grad():
-                mu_r, logvar_r = self.ref.encode(x)
-            out["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean()
-            loss = tc.lambda_vae * out["loss"] + tc.lambda_ref * out["ref_kl"]
-        # the DiT models a posterior sample; history and target are stop-gradient (SPEC §1 Stage 2)
-        src = z if (tc.fm_grad_to_encoder and not frozen) else None
-        out["fm"], _ = fm_loss(self.dit, z.detach(), self.flow_cfg, z_src=src)
-        loss = loss + tc.lambda_fm * out["fm"]
-        out["loss"] = loss
-        return loss, {k: v.detach() for k, v in out.items()}
+def build_model(stage, cfgs, fresh=True):
+    """The model a stage trains: the AR baseline, or Cola (stage 2 starts from the stage-1 VAE of
+    --init_vae unless it is resumed: then the checkpoint has every weight)."""
+    torch.manual_seed(cfgs["train"].seed)  # the same initial weights on every rank
+    if stage == "ar":
+        return ARLM(cfgs["ar"])
+    vae_state = load_vae_state(cfgs["train"].init_vae, cfgs["vae"]) if stage == "joint" and fresh else None
+    return Cola.build(cfgs, stage, vae_state)
 
 
-def build_cola(stage, cfgs, load_init=True):
-    """Stage 1: a fresh VAE. Stage 2: VAE from stage 1 (unless resuming: the checkpoint has it), a
-    fresh DiT, a frozen copy of the encoder."""
-    tc = cfgs["train"]
-    vae = TextVAE(cfgs["vae"])
-    dit = ref = None
-    if stage == "joint":
-        dit = DiT(cfgs["dit"])
-        if load_init:
-            vae.load_state_dict(load_vae_state(tc.init_vae, cfgs["vae"]))
-        ref = copy.deepcopy(vae)
-        if tc.vae_lr_ratio == 0:
-            vae.requires_grad_(False)
-    return Cola(vae, dit, ref, tc, cfgs["flow"])
+def make_optimizer(model, tc, device):
+    """AdamW; decay on matrices only; each part at its lr scale (stage 2: VAE at vae_lr_ratio x lr)."""
+    groups = []
+    for module, scale in model.parts().values():
+        params = [p for p in module.parameters() if p.requires_grad] if scale else []
+        if params:
+            groups += [dict(params=[p for p in params if p.dim() >= 2], weight_decay=tc.weight_decay, lr_scale=scale),
+                       dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, lr_scale=scale)]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=str(device).startswith("cuda"))
 
 
 def lr_factor(step, tc, max_iters):
@@ -214,226 +171,176 @@ def lr_factor(step, tc, max_iters):
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, tc, device):
-    """AdamW; decay on matrices only; each part at its lr scale (stage 2: VAE at vae_lr_ratio x lr)."""
-    groups = []
-    for module, scale in model.parts().values():
-        params = [p for p in module.parameters() if p.requires_grad] if scale else []
-        if params:
-            groups += [dict(params=[p for p in params if p.dim() >= 2], weight_decay=tc.weight_decay, lr_scale=scale),
-                       dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, lr_scale=scale)]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                             fused=str(device).startswith("cuda"))
+def micro_seed(seed, stage, step, i):
+    """Seed of every random draw (masks, noise, t) of micro-batch i at a step: a function of these
+    alone, so 1 process x accumulation N == N processes, and a resumed run continues the same streams."""
+    return int(np.random.SeedSequence([seed, stage == "joint", step, i]).generate_state(1)[0])
 
 
 @torch.no_grad()
-def evaluate(model, x_val, device, micro):
-    """Held-out diagnostics (flat dict of floats; FM loss also per t-bin as fm_t<lo>-<hi>).
-    Runs under a fixed seed in a forked RNG, so validation never perturbs the training stream."""
+def evaluate(model, x_val, device, batch_size):
+    """Held-out diagnostics of the model (a flat dict of floats), under a fixed seed in a forked RNG
+    so validation never perturbs the training stream."""
     model.eval()
-    stats, t_all, l_all = {}, [], []
     devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), autocast(device):
         torch.manual_seed(1234)
-        for i in range(0, len(x_val), micro):
-            x = x_val[i:i + micro].to(device)
-            with autocast(device):
-                if not isinstance(model, Cola):  # the AR baseline: held-out next-token loss
-                    d = {"loss": model(x)[0].item()}
-                else:
-                    mu, logvar = model.vae.encode(x)
-                    d = model.vae.diagnostics(x, (mu, logvar))
-                if getattr(model, "dit", None) is not None:
-                    mu_r, logvar_r = model.ref.encode(x)
-                    d["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean().item()
-                    fm, st = fm_loss(model.dit, model.vae.sample(mu, logvar), model.flow_cfg)
-                    d["fm"] = fm.item()
-                    keep = st["weight"] > 0
-                    t_all.append(st["t"][keep].cpu()); l_all.append(st["per_token"][keep].cpu())
-            for k, v in d.items():
-                stats[k] = stats.get(k, 0.0) + v * len(x) / len(x_val)
-    if t_all:
-        stats.update({f"fm_t{k}": v for k, v in fm_by_t(torch.cat(t_all), torch.cat(l_all)).items()})
+        stats = model.diagnostics(x_val, batch_size)
     model.train()
     return stats
 
 
-def run_stage(stage, cfgs, ctx):
-    """Train one stage ("vae", "joint" or "ar") to max_iters, checkpointing to out_dir/ckpt.pt."""
+# ----------------------------------------------------------------------------- run-level helpers
+
+def check_out_dir(tc, env):
+    """Never lose a run by accident: a fresh run into an out_dir that holds one is refused unless
+    --overwrite says so (then its old metrics log goes too)."""
+    found = [f for f in ("ckpt.pt", "vae.pt") if os.path.isfile(os.path.join(tc.out_dir, f))]
+    if found and not (tc.resume or tc.overwrite):
+        raise UserError(f"{tc.out_dir} already holds a run ({', '.join(found)}); continue it with --resume, "
+                        f"replace it with --overwrite, or choose another --out_dir")
+    if env.rank == 0:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        if tc.overwrite and os.path.isfile(os.path.join(tc.out_dir, "metrics.jsonl")):
+            os.remove(os.path.join(tc.out_dir, "metrics.jsonl"))
+
+
+def resume_checkpoint(stage, cfgs, path):
+    """With --resume: the checkpoint to continue this stage from, or None (nothing saved yet)."""
     tc = cfgs["train"]
-    rank, world, device, print0 = ctx["rank"], ctx["world"], ctx["device"], ctx["print0"]
+    if not tc.resume:
+        return None
+    if not os.path.isfile(path):
+        print0(f"--resume: no checkpoint at {path}, starting {stage} from scratch")
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("stage") == stage:
+        check_resume(ckpt, cfgs, RESUME_FREE)
+        return ckpt
+    if tc.stage == "all" and stage == "joint" and ckpt.get("stage") == "vae":
+        return None  # stage 1 finished (out_dir/vae.pt); stage 2 had not saved yet
+    raise UserError(f"--resume: {path} holds stage {ckpt.get('stage')!r}, not {stage!r}; refusing to overwrite it "
+                    f"(use another --out_dir)")
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_stage(stage, cfgs, env, stop):
+    """Train one stage ("vae", "joint" or "ar") to its iterations, checkpointing to out_dir/ckpt.pt."""
+    tc = cfgs["train"]
     max_iters = tc.max_iters or dict(vae=tc.vae_iters, joint=tc.joint_iters, ar=tc.ar_iters)[stage]
-    micro = tc.micro_batch or tc.batch_size // world
-    if micro < 1 or tc.eval_windows < world:
-        raise UserError(f"batch_size ({tc.batch_size}) and eval_windows ({tc.eval_windows}) must be >= world size {world}")
-    if tc.batch_size % (micro * world):
-        raise UserError(f"batch_size {tc.batch_size} is not a multiple of micro_batch {micro} x world {world}")
-    accum = tc.batch_size // (micro * world)
+    micro = tc.micro_batch or tc.batch_size // env.world
+    if micro < 1 or tc.eval_windows < env.world or tc.batch_size % (micro * env.world):
+        raise UserError(f"batch_size ({tc.batch_size}) must be a multiple of micro_batch ({micro}) x world size "
+                        f"({env.world}), and eval_windows ({tc.eval_windows}) at least the world size")
+    accum = tc.batch_size // (micro * env.world)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    resume = resume_checkpoint(stage, cfgs, ckpt_path)
+    model = build_model(stage, cfgs, fresh=resume is None).to(env.device)
+    opt = make_optimizer(model, tc, env.device)
 
-    resume = None
-    if tc.resume and not os.path.isfile(ckpt_path):
-        print0(f"--resume: no checkpoint at {ckpt_path}, starting {stage} from scratch")
-    elif tc.resume:
-        resume = load_checkpoint(ckpt_path)
-        if resume.get("stage") == stage:
-            check_resume(resume, cfgs, RESUME_FREE)
-        elif tc.stage == "all" and stage == "joint" and resume.get("stage") == "vae":
-            resume = None  # stage 1 finished (out_dir/vae.pt); stage 2 had not saved yet
-        else:
-            raise UserError(f"--resume: {ckpt_path} holds stage {resume.get('stage')!r}, not {stage!r}; "
-                            f"refusing to overwrite it (use another --out_dir)")
+    data_dir = resolve_data_dir(tc.dataset)
+    tokenizer, data_tokenizer = model.tok.name, load_meta(data_dir)["tokenizer"]
+    if data_tokenizer != tokenizer:
+        raise UserError(f"dataset {tc.dataset} is tokenized with {data_tokenizer!r} but the model uses {tokenizer!r} "
+                        f"(set --vae.tokenizer, or prepare the data with --tokenizer={tokenizer})")
+    loader = BatchLoader(data_dir, "train", tc.batch_size, tc.seq_len, seed=tc.seed + 1000 * (stage == "joint"))
+    x_val = val_windows(data_dir, tc.seq_len, tc.eval_windows, rank=env.rank, world_size=env.world).to(env.device)
 
-    torch.manual_seed(tc.seed)  # same initial weights on every rank
-    if stage == "ar":
-        model = ARLM(cfgs["ar"]).to(device)
-    else:
-        model = build_cola(stage, cfgs, load_init=resume is None).to(device)
-    opt = make_optimizer(model, tc, device)
-    try:
-        data_dir = resolve_data_dir(tc.dataset)
-        tokenizer = cfgs["ar" if stage == "ar" else "vae"].tokenizer
-        if load_meta(data_dir)["tokenizer"] != tokenizer:
-            raise UserError(f"dataset {tc.dataset} is tokenized with {load_meta(data_dir)['tokenizer']!r} but the model "
-                            f"uses {tokenizer!r} (set --vae.tokenizer, or prepare the data with --tokenizer={tokenizer})")
-        loader = BatchLoader(data_dir, "train", tc.batch_size, tc.seq_len, seed=tc.seed + 1000 * (stage == "joint"))
-        x_val = val_windows(data_dir, tc.seq_len, tc.eval_windows, rank=rank, world_size=world)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e))
     step = 0
     if resume is not None:
         for name, (module, _) in model.parts().items():
             module.load_state_dict(resume[name])
         opt.load_state_dict(resume["optimizer"])
-        step = resume["step"]  # also the data position and the RNG position (see the training loop)
+        step = resume["step"]  # also the data position and the RNG position (see micro_seed)
         print0(f"resumed {stage} from {ckpt_path} at step {step}")
-    n_params = sum(p.numel() for name, (m, _) in model.parts().items() if name != "ref" for p in m.parameters())
-    n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
     flops = model.flops(tc.seq_len)
-    print0(f"stage {stage}: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trained), {max_iters} iters, "
-           f"batch {tc.batch_size} x {tc.seq_len} tokens (micro {micro} x accum {accum} x world {world}), device {device}, "
-           f"{flops['train'] / 1e6:.1f} MFLOPs per training token")
+    print0(f"stage {stage}: {model.num_params() / 1e6:.2f}M params "
+           f"({sum(p.numel() for g in opt.param_groups for p in g['params']) / 1e6:.2f}M trained), {max_iters} iters, "
+           f"batch {tc.batch_size} x {tc.seq_len} tokens (micro {micro} x accum {accum} x world {env.world}), "
+           f"device {env.device}, {flops['train'] / 1e6:.1f} MFLOPs per training token")
     wrapped = torch.compile(model) if tc.compile else model
-    if world > 1:
-        wrapped = DDP(wrapped, device_ids=[ctx["local_rank"]] if str(device).startswith("cuda") else None)
+    if env.world > 1:
+        wrapped = DDP(wrapped, device_ids=[env.local_rank] if str(env.device).startswith("cuda") else None)
+    log = Log(stage, tc, env, flops, step, max_iters)
 
-    def save(step):
-        # no data-loader or RNG state: both are functions of (seed, step), see the training loop
-        if rank == 0:
-            save_checkpoint(dict(stage=stage, step=step, config={k: asdict(v) for k, v in cfgs.items()},
-                                 optimizer=opt.state_dict(), flops_per_token=flops,
-                                 **{name: m.state_dict() for name, (m, _) in model.parts().items()}), ckpt_path)
-
-    metrics = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    t0, t_start, start_step, last_log = time.time(), time.time(), step, step
     def validate():
-        ev = evaluate(model, x_val, device, micro)
-        ev = all_reduce_mean({k: torch.tensor(v, device=device) for k, v in ev.items()}, world)
-        print0(f"val {stage} step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        if metrics:
-            metrics.write(json.dumps(dict(stage=stage, step=step, split="val", **ev)) + "\n"); metrics.flush()
+        with log.paused():
+            stats = evaluate(model, x_val, env.device, micro)
+            log.val(step, all_reduce_mean({k: torch.tensor(v, device=env.device) for k, v in stats.items()}, env.world))
 
     while step < max_iters:
         if step % tc.eval_interval == 0:
-            t_eval = time.time()
             validate()
-            t0 += time.time() - t_eval  # throughput counts training time only
-        factor = lr_factor(step, tc, max_iters)
+        lr = tc.lr * lr_factor(step, tc, max_iters)
         for g in opt.param_groups:
-            g["lr"] = tc.lr * factor * g["lr_scale"]
+            g["lr"] = lr * g["lr_scale"]
         sums = {}
         for micro_step in range(accum):
-            # micro-batch i of the global batch: its rows and its random draws (masks, noise, t) depend
-            # only on (seed, stage, step, i), so 1 process x accumulation N == N processes, and a resumed
-            # run continues the exact same streams
-            i = rank * accum + micro_step
-            x = loader.get(step, i * micro, micro).to(device)
-            torch.manual_seed(int(np.random.SeedSequence([tc.seed, stage == "joint", step, i]).generate_state(1)[0]))
-            sync = micro_step == accum - 1
-            with (wrapped.no_sync() if world > 1 and not sync else contextlib.nullcontext()), autocast(device):
+            i = env.rank * accum + micro_step  # this micro-batch's index in the global batch
+            x = loader.get(step, i * micro, micro).to(env.device)
+            torch.manual_seed(micro_seed(tc.seed, stage, step, i))
+            last = micro_step == accum - 1  # DDP syncs gradients on the last micro-step only
+            with (wrapped.no_sync() if env.world > 1 and not last else contextlib.nullcontext()), autocast(env.device):
                 loss, stats = wrapped(x)
                 (loss / accum).backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / accum
-        logged = all_reduce_mean(sums, world)  # averaged over ranks, so every rank takes the same decision
-        if not math.isfinite(logged["loss"]):
+        stats = all_reduce_mean(sums, env.world)  # the same on every rank, so every rank takes the same decisions
+        if not math.isfinite(stats["loss"]):
             raise UserError(f"non-finite loss at {stage} step {step}; stopped, the last checkpoint {ckpt_path} is kept")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if step % tc.log_interval == 0 or step == max_iters:
-            dt = (time.time() - t0) / (step - last_log)  # seconds per step since the last log line
-            t0, last_log = time.time(), step
-            tok_s = tc.batch_size * tc.seq_len / dt
-            eta = (max_iters - step) * (time.time() - t_start) / (step - start_step)
-            print0(f"{stage} step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in logged.items())
-                   + f" | gnorm {grad_norm.item():.2f} | lr {tc.lr * factor:.2e} | {dt * 1000:.0f} ms | {tok_s:.0f} tok/s"
-                   + f" | {tok_s * flops['train'] / 1e12:.3f} TFLOP/s | eta {eta / 60:.1f} min")
-            if metrics:
-                metrics.write(json.dumps(dict(stage=stage, step=step, split="train", lr=tc.lr * factor, dt=dt,
-                                              tok_s=tok_s, grad_norm=grad_norm.item(),
-                                              stage_flops=step * tc.batch_size * tc.seq_len * flops["train"], **logged))
-                              + "\n")
-                metrics.flush()
-        ctx["steps_run"] += 1
-        if world > 1:  # a signal that reached any rank stops all of them at the same step
-            flag = torch.tensor(float(ctx["stop"]), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            ctx["stop"] = bool(flag.item())
-        stop = ctx["stop"] or ctx["steps_run"] == tc.stop_after
-        if step % tc.ckpt_interval == 0 or step == max_iters or stop:
-            t_save = time.time()
-            save(step)
-            t0 += time.time() - t_save
-        if stop:
-            print0(f"stopped at {stage} step {step} ({'signal' if ctx['stop'] else 'stop_after'}); "
+        log.train(step, stats, grad_norm.item(), lr)
+        stopping = stop.after_step(env)
+        if (step % tc.ckpt_interval == 0 or step == max_iters or stopping) and env.rank == 0:
+            with log.paused():  # no loader or RNG state to save: both are functions of (seed, step)
+                save_checkpoint(dict(stage=stage, step=step, config={k: asdict(v) for k, v in cfgs.items()},
+                                     optimizer=opt.state_dict(), flops_per_token=flops,
+                                     **{name: m.state_dict() for name, (m, _) in model.parts().items()}), ckpt_path)
+        if stopping:
+            print0(f"stopped at {stage} step {step} ({'signal' if stop.signalled else 'stop_after'}); "
                    f"checkpoint saved to {ckpt_path}, continue with --resume")
             sys.exit(0)
-    if step > start_step:
+    if step > log.start:
         validate()  # the final model
-    if metrics:
-        metrics.close()
-    print0(f"stage {stage} done in {(time.time() - t_start) / 60:.1f} min -> {ckpt_path}")
-    return model
+    log.close()
+    print0(f"stage {stage} done in {(time.time() - log.t_start) / 60:.1f} min -> {ckpt_path}")
 
 
-def train_stages(cfgs, ctx):
-    """--model=ar, or Cola's stage 1, stage 2, or both (stage 1 kept as out_dir/vae.pt)."""
+def train(cfgs, env, stop):
+    """--model=ar, or Cola's stage 1, stage 2, or both (stage 1 kept as out_dir/vae.pt for ablations)."""
     tc = cfgs["train"]
     if tc.model == "ar":
-        run_stage("ar", cfgs, ctx)
-        return
-    if tc.stage in ("vae", "all"):
-        vae_done = tc.stage == "all" and tc.resume and os.path.isfile(os.path.join(tc.out_dir, "vae.pt"))
-        if not vae_done:
-            run_stage("vae", cfgs, ctx)
-        if tc.stage == "all":
-            vae_path = os.path.join(tc.out_dir, "vae.pt")
-            if not vae_done and ctx["rank"] == 0:
-                shutil.copyfile(os.path.join(tc.out_dir, "ckpt.pt"), vae_path)  # keep stage 1 for ablations
-            if ctx["world"] > 1:
-                dist.barrier()
-            tc.init_vae = vae_path
+        return train_stage("ar", cfgs, env, stop)
+    vae_path = os.path.join(tc.out_dir, "vae.pt")
+    if tc.stage == "vae" or (tc.stage == "all" and not (tc.resume and os.path.isfile(vae_path))):
+        train_stage("vae", cfgs, env, stop)
+        if tc.stage == "all" and env.rank == 0:
+            shutil.copyfile(os.path.join(tc.out_dir, "ckpt.pt"), vae_path)
+    if tc.stage == "all":
+        if env.world > 1:
+            dist.barrier()  # vae.pt is written
+        tc.init_vae = vae_path
     if tc.stage in ("joint", "all"):
-        run_stage("joint", cfgs, ctx)
+        train_stage("joint", cfgs, env, stop)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfgs = build_configs(argv)
-    tc = cfgs["train"]
-    ctx = setup(tc.device)
-    os.makedirs(tc.out_dir, exist_ok=True)
+    cfgs = build_configs(sys.argv[1:] if argv is None else argv)
+    env = setup(cfgs["train"].device)
+    check_out_dir(cfgs["train"], env)
     clean_exit = False
     try:
-        train_stages(cfgs, ctx)
+        train(cfgs, env, StopFlag(cfgs["train"].stop_after))
         clean_exit = True
     except SystemExit as e:  # a signal or --stop_after: every rank stops at the same step
         clean_exit = not e.code
         raise
     finally:
-        if ctx["world"] > 1:
+        if env.world > 1:
             if clean_exit:
                 dist.barrier()  # rank 0 may still be writing the checkpoint: tearing gloo down under it aborts
             dist.destroy_process_group()

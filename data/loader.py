@@ -12,6 +12,7 @@ np.random.default_rng([seed, k]). Every process draws the same offsets and reads
 (start, count), so ranks see different data, 1 process with gradient accumulation and N processes
 see the same global batch, and the data position of a run is just its step: resuming needs nothing
 else. Validation windows are evenly spaced and use no randomness at all.
+A missing dataset, or one too short for seq_len, raises common.UserError (one `error:` line).
 """
 
 import json
@@ -19,6 +20,8 @@ import os
 
 import numpy as np
 import torch
+
+from common import UserError
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +31,7 @@ def resolve_data_dir(name_or_path):
     for d in (name_or_path, os.path.join(DATA_DIR, name_or_path)):
         if os.path.isdir(d) and os.path.isfile(os.path.join(d, "meta.json")):
             return os.path.abspath(d)
-    raise FileNotFoundError(
+    raise UserError(
         f"no prepared dataset at {name_or_path!r} (nor {os.path.join(DATA_DIR, name_or_path)}); "
         f"run `python data/prepare.py` (bundled corpus) or "
         f"`python data/prepare.py --input PATH --name NAME` (your text) first")
@@ -36,19 +39,23 @@ def resolve_data_dir(name_or_path):
 
 def load_meta(data_dir):
     """The dataset's meta.json: tokenizer name, vocab_size, special ids, token counts."""
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        return json.load(f)
+    path = os.path.join(data_dir, "meta.json")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e}); run `python data/prepare.py` again") from None
 
 
 def open_split(data_dir, split, min_tokens):
     """Memory-map <split>.bin read-only, checking it holds at least min_tokens tokens."""
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; run `python data/prepare.py`")
+        raise UserError(f"{path} not found; run `python data/prepare.py`")
     n = os.path.getsize(path) // 2  # uint16
     if n < min_tokens:
-        raise ValueError(f"{path} has {n} tokens, fewer than the {min_tokens} needed (seq_len "
-                         f"too long for this dataset?)")
+        raise UserError(f"{path} has {n} tokens, fewer than the {min_tokens} needed (seq_len "
+                        f"too long for this dataset?)")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

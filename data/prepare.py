@@ -30,6 +30,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from common import UserError, run_main  # noqa: E402
 from data.tokenizer import NAMES, get_tokenizer  # noqa: E402
 
 DATA_DIR = os.path.join(ROOT, "data")
@@ -55,10 +56,6 @@ SPLIT_RULE = ("validation = the last ~{pct:g}% of every {unit}, cut at the parag
               "<|endoftext|> follows every {unit} in each split")
 
 
-class PrepareError(Exception):
-    """Bad input: main() prints it as one `error:` line and exits with status 2."""
-
-
 # -----------------------------------------------------------------------------
 # text -> documents
 
@@ -77,17 +74,17 @@ def unwrap(lines):
 def read_books(path=DEFAULT_CORPUS):
     """The bundled corpus -> [(book name, unwrapped text)], cut at the books' title lines."""
     if not os.path.isfile(path):
-        raise PrepareError(f"corpus not found: {path}")
+        raise UserError(f"corpus not found: {path}")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().splitlines()
     starts = []
     for title, _ in BOOKS:
         hits = [i for i, line in enumerate(lines) if line.strip() == title]
         if len(hits) != 1:
-            raise PrepareError(f"{path}: expected one title line {title!r}, found {len(hits)}")
+            raise UserError(f"{path}: expected one title line {title!r}, found {len(hits)}")
         starts.append(hits[0])
     if starts != sorted(starts):
-        raise PrepareError(f"{path}: books are not in the expected order")
+        raise UserError(f"{path}: books are not in the expected order")
     ends = starts[1:] + [len(lines)]
     return [(name, unwrap(lines[a:b])) for (_, name), a, b in zip(BOOKS, starts, ends)]
 
@@ -98,7 +95,7 @@ def decode_utf8(data, path):
     try:
         text = data[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PrepareError(f"{path}: invalid UTF-8 at byte offset {skip + e.start}") from None
+        raise UserError(f"{path}: invalid UTF-8 at byte offset {skip + e.start}") from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -115,9 +112,9 @@ def read_file(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise PrepareError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise PrepareError(f'{path} line {lineno}: expected an object with a string "text" field')
+            raise UserError(f'{path} line {lineno}: expected an object with a string "text" field')
         docs.append(row["text"].replace("\r\n", "\n"))
     return docs
 
@@ -131,9 +128,9 @@ def list_files(path):
             found += [os.path.join(folder, f) for f in sorted(files) if f.endswith((".txt", ".jsonl"))]
         return found
     if not os.path.exists(path):
-        raise PrepareError(f"path not found: {path}")
+        raise UserError(f"path not found: {path}")
     if not path.endswith((".txt", ".jsonl")):
-        raise PrepareError(f"{path}: unknown file type (expected .txt, .jsonl or a folder of them)")
+        raise UserError(f"{path}: unknown file type (expected .txt, .jsonl or a folder of them)")
     return [path]
 
 
@@ -145,7 +142,7 @@ def read_inputs(paths):
         docs += [(path, f) for f in files]
     out = [(src, text) for src, f in docs for text in read_file(f) if text.strip()]
     if not out:
-        raise PrepareError(f"no text found in {', '.join(paths)} (empty corpus)")
+        raise UserError(f"no text found in {', '.join(paths)} (empty corpus)")
     return out
 
 
@@ -179,7 +176,7 @@ def split_documents(docs, val_fraction):
             cut = min(max(1, round(len(text) * (1 - val_fraction))), len(text) - 1)
             train, val = text[:cut], text[cut:]
         if not train.strip() or not val.strip():
-            raise PrepareError("corpus too small to hold out a validation part")
+            raise UserError("corpus too small to hold out a validation part")
         return [(src, train, val)]
     total, held = sum(len(t) for _, t, _ in parts), 0
     k = len(parts)
@@ -239,8 +236,8 @@ def write_dataset(out_dir, tok, parts, info):
 # -----------------------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one `error:` line instead of usage + traceback-like noise
-        raise PrepareError(message)
+    def error(self, message):  # one `error:` line (via common.run_main) instead of the usage text
+        raise UserError(message)
 
 
 def parse_args(argv):
@@ -273,9 +270,11 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """Write the dataset(s) argv asks for. Bad input raises UserError (run_main prints it as one
+    `error:` line, exit status 2) before anything is written; a failed write leaves no partial files."""
+    args = parse_args(argv)
+    pct = 100 * args.val_fraction
     try:
-        args = parse_args(argv)
-        pct = 100 * args.val_fraction
         if args.input is None:  # the bundled corpus, both tokenizers by default
             books = read_books()
             parts = [(name, *split_text(text, args.val_fraction)) for name, text in books]
@@ -296,11 +295,9 @@ def main(argv=None):
                         "cut at a space); "))}
             tok = get_tokenizer(args.tokenizer or "gpt2")
             write_dataset(os.path.join(args.out_dir, args.name), tok, parts, info)
-    except (PrepareError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except OSError as e:  # an unreadable input, a corrupt .gz, an out_dir we cannot write to
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

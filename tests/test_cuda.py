@@ -30,10 +30,10 @@ def test_efficient_attention_kernel_matches_cpu():
 
 @cuda
 def test_generation_on_cuda():
-    from sample import generate
+    from cola import Cola
     from vae import TextVAE, VAEConfig
     torch.manual_seed(0)
-    vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2, block_size=4)).cuda().eval()
-    dit = random_dit(width=64).cuda()
-    out = generate(vae, dit, [list(b"Hello"), []], max_new_tokens=9, steps=3, stop_at_eot=False)
+    vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2, block_size=4))
+    model = Cola(vae, random_dit(width=64)).cuda().eval()
+    out = model.generate([list(b"Hello"), []], max_new_tokens=9, steps=3, stop_at_eot=False)
     assert [len(o) for o in out] == [9, 9]

@@ -1,5 +1,6 @@
 """
 Tests for data/: the tokenizers, data/prepare.py on good and bad input, and the batch loader.
+User mistakes raise common.UserError, which the scripts report as one `error:` line (exit status 2).
 Hermetic and fast: tiny synthetic text in tmp_path, no network, never the prepared corpus.
     python -m pytest -q tests/test_data.py
 """
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import UserError, run_main
 from data.loader import BatchLoader, load_meta, resolve_data_dir, val_windows
 from data.prepare import BOOKS, main as prepare, read_books, split_text
 from data.tokenizer import SPECIALS, get_tokenizer
@@ -127,7 +129,7 @@ def test_prepare_txt_files(tmp_path, name):
         paths.append(str(tmp_path / f"doc{i}.txt"))
         open(paths[-1], "w", encoding="utf-8").write(doc)
     args = ["--input", *paths, "--name=ds", f"--out_dir={tmp_path}", f"--tokenizer={name}"]
-    assert prepare(args) == 0
+    prepare(args)
     meta, splits = read_dataset(str(tmp_path / "ds"))
     assert meta["tokenizer"] == name and [s["source"] for s in meta["sources"]] == paths
     assert len(splits["train"]) == len(splits["val"]) == 2  # every document was cut
@@ -146,7 +148,7 @@ def test_prepare_directory(tmp_path):
     (root / "notes.md").write_text("not text we read")  # other extensions inside folders are skipped
     (root / ".git/x.txt").write_text("hidden folders are skipped")
     (root / "empty.txt").write_text("")  # empty documents are skipped
-    assert prepare(["--input", str(root), "--name=ds", f"--out_dir={tmp_path}"]) == 0  # gpt2 by default
+    prepare(["--input", str(root), "--name=ds", f"--out_dir={tmp_path}"])  # gpt2 by default
     meta, splits = read_dataset(str(tmp_path / "ds"))
     assert meta["tokenizer"] == "gpt2" and meta["sources"][0]["documents"] == 3
     # sorted walk: b.txt, then sub/a.txt, sub/c.jsonl
@@ -159,8 +161,7 @@ def test_prepare_jsonl_tiny_documents(tmp_path):
     rows = [json.dumps({"text": t, "id": i}) for i, t in enumerate(docs)]
     rows.insert(3, "")  # blank lines are fine
     (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    assert prepare(["--input", str(tmp_path / "d.jsonl"), "--name=ds", f"--out_dir={tmp_path}",
-                    "--tokenizer=bytes"]) == 0
+    prepare(["--input", str(tmp_path / "d.jsonl"), "--name=ds", f"--out_dir={tmp_path}", "--tokenizer=bytes"])
     meta, splits = read_dataset(str(tmp_path / "ds"))
     # no document could be cut, so whole documents at the end are validation
     assert 1 <= len(splits["val"]) < len(docs) and splits["train"] + splits["val"] == docs
@@ -169,7 +170,7 @@ def test_prepare_jsonl_tiny_documents(tmp_path):
 def test_prepare_single_line_document(tmp_path):
     doc = " ".join(f"word{i}" for i in range(500))  # one document, no line breaks
     (tmp_path / "one.txt").write_text(doc)
-    assert prepare(["--input", str(tmp_path / "one.txt"), "--name=ds", f"--out_dir={tmp_path}"]) == 0
+    prepare(["--input", str(tmp_path / "one.txt"), "--name=ds", f"--out_dir={tmp_path}"])
     _, splits = read_dataset(str(tmp_path / "ds"))
     (train,), (val,) = splits["train"], splits["val"]
     assert train + " " + val == doc and 0 < len(val) < 0.1 * len(doc)
@@ -188,7 +189,7 @@ def test_bundled_corpus_books(tmp_path):
     for (title, _), (name, text) in zip(BOOKS, books):
         assert text.startswith(title + "\n\n") and len(text) > 300_000 and "\n\n\n" not in text
     # default run (bundled corpus) into a temporary folder, bytes only for speed
-    assert prepare([f"--out_dir={tmp_path}", "--tokenizer=bytes"]) == 0
+    prepare([f"--out_dir={tmp_path}", "--tokenizer=bytes"])
     meta, splits = read_dataset(str(tmp_path / "austen_bytes"))
     assert len(splits["val"]) == 7 and 0.04 < meta["val_tokens"] / meta["train_tokens"] < 0.06
     for (name, text), train, val in zip(books, splits["train"], splits["val"]):
@@ -208,7 +209,7 @@ def test_prepare_runs_as_script_from_any_cwd(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# prepare.py on bad input: one `error:` line, non-zero exit, no .bin written
+# prepare.py on bad input: UserError, i.e. one `error:` line and exit status 2, no .bin written
 
 BAD_INPUTS = {  # case -> (files to create, extra args, text the message must contain)
     "missing path": ({}, ["--input", "{d}/nope.txt"], "not found"),
@@ -247,10 +248,21 @@ def test_prepare_bad_input(tmp_path, capsys, case):
     if not any(a.startswith("--name") for a in args):
         args.append("--name=ds")
     out = tmp_path / "out"
-    assert prepare(args + [f"--out_dir={out}"]) != 0
+    with pytest.raises(UserError) as e:
+        prepare(args + [f"--out_dir={out}"])
+    assert expected in str(e.value)
+    with pytest.raises(SystemExit) as e:  # what `python data/prepare.py ...` does with it
+        run_main(lambda: prepare(args + [f"--out_dir={out}"]))
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
     assert not glob.glob(str(out / "**" / "*.bin*"), recursive=True)
+
+
+def test_prepare_os_error_is_a_user_error(tmp_path):
+    (tmp_path / "a.txt").write_text(make_doc(0))
+    with pytest.raises(UserError):  # out_dir is a file: the OSError becomes one `error:` line
+        prepare(["--input", str(tmp_path / "a.txt"), "--name=ds", f"--out_dir={tmp_path / 'a.txt'}"])
 
 
 def test_prepare_failure_leaves_no_partial_files(tmp_path, monkeypatch):
@@ -259,7 +271,7 @@ def test_prepare_failure_leaves_no_partial_files(tmp_path, monkeypatch):
     (tmp_path / "b.txt").write_text(make_doc(1))
     args = ["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--name=ds",
             f"--out_dir={tmp_path}", "--tokenizer=bytes"]
-    assert prepare(args) == 0
+    prepare(args)
     before = {f: (tmp_path / "ds" / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")}
     # a crash half-way through tokenizing: the *.tmp files go, the complete old dataset stays
     tok = get_tokenizer("bytes")
@@ -299,10 +311,19 @@ def make_dataset(root, n_train=5000, n_val=1000):
 def test_resolve_data_dir_and_meta(tmp_path):
     d = make_dataset(tmp_path / "ds")
     assert resolve_data_dir(d) == d and load_meta(d)["train_tokens"] == 5000
-    with pytest.raises(FileNotFoundError, match="prepare.py"):
-        resolve_data_dir(str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="prepare.py"):
-        resolve_data_dir("no_such_dataset_name")
+
+
+@pytest.mark.parametrize("name", ["{tmp}/missing", "{tmp}", "no_such_dataset_name"])
+def test_resolve_data_dir_without_dataset(tmp_path, name):
+    with pytest.raises(UserError, match="prepare.py"):  # the message says how to make one
+        resolve_data_dir(name.format(tmp=tmp_path))
+
+
+def test_load_meta_not_json(tmp_path):
+    d = make_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "meta.json").write_text('{"tokenizer": "bytes", ')  # cut short
+    with pytest.raises(UserError, match="meta.json is not valid JSON"):
+        load_meta(d)
 
 
 def test_batch_loader_shapes_and_windows(tmp_path):
@@ -330,7 +351,7 @@ def test_batch_loader_deterministic_and_sliced_by_rank(tmp_path):
 
 def test_batch_loader_too_short(tmp_path):
     d = make_dataset(tmp_path / "ds", n_train=16)
-    with pytest.raises(ValueError, match="fewer than"):
+    with pytest.raises(UserError, match="fewer than"):
         BatchLoader(d, "train", batch_size=2, seq_len=16)
     BatchLoader(d, "train", batch_size=2, seq_len=15).get(0)  # seq_len + 1 tokens is enough
 
@@ -345,14 +366,13 @@ def test_val_windows_fixed_and_sharded(tmp_path):
     assert [len(s) for s in shards] == [4, 3, 3]
     starts = sorted(int(w[0]) for s in shards for w in s)
     assert starts == sorted(full[:, 0].tolist()) and len(set(starts)) == 10  # no overlap, no gap
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="fewer than"):
         val_windows(d, seq_len=1001, n_windows=4)
 
 
 def test_loader_on_prepared_dataset(tmp_path):
     (tmp_path / "a.txt").write_text(make_doc(0, 200))
-    assert prepare(["--input", str(tmp_path / "a.txt"), "--name=ds", f"--out_dir={tmp_path}",
-                    "--tokenizer=bytes"]) == 0
+    prepare(["--input", str(tmp_path / "a.txt"), "--name=ds", f"--out_dir={tmp_path}", "--tokenizer=bytes"])
     d = resolve_data_dir(str(tmp_path / "ds"))
     tok = get_tokenizer(load_meta(d)["tokenizer"])
     x = BatchLoader(d, "train", batch_size=2, seq_len=64, seed=0).get(0)

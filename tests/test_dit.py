@@ -9,7 +9,7 @@ from tests.helpers import random_dit
 
 
 def allowed(q_pos, q_noisy, k_pos, k_noisy, bs):
-    """SPEC §1 in words, one pair at a time."""
+    """The 2L mask rules of dit.py's docstring, one (query, key) pair at a time."""
     qb, kb = q_pos // bs, k_pos // bs
     if not k_noisy:                       # clean keys: earlier blocks, or the same block for clean queries
         return kb < qb or (kb == qb and not q_noisy)

@@ -5,30 +5,32 @@ import pytest
 import torch
 
 import sample
-from common import save_checkpoint
+from cola import Cola
+from common import UserError, save_checkpoint
 from dit import DiT, DiTConfig
+from layers import pick_tokens
 from train import TrainConfig
 from vae import TextVAE, VAEConfig
 from tests.helpers import perturb
 
 
-def models(seed=0):
+def random_cola(seed=0):
     torch.manual_seed(seed)
     vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=2, width=32, n_head=2, block_size=4))
     dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=4))
     perturb(vae, dit)  # a random, non-trivial model (no zero init left)
-    return vae.eval(), dit.eval()
+    return Cola(vae, dit).eval()
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 7.0])
 def test_cached_generation_equals_recomputation(cfg_scale):
-    vae, dit = models()
+    model = random_cola()
     prompts = [list(b"Hello, wor"), list(b"ab"), []]  # ends mid-block (10 = 2 blocks + 2), short, empty
     runs = []
     for use_cache in (True, False):
         trace = []
-        out = sample.generate(vae, dit, prompts, max_new_tokens=14, steps=3, cfg_scale=cfg_scale, seed=1,
-                              use_cache=use_cache, trace=trace)
+        out = model.generate(prompts, max_new_tokens=14, steps=3, cfg_scale=cfg_scale, seed=1, use_cache=use_cache,
+                             trace=trace)
         runs.append((out, trace))
     (out_c, tr_c), (out_f, tr_f) = runs
     assert len(tr_c) == len(tr_f) >= 4
@@ -38,36 +40,37 @@ def test_cached_generation_equals_recomputation(cfg_scale):
 
 
 def test_prompt_output_does_not_depend_on_batch():
-    vae, dit = models()
+    model = random_cola()
     prompts = [list(b"The whale"), list(b"It is a truth universally"), list(b"x")]
-    together = sample.generate(vae, dit, prompts, max_new_tokens=12, steps=4, seed=3)
+    together = model.generate(prompts, max_new_tokens=12, steps=4, seed=3)
     for p, out in zip(prompts, together):
-        alone = sample.generate(vae, dit, [p], max_new_tokens=12, steps=4, seed=3)[0]
+        alone = model.generate([p], max_new_tokens=12, steps=4, seed=3)[0]
         assert alone == out
     assert all(len(o) <= 12 for o in together)
 
 
 def test_sampling_options_and_seed():
-    vae, dit = models()
+    model = random_cola()
     kw = dict(max_new_tokens=8, steps=2, temperature=1.0, top_k=20, top_p=0.9)
-    a = sample.generate(vae, dit, [list(b"abc")], seed=5, **kw)
-    b = sample.generate(vae, dit, [list(b"abc")], seed=5, **kw)
+    a = model.generate([list(b"abc")], seed=5, **kw)
+    b = model.generate([list(b"abc")], seed=5, **kw)
     assert a == b  # --seed makes runs reproducible
     # top-k / top-p keep only allowed ids
     logits = torch.tensor([[[5.0, 4.0, 0.0, -1.0]]])
     g = [torch.Generator().manual_seed(0)]
-    picks = {int(sample.pick_tokens(logits, 1.0, 2, 1.0, g)) for _ in range(50)}
+    picks = {int(pick_tokens(logits, 1.0, 2, 1.0, g)) for _ in range(50)}
     assert picks <= {0, 1}
-    picks = {int(sample.pick_tokens(logits, 1.0, 0, 0.5, g)) for _ in range(50)}
+    picks = {int(pick_tokens(logits, 1.0, 0, 0.5, g)) for _ in range(50)}
     assert picks == {0}
 
 
 @pytest.fixture()
 def ckpt(tmp_path):
-    vae, dit = models()
+    model = random_cola()
     path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(dict(config=dict(vae=asdict(vae.cfg), dit=asdict(dit.cfg), train=asdict(TrainConfig(seq_len=64))),
-                         vae=vae.state_dict(), dit=dit.state_dict(), stage="joint", step=1), path)
+    save_checkpoint(dict(config=dict(vae=asdict(model.vae.cfg), dit=asdict(model.dit.cfg),
+                                     train=asdict(TrainConfig(seq_len=64))),
+                         vae=model.vae.state_dict(), dit=model.dit.state_dict(), stage="joint", step=1), path)
     return path
 
 
@@ -88,7 +91,6 @@ def test_cli_argument_errors(ckpt, bad, capsys):
 
 
 def test_cli_user_errors(ckpt, tmp_path, capsys):
-    from common import UserError
     with pytest.raises(UserError, match="context of 64 tokens"):
         sample.main([f"--ckpt={ckpt}", "--prompt=" + "a" * 60, "--max_new_tokens=10"])
     with pytest.raises(UserError, match="not found"):
@@ -104,9 +106,9 @@ def test_ar_repeats_differ_and_specials_are_never_sampled():
     from data.tokenizer import get_tokenizer
     torch.manual_seed(0)
     ar = ARLM(ARConfig(n_layer=1, width=32, n_head=2)).eval()
-    outs = sample.generate_any({"ar": ar}, [list(b"ab")] * 3, max_new_tokens=12, temperature=1.0, seed=0)
+    outs = ar.generate([list(b"ab")] * 3, max_new_tokens=12, temperature=1.0, seed=0)
     assert len({tuple(o) for o in outs}) == 3  # --num_samples gives different samples
     tok = get_tokenizer("bytes")
     logits = torch.zeros(1, 1, tok.vocab_size)
     logits[..., tok.mask] = logits[..., tok.pad] = logits[..., tok.n_vocab + 3] = 100.0
-    assert int(sample.pick_tokens(logits, 0, 0, 1.0, None, tok)) < tok.mask
+    assert int(pick_tokens(logits, 0, 0, 1.0, None, tok)) < tok.mask

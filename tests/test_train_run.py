@@ -59,7 +59,7 @@ def test_resume_is_exact(dataset, tmp_path):
     p = run(common + [f"--out_dir={tmp_path / 'cut'}", "--stop_after=6"])
     assert "continue with --resume" in p.stdout
     assert load(tmp_path / "cut" / "ckpt.pt")["stage"] == "joint" and load(tmp_path / "cut" / "ckpt.pt")["step"] == 2
-    run(common + [f"--out_dir={tmp_path / 'cut'}", "--resume=true", "--stop_after=2"])
+    run(common + [f"--out_dir={tmp_path / 'cut'}", "--resume", "--stop_after=2"])  # a bare boolean flag
     run(common + [f"--out_dir={tmp_path / 'cut'}", "--resume=true"])
     a, b = load(tmp_path / "straight" / "ckpt.pt"), load(tmp_path / "cut" / "ckpt.pt")
     assert a["step"] == b["step"] == 6 and a["stage"] == b["stage"] == "joint"
@@ -128,16 +128,36 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(dataset, tmp_path
     assert any(l["split"] == "val" for l in lines) and any(l["split"] == "train" for l in lines)
 
 
-def test_user_mistakes_get_one_line_errors(dataset, tmp_path):
-    base = TINY + [f"--out_dir={tmp_path / 'x'}", "--stage=vae", "--vae_iters=1"]
-    for args, message in [([f"--dataset={tmp_path / 'missing'}"], "prepare.py"),
-                          ([f"--dataset={dataset}", "--vae.tokenizer=gpt2"], "tokenized with 'bytes'"),
-                          ([f"--dataset={dataset}", "--log_interval=0"], "log_interval must be >= 1"),
-                          ([f"--dataset={dataset}", "--flow.t_dist=beta"], "t_dist"),
-                          ([f"--dataset={dataset}", "--seq_len=100000"], "fewer than")]:
-        p = run(base + args, check=False)
-        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-500:])
+@pytest.mark.parametrize("args, message", [
+    (["--dataset=MISSING"], "prepare.py"),
+    (["--vae.tokenizer=gpt2"], "tokenized with 'bytes'"),
+    (["--log_interval=0"], "log_interval must be >= 1"),
+    (["--flow.t_dist=beta"], "t_dist"),
+    (["--seq_len=100000"], "fewer than"),
+    (["--batch_size=4", "--micro_batch=3"], "multiple of micro_batch"),
+])
+def test_user_mistakes_get_one_line_errors(dataset, tmp_path, args, message):
+    args = [a.replace("MISSING", str(tmp_path / "missing")) for a in args]
+    p = run(TINY + [f"--out_dir={tmp_path / 'x'}", "--stage=vae", "--vae_iters=1", f"--dataset={dataset}"] + args,
+            check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
+    assert not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(dataset, tmp_path):
+    out = tmp_path / "x"
+    base = TINY + [f"--out_dir={out}", f"--dataset={dataset}", "--stage=vae", "--vae_iters=1"]
+    run(base)
+    before = (out / "ckpt.pt").read_bytes()
+    p = run(base, check=False)  # the same command again: refused, the run kept
+    assert p.returncode == 2 and "--resume" in p.stderr and "--overwrite" in p.stderr and "Traceback" not in p.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
     # --resume never silently restarts over a checkpoint of another stage or model
-    run(base + [f"--dataset={dataset}"])
-    p = run(TINY + [f"--out_dir={tmp_path / 'x'}", f"--dataset={dataset}", "--model=ar", "--resume=true"], check=False)
+    p = run(TINY + [f"--out_dir={out}", f"--dataset={dataset}", "--model=ar", "--resume"], check=False)
     assert p.returncode == 2 and "refusing to overwrite" in p.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+    # --overwrite starts afresh, with a fresh metrics log
+    run(base + ["--overwrite", "--vae_iters=2"])
+    assert load(out / "ckpt.pt")["step"] == 2
+    assert all(json.loads(l)["step"] <= 2 for l in open(out / "metrics.jsonl"))
+    assert sum(json.loads(l)["split"] == "val" and json.loads(l)["step"] == 0 for l in open(out / "metrics.jsonl")) == 1

@@ -47,12 +47,12 @@ def test_causality(block_causal):
     assert not torch.allclose(a[:, j], b[:, j])
 
 
-def test_causal_mask_matches_reference():
-    for bs in (1, 4):
-        pos = torch.arange(11)[None]
-        m = causal_mask(pos, pos, bs)[0, 0]
-        ref = torch.tensor([[k // bs <= q // bs for k in range(11)] for q in range(11)])
-        assert torch.equal(m, ref)
+@pytest.mark.parametrize("bs", [1, 4])
+def test_causal_mask_matches_reference(bs):
+    pos = torch.arange(11)[None]
+    m = causal_mask(pos, pos, bs)[0, 0]
+    ref = torch.tensor([[k // bs <= q // bs for k in range(11)] for q in range(11)])
+    assert torch.equal(m, ref)
 
 
 def test_kl_and_entropy_against_torch_distributions():
@@ -83,6 +83,22 @@ def test_mask_loss_really_masks():
     torch.manual_seed(0)
     out = vae(x)[3]
     assert out["mask_ce"] > 0 and torch.isclose(out["loss"], out["ce"] + vae.cfg.beta * out["kl"] + out["mask_ce"])
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_loss_of_each_stage(joint):
+    """Stage 1 regularises with KL(q || N(0, I)) (paper §3.2.1, eq. 3.16), the joint stage with
+    E_q[log q] (paper §3.2.2, eqs. 3.17-3.18); CE and the mask loss are the same in both."""
+    vae = tiny_vae()
+    x = torch.randint(0, 256, (4, 32))
+    torch.manual_seed(0)
+    out = vae(x, joint=joint)[3]
+    reg = out["negent"] if joint else out["kl"]
+    assert torch.isclose(out["loss"], out["ce"] + vae.cfg.beta * reg + vae.cfg.lambda_mask * out["mask_ce"])
+    torch.manual_seed(0)
+    other = vae(x, joint=not joint)[3]
+    assert all(torch.equal(out[k], other[k]) for k in ("ce", "kl", "negent", "mask_ce"))
+    assert not torch.isclose(out["loss"], other["loss"])
 
 
 def test_overfits_one_batch():
