@@ -73,11 +73,16 @@ class ARLM(nn.Module):
         return loss, dict(loss=loss.detach())
 
     @torch.no_grad()
-    def score(self, x, **_):
-        """Exact log p(x[:, 1:] | x[:, 0]) per sequence (B,) (the first token is given)."""
+    def token_logprobs(self, x):
+        """log p(x[:, i] | x[:, :i]) for i = 1..L-1: (B, L-1)."""
         pos = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
         logp = self.logits(x[:, :-1], pos)[0].float().log_softmax(-1)
-        return logp.gather(-1, x[:, 1:, None]).squeeze(-1).sum(1)
+        return logp.gather(-1, x[:, 1:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def score(self, x, **_):
+        """Exact log p(x[:, 1:] | x[:, 0]) per sequence (B,) (the first token is given)."""
+        return self.token_logprobs(x).sum(1)
 
     @torch.no_grad()
     def diagnostics(self, x, batch_size):

@@ -5,33 +5,46 @@ subcommand prints its result and, with --out, writes it as JSON.
     python eval.py recon --ckpt=out/ckpt.pt [--out=recon.json]   # VAE: token/masked accuracy, logSNR, noise robustness
     python eval.py fm    --ckpt=out/ckpt.pt [--out=fm.json]      # prior: held-out flow-matching loss vs a Gaussian baseline
     python eval.py nll   --ckpt=out/ckpt.pt [--samples=K]        # ELBO / IWAE bound (AR: exact): NLL per token, PPL, bits per byte
+    python eval.py quality --ckpt=out/ckpt.pt --judge=out_ar/ckpt.pt   # generated text: real words, 4-grams, judge bits/byte
     python eval.py speed --ckpt=out/ckpt.pt [--out=speed.json]   # sampler throughput, latency, KV-cache speedup
     python eval.py bench --ckpt=out/ckpt.pt --task=cloze --data=data/benchmarks/cloze.jsonl [--protocol=rank]
     python eval.py all   --ckpt=out/ckpt.pt                      # everything above with a small budget
 
-Held-out data is the validation split of the dataset the checkpoint was trained on (fixed windows).
-Runs on CPU, CUDA or MPS (--device); --limit N caps the number of held-out windows.
+Held-out data is the validation split of the dataset the checkpoint was trained on (fixed windows),
+or of another prepared dataset with --dataset=NAME. Runs on CPU, CUDA or MPS (--device); --limit N
+caps the number of held-out windows.
 """
 import argparse
 import json
 import math
 import os
+import re
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from cola import Cola
 from common import UserError, autocast, load_model, pick_device, run_main
 from data import benchmarks as bm
-from data.loader import resolve_data_dir, val_windows
+from data.loader import load_meta, open_split, resolve_data_dir, split_texts, val_windows
 from flow import FlowConfig, fm_by_t, fm_loss, interpolate, sample_t
 
 
-def held_out(ckpt, limit, device):
-    """Fixed windows of the validation split of the checkpoint's dataset: (limit, seq_len)."""
-    tc = ckpt["config"]["train"]
-    return val_windows(resolve_data_dir(tc["dataset"]), tc["seq_len"], limit).to(device)
+def dataset_dir(args, ckpt, model):
+    """The prepared dataset to evaluate on: --dataset, or the one the checkpoint was trained on."""
+    data_dir = resolve_data_dir(args.dataset or ckpt["config"]["train"]["dataset"])
+    if load_meta(data_dir)["tokenizer"] != model.tok.name:
+        raise UserError(f"dataset {data_dir} is tokenized with {load_meta(data_dir)['tokenizer']!r}, the model "
+                        f"with {model.tok.name!r}")
+    return data_dir
+
+
+def held_out(args, ckpt, model, limit):
+    """Fixed windows of the validation split (limit, seq_len), on the model's device."""
+    device = next(model.parameters()).device
+    return val_windows(dataset_dir(args, ckpt, model), ckpt["config"]["train"]["seq_len"], limit).to(device)
 
 
 def batches(x, size):
@@ -81,9 +94,32 @@ def gauss_baseline(s2, t):
 
 
 @torch.no_grad()
+def history_gain(model, z, high=0.8, seed=0):
+    """What the prior takes from its history: held-out FM loss at high noise (t ~ U(high, 1) per block)
+    with the true history, and with another sequence's (z rolled over the batch), under the same t and
+    noise. Blocks after the first only (the first has no history). Returns the losses and the relative
+    drop (other - true) / other, over all positions and over the first position of every block."""
+    B, L, _ = z.shape
+    bs = model.dit.cfg.block_size
+    t = high + (1 - high) * torch.rand(B, math.ceil(L / bs), generator=torch.Generator().manual_seed(seed))
+    cfg = FlowConfig(**{**model.flow_cfg.__dict__, "p_prompt_block": 0.0})
+    losses = []
+    for history in (z, z.roll(1, 0)):
+        torch.manual_seed(seed)  # the same noise for both
+        losses.append(fm_loss(model.dit, z, cfg, t_block=t.to(z.device), history=history)[1]["per_token"])
+    pos = torch.arange(L, device=z.device)
+    r = {}
+    for name, sel in (("", pos >= bs), ("_first", (pos >= bs) & (pos % bs == 0))):
+        true, other = (l[:, sel].mean().item() for l in losses)
+        r.update({f"fm_high_t{name}": true, f"fm_high_t_other{name}": other, f"fm_history_gain{name}": (other - true) / other})
+    return r
+
+
+@torch.no_grad()
 def fm(model, x, batch_size=16, seed=0, repeats=4):
     """Held-out FM loss per channel (training t distribution, no prompt-boundary pinning), per t-bin,
-    next to the Gaussian baseline fm_loss_gauss computed from the measured per-channel variance."""
+    next to the Gaussian baseline fm_loss_gauss computed from the measured per-channel variance; and
+    the history gain at high noise (history_gain)."""
     torch.manual_seed(seed)
     cfg = FlowConfig(**{**model.flow_cfg.__dict__, "p_prompt_block": 0.0})
     ts, losses, zs = [], [], []
@@ -93,17 +129,23 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
                 z = model.vae.sample(*model.vae.encode(xb))  # what the prior models: posterior samples
                 _, st = fm_loss(model.dit, z, cfg)
             ts.append(st["t"].flatten().float().cpu()); losses.append(st["per_token"].flatten().float().cpu())
-            zs.append(z.flatten(0, 1).float().cpu())
+            zs.append(z.float())
     t, loss = torch.cat(ts), torch.cat(losses)
-    s2 = torch.cat(zs).var(0)  # (C,) per-channel variance of the latents
+    s2 = torch.cat(zs).flatten(0, 1).var(0).cpu()  # (C,) per-channel variance of the latents
+    z = torch.cat(zs[:math.ceil(len(x) / batch_size)])  # (N, L, d): the first draw of every window
     r = dict(fm_loss=loss.mean().item(), fm_loss_gauss=gauss_baseline(s2, sample_t((200_000,), cfg)).mean().item())
     r.update(ratio=r["fm_loss"] / r["fm_loss_gauss"], bins=fm_by_t(t, loss),
              bins_gauss=fm_by_t(t, gauss_baseline(s2, t)),  # at the same t draws, for the per-bin comparison
              latent_var=s2.tolist(), t_dist=f"{cfg.t_dist}(loc={cfg.t_loc}, scale={cfg.t_scale})", tokens=len(t))
+    with autocast(x.device):
+        r.update(history_gain(model, z, seed=seed))
     print(f"held-out FM loss {r['fm_loss']:.4f} per channel | Gaussian baseline {r['fm_loss_gauss']:.4f} | "
           f"ratio {r['ratio']:.3f} | t ~ {r['t_dist']} | {r['tokens']} tokens\n    t bin     ours   gauss  ratio")
     for k, v in r["bins"].items():
         print(f"  {k}  {v:.4f}  {r['bins_gauss'][k]:.4f}  {v / r['bins_gauss'][k]:.3f}")
+    print(f"t >= 0.8, true history vs another sequence's: {r['fm_high_t']:.4f} vs {r['fm_high_t_other']:.4f} "
+          f"(fm_history_gain {r['fm_history_gain']:.3f}); first position of a block: {r['fm_high_t_first']:.4f} vs "
+          f"{r['fm_high_t_other_first']:.4f} (gain {r['fm_history_gain_first']:.3f})")
     return r
 
 
@@ -151,76 +193,137 @@ def nll(model, x, samples=1, ode_steps=32, batch_size=8, seed=0):
 
 # ----------------------------------------------------------------------------- bench
 
-def wilson(k, n, z=1.96):
-    """95% Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, c - h), min(1.0, c + h)]
-
-
-def fit_context(ids, room):
-    """Keep the last `room` tokens: few-shot prompts are left-truncated to the model's context."""
-    return ids[-room:] if room > 0 else []
-
-
-def bench(model, context, task, items, protocol="generate", limit=None, steps=16, cfg_scale=7.0,
-          max_new_tokens=32, batch_size=16, ode_steps=8, seed=0):
-    """The paper's few-shot generative protocol (greedy, <= 32 new tokens, cut at the first newline,
-    matched to the option text; data/benchmarks.py), or ranking choices by log-likelihood."""
-    tok = model.tok
-    shots, todo = items[:bm.SHOTS[task]], items[bm.SHOTS[task]:]  # shots are never evaluated
-    todo = todo[:limit] if limit else todo
-    prompts = [tok.encode(bm.build_prompt(task, it, shots)) for it in todo]
-    room = context - max_new_tokens if protocol == "generate" else context
-    truncated, correct, examples = 0, [], []
-    if protocol == "generate":
-        for i in tqdm(range(0, len(todo), batch_size), desc=task, leave=False):
-            chunk = [fit_context(p, room) for p in prompts[i:i + batch_size]]
-            truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
-            outs = model.generate(chunk, max_new_tokens, steps=steps, cfg_scale=cfg_scale, seed=seed)
-            for it, o in zip(todo[i:i + batch_size], outs):
-                text = tok.decode(o)
-                correct.append(bm.is_correct(task, it, text))
-                if len(examples) < 5:
-                    examples.append(dict(answer=it["answer"], generated=text))
-    else:  # rank: log p(choice | prompt) = log p(prompt + choice) - log p(prompt); for Cola both are ELBOs
-        # (an approximation, not a bound) evaluated with common random numbers
-        if not bm.is_multiple_choice(task):
-            raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
-        dev = next(model.parameters()).device
-        for it, p in tqdm(list(zip(todo, prompts)), desc=task, leave=False):
-            scores, base = [], {}  # base: log p(prompt) per truncation, computed once
-            for c in it["choices"]:
-                full = p + tok.encode(" " + c)
-                cut = max(0, len(full) - room)  # drop the same prompt prefix from both sequences
-                truncated += cut > 0
-                if cut not in base:
-                    torch.manual_seed(seed)
-                    base[cut] = model.score(torch.tensor([p[cut:]], device=dev), ode_steps=ode_steps)
-                torch.manual_seed(seed)
-                scores.append((model.score(torch.tensor([full[cut:]], device=dev), ode_steps=ode_steps) - base[cut]).item())
-            correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
-    k, n = sum(correct), len(correct)
-    chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if bm.is_multiple_choice(task) else 0.0
-    r = dict(task=task, protocol=protocol, accuracy=k / max(n, 1), n=n, correct=k, chance=chance, ci95=wilson(k, n),
-             shots=len(shots), truncated_prompts=truncated, context=context, steps=steps, cfg=cfg_scale,
-             examples=examples)
-    print(f"{task} ({protocol}, {len(shots)}-shot): accuracy {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, "
-          f"{r['ci95'][1]:.3f}] on {n} items | chance {chance:.3f} | {truncated} sequences left-truncated to the "
+def bench(model, context, args):
+    """A few-shot benchmark (data/benchmarks.py: the paper's generative protocol, or --protocol=rank)."""
+    items = bm.load_items(args.data, args.task) if args.task in bm.TASKS else None
+    if items is None:
+        raise UserError(f"unknown --task {args.task!r}; choose from {', '.join(bm.TASKS)}")
+    r = bm.evaluate(model, context, args.task, items, args.protocol, args.limit, args.steps, args.cfg, seed=args.seed)
+    lo, hi = r["ci95"]
+    print(f"{r['task']} ({r['protocol']}, {r['shots']}-shot): accuracy {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on "
+          f"{r['n']} items | chance {r['chance']:.3f} | {r['truncated_prompts']} sequences left-truncated to the "
           f"{context}-token context")
-    for e in examples:
-        print(f"  gold {e['answer']!r:20.20} generated {e['generated'][:60]!r}")
+    for ex in r["examples"]:
+        print(f"  gold {ex['answer']!r:20.20} generated {ex['generated'][:60]!r}")
     return r
 
 
-def load_bench_items(task, path):
-    if task not in bm.TASKS:
-        raise UserError(f"unknown --task {task!r}; choose from {', '.join(bm.TASKS)}")
-    if not os.path.isfile(path):
-        raise UserError(f"--data file not found: {path} (build it with `python data/benchmarks.py`)")
-    return bm.load_items(path, task)
+# ----------------------------------------------------------------------------- quality
+
+def quality_prompts(data_dir, n, prompt_chars, tok, new_tokens):
+    """n (prompt, true continuation) pairs of the validation split, evenly spaced over its documents:
+    a prompt of up to prompt_chars characters that starts and ends at a word boundary, and the next
+    new_tokens tokens of the text. The same for every model of a tokenizer and context."""
+    docs = [d for d in split_texts(data_dir, "val") if len(d) > prompt_chars + 16 * new_tokens]
+    if not docs:
+        raise UserError(f"the validation split of {data_dir} has no document long enough for these prompts")
+    sizes = [len(d) - prompt_chars - 16 * new_tokens for d in docs]
+    pairs = []
+    for i in range(n):
+        o = (i + 0.5) * sum(sizes) / n  # an offset into the concatenated usable ranges
+        j = next(j for j in range(len(docs)) if o < sum(sizes[:j + 1]) or j == len(docs) - 1)
+        text, p = docs[j], prompt_chars + int(o - sum(sizes[:j]))
+        while p < len(text) - 1 and not (text[p] == " " and text[p - 1].isalpha()):
+            p += 1  # the prompt ends with a whole word, the continuation starts with a space
+        q = p - prompt_chars
+        while q < p and not (text[q - 1].isspace() and not text[q].isspace()):
+            q += 1  # ... and starts with a whole word
+        cont = tok.decode(tok.encode(text[p:p + 16 * new_tokens])[:new_tokens])
+        pairs.append((text[q:p], cont))
+    return pairs
+
+
+WORD = re.compile(r"[A-Za-z]+")
+
+
+def words(text):
+    """Lowercased alphabetic words; a word cut by the end of the text is left out."""
+    return [m.group().lower() for m in WORD.finditer(text) if m.end() < len(text)]
+
+
+def text_stats(texts, vocab):
+    """word_valid: share of alphabetic words found in vocab (pooled). distinct4: per-sample share of
+    distinct whitespace-word 4-grams, averaged over samples with at least 4 words. byte_entropy: per-sample
+    unigram entropy of the UTF-8 bytes in bits, averaged (low = repetitive)."""
+    ws = [w for t in texts for w in words(t)]
+    d4, ent = [], []
+    for t in texts:
+        toks = t.split()
+        grams = [tuple(toks[i:i + 4]) for i in range(len(toks) - 3)]
+        if grams:
+            d4.append(len(set(grams)) / len(grams))
+        counts = torch.bincount(torch.tensor(list(t.encode()), dtype=torch.long), minlength=256).float()
+        if counts.sum() > 0:
+            p = counts[counts > 0] / counts.sum()
+            ent.append(-(p * p.log2()).sum().item())
+    mean = lambda v: sum(v) / len(v) if v else None
+    return dict(word_valid=mean([w in vocab for w in ws]), words=len(ws), distinct4=mean(d4), byte_entropy=mean(ent))
+
+
+@torch.no_grad()
+def judge_bits(judge, context, prompt, cont):
+    """(bits, bytes) of the text cont after prompt under an AR judge (its first `context` tokens)."""
+    tok = judge.tok
+    p, c = tok.encode(prompt) or [tok.eot], tok.encode(cont)
+    c = c[:max(0, context - len(p))]
+    if not c:
+        return 0.0, 0
+    x = torch.tensor([p + c], device=next(judge.parameters()).device)
+    nats = -judge.token_logprobs(x)[0, len(p) - 1:].sum().item()
+    return nats / math.log(2), len(tok.enc.decode_bytes(c))
+
+
+def quality(model, ckpt, args):
+    """Generated text, measured: continuations of held-out prompts, next to the true continuations
+    (ceiling) and unigram-sampled tokens (floor). Words found in the training vocabulary, distinct word
+    4-grams, byte entropy and, with --judge (an AR checkpoint), the judge's bits per byte."""
+    data_dir, tok = dataset_dir(args, ckpt, model), model.tok
+    context = ckpt["config"]["train"]["seq_len"]
+    if context - args.new_tokens < 1:
+        raise UserError(f"--new_tokens={args.new_tokens} leaves no room for a prompt in the {context}-token context")
+    pairs = quality_prompts(data_dir, args.prompts, args.prompt_chars, tok, args.new_tokens)
+    gens = []
+    for i in tqdm(range(0, len(pairs), args.batch_size), desc="quality", leave=False):
+        prompts = [tok.encode(p)[-(context - args.new_tokens):] for p, _ in pairs[i:i + args.batch_size]]
+        gens += [tok.decode(o) for o in model.generate(prompts, args.new_tokens, steps=args.steps, cfg_scale=args.cfg,
+                                                       temperature=args.temperature, top_k=args.top_k,
+                                                       top_p=args.top_p, seed=args.seed)]
+    vocab = {w.lower() for t in split_texts(data_dir, "train") for w in WORD.findall(t)}
+    unigram = torch.from_numpy(np.bincount(open_split(data_dir, "train", 1), minlength=tok.vocab_size)).float()
+    unigram[tok.eot:] = 0  # no specials
+    draws = torch.multinomial(unigram, len(pairs) * args.new_tokens, replacement=True,
+                              generator=torch.Generator().manual_seed(args.seed)).view(len(pairs), -1)
+    rows = {"generated": gens, "true": [c for _, c in pairs], "unigram": [tok.decode(d.tolist()) for d in draws]}
+    stats = {name: text_stats(texts, vocab) for name, texts in rows.items()}
+    if args.judge:
+        judge, judge_ckpt = load_model(args.judge, next(model.parameters()).device)
+        if isinstance(judge, Cola):
+            raise UserError(f"--judge {args.judge} is a Cola checkpoint; the judge must be an AR one (--model=ar)")
+        for name, texts in rows.items():
+            bits, n_bytes = map(sum, zip(*(judge_bits(judge, judge_ckpt["config"]["train"]["seq_len"], p, c)
+                                           for (p, _), c in zip(pairs, texts))))
+            stats[name]["bpb"] = bits / max(n_bytes, 1)
+    r = dict(gen_bpb=stats["generated"].get("bpb"), gen_bpb_true=stats["true"].get("bpb"),
+             gen_bpb_unigram=stats["unigram"].get("bpb"),
+             self_judged=bool(args.judge) and os.path.samefile(args.judge, args.ckpt),
+             word_valid=stats["generated"]["word_valid"], word_valid_true=stats["true"]["word_valid"],
+             word_valid_unigram=stats["unigram"]["word_valid"],
+             distinct4=stats["generated"]["distinct4"], distinct4_true=stats["true"]["distinct4"],
+             byte_entropy=stats["generated"]["byte_entropy"], byte_entropy_true=stats["true"]["byte_entropy"],
+             stats=stats, settings=dict(prompts=len(pairs), new_tokens=args.new_tokens, prompt_chars=args.prompt_chars,
+                                        steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, judge=args.judge,
+                                        dataset=data_dir),
+             samples=[dict(prompt=p, generated=g, true=c) for (p, c), g in zip(pairs, gens)])
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    print(f"{len(pairs)} held-out prompts, {args.new_tokens} new tokens | judge: {args.judge or '(none)'}"
+          f"{' (self-judged)' if r['self_judged'] else ''}\n              word_valid  distinct4  byte_entropy  judge_bpb")
+    for name, s in stats.items():
+        print(f"  {name:10s}  {fmt(s['word_valid'], '10.3f')}  {fmt(s['distinct4'], '9.3f')}  "
+              f"{fmt(s['byte_entropy'], '12.2f')}  {fmt(s.get('bpb'), '9.2f')}")
+    for s in r["samples"][:3]:
+        print(f"--- {s['prompt']!r}\n  generated: {s['generated']!r}\n  true:      {s['true']!r}")
+    return r
 
 
 # ----------------------------------------------------------------------------- speed
@@ -270,9 +373,9 @@ def speed(model, x, quick=False):
 
 # ----------------------------------------------------------------------------- command line
 
-def run_all(args, model, ckpt, device):
+def run_all(args, model, ckpt):
     """Every metric with a small budget (a quick report, not a final number)."""
-    x = held_out(ckpt, min(args.limit, 32), device)
+    x = held_out(args, ckpt, model, min(args.limit, 32))
     r = {}
     if isinstance(model, Cola):
         r["recon"] = recon(model, x, seed=args.seed)
@@ -280,27 +383,33 @@ def run_all(args, model, ckpt, device):
     r["nll"] = nll(model, x[:8], samples=1, ode_steps=16, seed=args.seed)
     cloze = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "benchmarks", "cloze.jsonl")
     if os.path.isfile(cloze):
-        r["bench_cloze"] = bench(model, ckpt["config"]["train"]["seq_len"], "cloze", load_bench_items("cloze", cloze),
-                                 limit=min(args.limit, 50), steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+        args.task, args.data, args.protocol, args.limit = "cloze", cloze, "generate", min(args.limit, 50)
+        r["bench_cloze"] = bench(model, ckpt["config"]["train"]["seq_len"], args)
     else:
         print(f"(no {cloze}: run `python data/benchmarks.py --tasks=cloze` for the in-domain cloze task)")
     r["speed"] = speed(model, x, quick=True)
     return r
 
 
+COMMANDS = {"recon": "VAE reconstruction and latent-noise robustness",
+            "fm": "held-out flow-matching loss vs the Gaussian baseline, and what the prior takes from its history",
+            "nll": "likelihood bound: NLL per token, PPL, bits per byte",
+            "quality": "generated text: real words, distinct 4-grams, entropy, bits per byte under an AR judge",
+            "speed": "sampler throughput and KV-cache speedup",
+            "bench": "few-shot benchmark (generative protocol, or --protocol=rank)",
+            "all": "everything with a small budget"}
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Evaluate a Cola DLM (or AR baseline) checkpoint.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, help_ in [("recon", "VAE reconstruction and latent-noise robustness"),
-                        ("fm", "held-out flow-matching loss vs the Gaussian baseline"),
-                        ("nll", "likelihood bound: NLL per token, PPL, bits per byte"),
-                        ("speed", "sampler throughput and KV-cache speedup"),
-                        ("bench", "few-shot benchmark (generative protocol, or --protocol=rank)"),
-                        ("all", "everything with a small budget")]:
+    for name, help_ in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         p.add_argument("--ckpt", required=True)
         p.add_argument("--out", default=None, help="write the results as JSON here")
         p.add_argument("--limit", type=int, default=64, help="held-out windows (bench: items) to use")
+        p.add_argument("--dataset", default=None, help="a prepared dataset (data/NAME or a path) to evaluate on; "
+                                                       "default: the checkpoint's own")
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0)
         if name == "speed":
@@ -312,16 +421,31 @@ def parse_args(argv):
             p.add_argument("--task", required=True)
             p.add_argument("--data", required=True, help="JSONL items (data/benchmarks.py builds them)")
             p.add_argument("--protocol", choices=("generate", "rank"), default="generate")
-        if name in ("bench", "all"):
+        if name in ("bench", "all", "quality"):  # the sampler's options, with sample.py's defaults
             p.add_argument("--steps", type=int, default=16)
             p.add_argument("--cfg", type=float, default=7.0)
+        if name == "quality":
+            p.add_argument("--judge", default=None, help="an AR checkpoint (train.py --model=ar) that scores the text")
+            p.add_argument("--prompts", type=int, default=48, help="held-out prompts")
+            p.add_argument("--new_tokens", type=int, default=80, help="tokens generated per prompt")
+            p.add_argument("--prompt_chars", type=int, default=48,
+                           help="prompt length in characters (cut to whole words; left-truncated to fit the context)")
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+            p.add_argument("--top_k", type=int, default=0)
+            p.add_argument("--top_p", type=float, default=1.0)
+            p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
     args = ap.parse_args(argv)
     if args.limit < 1:
         ap.error("--limit must be >= 1")
     if args.cmd == "nll" and (args.samples < 1 or args.ode_steps < 1):
         ap.error("--samples and --ode_steps must be >= 1")
-    if args.cmd in ("bench", "all") and (args.steps < 1 or args.cfg < 0):
+    if args.cmd in ("bench", "all", "quality") and (args.steps < 1 or args.cfg < 0):
         ap.error("--steps must be >= 1 and --cfg >= 0")
+    if args.cmd == "quality" and (min(args.prompts, args.new_tokens, args.batch_size, args.prompt_chars) < 1 or args.temperature < 0
+                                  or args.top_k < 0 or not 0 < args.top_p <= 1):
+        ap.error("--prompts, --new_tokens, --prompt_chars, --batch_size must be >= 1, --temperature and --top_k >= 0, --top_p in (0, 1]")
+    if args.cmd == "quality" and args.temperature == 0 and (args.top_k or args.top_p < 1):
+        ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
     return args
 
 
@@ -335,19 +459,21 @@ def main(argv=None):
         raise UserError(f"{args.ckpt} holds only a VAE; `{args.cmd}` needs a stage-2 checkpoint")
     t0 = time.time()
     torch.manual_seed(args.seed)
+    context = ckpt["config"]["train"]["seq_len"]
     if args.cmd == "recon":
-        result = recon(model, held_out(ckpt, args.limit, device), seed=args.seed)
+        result = recon(model, held_out(args, ckpt, model, args.limit), seed=args.seed)
     elif args.cmd == "fm":
-        result = fm(model, held_out(ckpt, args.limit, device), seed=args.seed)
+        result = fm(model, held_out(args, ckpt, model, args.limit), seed=args.seed)
     elif args.cmd == "nll":
-        result = nll(model, held_out(ckpt, args.limit, device), args.samples, args.ode_steps, seed=args.seed)
+        result = nll(model, held_out(args, ckpt, model, args.limit), args.samples, args.ode_steps, seed=args.seed)
+    elif args.cmd == "quality":
+        result = quality(model, ckpt, args)
     elif args.cmd == "speed":
-        result = speed(model, held_out(ckpt, 1, device), quick=args.quick)
+        result = speed(model, held_out(args, ckpt, model, 1), quick=args.quick)
     elif args.cmd == "bench":
-        result = bench(model, ckpt["config"]["train"]["seq_len"], args.task, load_bench_items(args.task, args.data),
-                       args.protocol, args.limit, args.steps, args.cfg, seed=args.seed)
+        result = bench(model, context, args)
     else:
-        result = run_all(args, model, ckpt, device)
+        result = run_all(args, model, ckpt)
     result.update(ckpt=args.ckpt, step=ckpt.get("step"), stage=ckpt.get("stage"), device=str(device),
                   wall_seconds=time.time() - t0)
     if args.out:

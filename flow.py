@@ -43,17 +43,20 @@ def interpolate(z0, eps, t):
     return (1 - t) * z0 + t * eps
 
 
-def fm_loss(dit, z0, cfg, z_src=None):
+def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     """Flow-matching loss of the block-causal prior over latents z0 (B, L, d), in the 2L layout.
 
     z0 serves as clean history and velocity target (the caller passes it stop-gradient); z_src, if
     given, is the same latent with gradient, used only to build the noisy copy (lets FM gradients
     reach the encoder through the noisy block). Returns (loss, per-token stats for t-binned logging).
+    Probes for evaluation: t_block (B, n_blocks) fixes the times instead of drawing them; history
+    (B, L, d) replaces the clean copy the noisy blocks attend to (e.g. another sequence's latents).
     """
     B, L, d = z0.shape
     bs = dit.cfg.block_size
     nb = math.ceil(L / bs)
-    t = sample_t((B, nb), cfg, z0.device).repeat_interleave(bs, dim=1)[:, :L]  # (B, L), one t per block
+    t = sample_t((B, nb), cfg, z0.device) if t_block is None else t_block
+    t = t.repeat_interleave(bs, dim=1)[:, :L]  # (B, L), one t per block
     within = torch.arange(L, device=z0.device) % bs  # position inside its block
     # prompt-boundary simulation: some blocks keep a clean leading part (t = 0, no loss), as the
     # first generated block does at inference when the prompt ends mid-block
@@ -65,7 +68,7 @@ def fm_loss(dit, z0, cfg, z_src=None):
     eps = torch.randn_like(z0)
     zt = interpolate(z0 if z_src is None else z_src, eps, t)  # pinned positions: exactly the clean latent
     pos, blk, noisy = layout_2L(B, L, bs, z0.device)
-    v, _ = dit(torch.cat([z0, zt], 1), torch.cat([torch.zeros_like(t), t], 1), pos,
+    v, _ = dit(torch.cat([z0 if history is None else history, zt], 1), torch.cat([torch.zeros_like(t), t], 1), pos,
                block_mask(blk, noisy, blk, noisy))  # (B, 2L, d)
     per_token = (v[:, L:].float() - (eps - z0).float()).pow(2).mean(-1)  # (B, L), per channel
     w = (~pinned).float()

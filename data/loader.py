@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from common import UserError
+from data.tokenizer import get_tokenizer
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,6 +58,13 @@ def open_split(data_dir, split, min_tokens):
         raise UserError(f"{path} has {n} tokens, fewer than the {min_tokens} needed (seq_len "
                         f"too long for this dataset?)")
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def split_texts(data_dir, split):
+    """The documents of a split as text: decoded with the dataset's tokenizer, cut at <|endoftext|>."""
+    tok = get_tokenizer(load_meta(data_dir)["tokenizer"])
+    ids = np.array(open_split(data_dir, split, 1))
+    return [text for d in np.split(ids, np.where(ids == tok.eot)[0]) if (text := tok.decode(d))]
 
 
 class BatchLoader:

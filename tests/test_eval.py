@@ -72,6 +72,8 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     assert 0 <= r["token_acc"] <= 1
     r = cola_eval.main(["fm", f"--ckpt={path}", "--limit=8"])
     assert r["fm_loss"] > 0 and r["fm_loss_gauss"] > 0 and set(r["bins"]) == set(r["bins_gauss"])
+    assert r["fm_history_gain"] == pytest.approx((r["fm_high_t_other"] - r["fm_high_t"]) / r["fm_high_t_other"])
+    assert r["fm_history_gain_first"] == pytest.approx(1 - r["fm_high_t_first"] / r["fm_high_t_other_first"])
     r = cola_eval.main(["nll", f"--ckpt={path}", "--limit=4", "--samples=3", "--ode_steps=2"])
     assert r["nll_iwae"] <= r["nll_elbo"] and r["nll"] == r["nll_iwae"] and r["params"] > 0
     assert r["bpb"] == pytest.approx(r["nll"] * r["tokens"] / r["bytes"] / math.log(2))
@@ -100,3 +102,84 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     with pytest.raises(UserError, match="rank needs a multiple-choice"):
         cola_eval.main(["bench", f"--ckpt={path}", "--task=lambada", f"--data={items}", "--protocol=rank"])
     assert "token_acc" in capsys.readouterr().out
+
+
+def test_text_stats_bracket_real_text_and_noise():
+    vocab = {"the", "whale", "swam", "past", "ship", "and", "emma", "smiled", "at"}
+    real = ["the whale swam past the ship and emma smiled at the whale.", "and the ship swam past emma."]
+    torch.manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz     "  # random letters and spaces: letter soup
+    noise = ["".join(letters[i] for i in torch.randint(0, len(letters), (80,)).tolist()) for _ in range(2)]
+    loop = ["of the sea " * 8]
+    s_real, s_noise, s_loop = (cola_eval.text_stats(t, vocab) for t in (real, noise, loop))
+    assert s_real["word_valid"] == 1.0 and s_noise["word_valid"] < 0.1
+    assert cola_eval.text_stats(["xq zzv the whale."], vocab)["word_valid"] == pytest.approx(0.5)
+    assert cola_eval.words("the whale swa") == ["the", "whale"]  # a word cut by the end is left out
+    assert s_real["distinct4"] == 1.0 and s_loop["distinct4"] < 0.4
+    assert s_loop["byte_entropy"] < s_real["byte_entropy"] < 8
+
+
+@pytest.fixture(scope="module")
+def judge(tiny_run):
+    """An AR judge trained for a few seconds on the tiny corpus: it knows its sentences."""
+    root, path, _ = tiny_run
+    from ar import ARConfig, ARLM
+    from data.loader import BatchLoader
+    torch.manual_seed(0)
+    ar = ARLM(ARConfig(n_layer=1, width=64, n_head=2))
+    opt = torch.optim.AdamW(ar.parameters(), lr=1e-2)
+    loader = BatchLoader(str(root / "tiny"), "train", 16, 64)
+    for step in range(60):
+        loss = ar(loader.get(step))[0]
+        opt.zero_grad(); loss.backward(); opt.step()
+    judge_path = str(root / "judge.pt")
+    save_checkpoint(dict(config=dict(ar=asdict(ar.cfg), train=asdict(TrainConfig(dataset=str(root / "tiny"),
+                                                                                 seq_len=64))),
+                         ar=ar.state_dict(), stage="ar", step=60), judge_path)
+    return judge_path
+
+
+def test_quality_end_to_end(tiny_run, judge, tmp_path):
+    root, path, _ = tiny_run
+    out = tmp_path / "q.json"
+    r = cola_eval.main(["quality", f"--ckpt={path}", f"--judge={judge}", "--prompts=6", "--new_tokens=12",
+                        "--steps=2", f"--out={out}"])
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["prompts"] == 6 and len(saved["samples"]) == 6 and saved["self_judged"] is False
+    for key in ("gen_bpb", "gen_bpb_true", "word_valid", "word_valid_true", "word_valid_unigram", "distinct4",
+                "byte_entropy"):
+        assert key in saved
+    # the true continuations score near the top, unigram-sampled bytes near the floor
+    assert r["word_valid_true"] > 0.9 and r["word_valid_unigram"] < 0.5
+    assert r["gen_bpb_true"] < 0.5 * r["gen_bpb_unigram"]
+    # prompts end at a word boundary and the same prompts come back for another model
+    assert all(s["true"].startswith(" ") and s["prompt"][-1].isalpha() for s in r["samples"])
+    r2 = cola_eval.main(["quality", f"--ckpt={judge}", f"--judge={judge}", "--prompts=6", "--new_tokens=12"])
+    assert [s["prompt"] for s in r2["samples"]] == [s["prompt"] for s in r["samples"]] and r2["self_judged"]
+    with pytest.raises(UserError, match="must be an AR"):
+        cola_eval.main(["quality", f"--ckpt={path}", f"--judge={path}", "--prompts=2", "--new_tokens=8"])
+
+
+def test_history_gain_sees_a_prior_that_copies_its_history():
+    """A velocity field that reads the history gets a positive gain; one that ignores it gets ~0."""
+    torch.manual_seed(0)
+    vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2))
+    dit = DiT(DiTConfig(n_layer=1, width=32, n_head=2, block_size=4))
+    model = Cola(vae, dit)
+    z = torch.randn(8, 4, 16).repeat(1, 3, 1)  # every block repeats the first: the history predicts it
+    r = cola_eval.history_gain(model, z)
+    assert r["fm_history_gain"] == pytest.approx(0.0, abs=1e-6)  # a fresh DiT outputs zero whatever it sees
+
+    class Copier(torch.nn.Module):  # v = eps - z0 estimated from z_t and the previous block of the clean copy
+        cfg = dit.cfg
+
+        def forward(self, z_in, t, pos, mask, past=None):
+            L = z_in.shape[1] // 2
+            clean, noisy, tt = z_in[:, :L], z_in[:, L:], t[:, L:, None]
+            guess = clean.roll(4, 1)  # the previous block's clean latents
+            v = (noisy - guess) / tt.clamp(min=1e-3)  # (z_t - z0) / t = eps - z0 when the guess is right
+            return torch.cat([torch.zeros_like(clean), v], 1), None
+
+    model.dit = Copier()
+    r = cola_eval.history_gain(model, z)
+    assert r["fm_history_gain"] > 0.5 and r["fm_history_gain_first"] > 0.5
