@@ -109,7 +109,7 @@ class Cola(nn.Module):
         if self.dit is None:
             return dict(train=3 * vae_fwd, sample=0.0)
         dit_tok = self.dit.flops(seq_len / 2)  # one latent token, attending to ~L/2 keys
-        train = (3 * vae_fwd + f["enc"] if self.vae_lr_ratio else f["enc"]) + 3 * 2 * dit_tok
+        train = (3 * vae_fwd + f["enc"] if self.vae_lr_ratio else f["enc"]) + (3 + self.dit.cfg.self_cond) * 2 * dit_tok
         sample = steps * (2 if cfg_scale != 1 else 1) * dit_tok + dit_tok + f["dec"] + f["head"]
         return dict(train=train, sample=sample)
 
@@ -200,10 +200,11 @@ class Cola(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=0, stop_at_eot=True, on_block=None, use_cache=True, trace=None):
+                 seed=0, stop_at_eot=True, on_block=None, use_cache=True, trace=None, shift=1.0):
         """New token ids for each prompt of a batch (lists of ints, any lengths), ending before the
         first <|endoftext|> (stop_at_eot=False: always max_new_tokens). steps: Euler steps per block;
-        cfg_scale: guidance w (1 = off); temperature 0 decodes greedily, else top-k / top-p sampling.
+        cfg_scale: guidance w (1 = off); shift > 1: more steps at high noise (flow.euler); temperature 0
+        decodes greedily, else top-k / top-p sampling.
         Each sample draws its noise from its own seed (prompt, repeat index), so its output does not
         depend on the rest of the batch. on_block(i, ids) streams sample i after every block.
         use_cache=False recomputes the history at every step (the reference the caches must match);
@@ -226,11 +227,11 @@ class Cola(nn.Module):
             z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
             if use_cache:
                 z = sample_block(self.dit, z, pos, keep, past=dit_cache, past_pos=hist_pos, steps=steps,
-                                 cfg_scale=cfg_scale)
+                                 cfg_scale=cfg_scale, shift=shift)
                 logits, dec_kv = self.vae.decode(z, pos, dec_cache, hist_pos)  # (B, bs, V)
             else:
                 z = sample_block(self.dit, z, pos, keep, past_z=hist_z, past_pos=hist_pos, steps=steps,
-                                 cfg_scale=cfg_scale)
+                                 cfg_scale=cfg_scale, shift=shift)
                 logits = self.vae.decode(torch.cat([hist_z, z], 1), torch.cat([hist_pos, pos], 1))[0][:, -bs:]
             if trace is not None:
                 trace.append((z.clone(), logits.clone()))

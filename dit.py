@@ -34,6 +34,7 @@ class DiTConfig:
     width: int = 256
     n_head: int = 4
     block_size: int = 16   # latent positions per block
+    self_cond: bool = False  # also read an estimate of the clean block (self-conditioning, Analog Bits)
 
 
 def block_mask(q_block, q_noisy, k_block, k_noisy, k_valid=None):
@@ -122,6 +123,8 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.x_embedder = nn.Linear(cfg.latent_dim, cfg.width)
+        # self-conditioning input: no bias, so a zero estimate (clean tokens, first pass) adds nothing
+        self.sc_embedder = nn.Linear(cfg.latent_dim, cfg.width, bias=False) if cfg.self_cond else None
         self.t_embedder = TimestepEmbedder(cfg.width)
         self.blocks = nn.ModuleList(DiTBlock(cfg.width, cfg.n_head) for _ in range(cfg.n_layer))
         self.final_layer = FinalLayer(cfg.width, cfg.latent_dim)
@@ -131,19 +134,24 @@ class DiT(nn.Module):
                                                                   self.final_layer.linear]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        if self.sc_embedder is not None:  # zero-initialised: the model learns when to use its estimate
+            nn.init.zeros_(self.sc_embedder.weight)
 
     def flops(self, attended):
         """Forward FLOPs per latent token attending to `attended` keys (adaLN is per distinct t: ~free)."""
         c = self.cfg
         return transformer_flops(c.n_layer, c.width, attended) + 4 * c.latent_dim * c.width
 
-    def forward(self, z, t, pos, mask, past=None):
+    def forward(self, z, t, pos, mask, past=None, sc=None):
         """Velocity for latents z (B, L, d) at per-token times t (B, L), positions pos (B, L).
 
-        mask (B, 1, L, Lp + L) from block_mask; past: per-layer (k, v) of Lp cached tokens.
+        mask (B, 1, L, Lp + L) from block_mask; past: per-layer (k, v) of Lp cached tokens; sc (B, L, d):
+        the self-conditioning estimate of the clean latents (None = zeros; only with cfg.self_cond).
         Returns v (B, L, d) and this call's per-layer (k, v) for the caller's cache.
         """
         x = self.x_embedder(z)  # (B, L, W)
+        if sc is not None and self.sc_embedder is not None:
+            x = x + self.sc_embedder(sc)  # (B, L, W)
         # Per-token conditioning, but t takes few distinct values (one per block, 0 for clean tokens),
         # so embed and modulate each distinct t once and gather: exact, and most of adaLN's cost saved.
         t_unique, inverse = torch.unique(t, return_inverse=True)  # (U,), (B, L)

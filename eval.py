@@ -286,7 +286,7 @@ def quality(model, ckpt, args):
     for i in tqdm(range(0, len(pairs), args.batch_size), desc="quality", leave=False):
         prompts = [tok.encode(p)[-(context - args.new_tokens):] for p, _ in pairs[i:i + args.batch_size]]
         gens += [tok.decode(o) for o in model.generate(prompts, args.new_tokens, steps=args.steps, cfg_scale=args.cfg,
-                                                       temperature=args.temperature, top_k=args.top_k,
+                                                       shift=args.shift, temperature=args.temperature, top_k=args.top_k,
                                                        top_p=args.top_p, seed=args.seed)]
     vocab = {w.lower() for t in split_texts(data_dir, "train") for w in WORD.findall(t)}
     unigram = torch.from_numpy(np.bincount(open_split(data_dir, "train", 1), minlength=tok.vocab_size)).float()
@@ -311,7 +311,7 @@ def quality(model, ckpt, args):
              distinct4=stats["generated"]["distinct4"], distinct4_true=stats["true"]["distinct4"],
              byte_entropy=stats["generated"]["byte_entropy"], byte_entropy_true=stats["true"]["byte_entropy"],
              stats=stats, settings=dict(prompts=len(pairs), new_tokens=args.new_tokens, prompt_chars=args.prompt_chars,
-                                        steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                                        steps=args.steps, cfg=args.cfg, shift=args.shift, temperature=args.temperature,
                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, judge=args.judge,
                                         dataset=data_dir),
              samples=[dict(prompt=p, generated=g, true=c) for (p, c), g in zip(pairs, gens)])
@@ -430,6 +430,7 @@ def parse_args(argv):
             p.add_argument("--new_tokens", type=int, default=80, help="tokens generated per prompt")
             p.add_argument("--prompt_chars", type=int, default=48,
                            help="prompt length in characters (cut to whole words; left-truncated to fit the context)")
+            p.add_argument("--shift", type=float, default=1.0, help="time shift of the Euler steps (> 1: more at high noise)")
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
             p.add_argument("--top_k", type=int, default=0)
             p.add_argument("--top_p", type=float, default=1.0)
@@ -441,7 +442,8 @@ def parse_args(argv):
         ap.error("--samples and --ode_steps must be >= 1")
     if args.cmd in ("bench", "all", "quality") and (args.steps < 1 or args.cfg < 0):
         ap.error("--steps must be >= 1 and --cfg >= 0")
-    if args.cmd == "quality" and (min(args.prompts, args.new_tokens, args.batch_size, args.prompt_chars) < 1 or args.temperature < 0
+    if args.cmd == "quality" and (min(args.prompts, args.new_tokens, args.batch_size, args.prompt_chars) < 1 or args.shift <= 0
+                                  or args.temperature < 0
                                   or args.top_k < 0 or not 0 < args.top_p <= 1):
         ap.error("--prompts, --new_tokens, --prompt_chars, --batch_size must be >= 1, --temperature and --top_k >= 0, --top_p in (0, 1]")
     if args.cmd == "quality" and args.temperature == 0 and (args.top_k or args.top_p < 1):

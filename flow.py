@@ -68,8 +68,15 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     eps = torch.randn_like(z0)
     zt = interpolate(z0 if z_src is None else z_src, eps, t)  # pinned positions: exactly the clean latent
     pos, blk, noisy = layout_2L(B, L, bs, z0.device)
-    v, _ = dit(torch.cat([z0 if history is None else history, zt], 1), torch.cat([torch.zeros_like(t), t], 1), pos,
-               block_mask(blk, noisy, blk, noisy))  # (B, 2L, d)
+    inp, tt, mask = torch.cat([z0 if history is None else history, zt], 1), torch.cat([torch.zeros_like(t), t], 1), \
+        block_mask(blk, noisy, blk, noisy)  # (B, 2L, d), (B, 2L), (B, 1, 2L, 2L)
+    sc = None
+    if dit.cfg.self_cond:  # Analog Bits (arXiv 2208.04202): half the rows see a first pass's clean estimate
+        with torch.no_grad():
+            est = zt - t[..., None] * dit(inp, tt, pos, mask)[0][:, L:]  # (B, L, d): z_t - t v = estimate of z0
+        use = torch.rand(B, 1, 1, device=z0.device) < 0.5
+        sc = torch.cat([torch.zeros_like(z0), torch.where(use, est, torch.zeros_like(est))], 1)  # clean copy: none
+    v, _ = dit(inp, tt, pos, mask, sc=sc)  # (B, 2L, d)
     per_token = (v[:, L:].float() - (eps - z0).float()).pow(2).mean(-1)  # (B, L), per channel
     w = (~pinned).float()
     loss = (per_token * w).sum() / w.sum().clamp(min=1)
@@ -85,23 +92,29 @@ def fm_by_t(t, loss, edges=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):
     return out
 
 
-def euler(velocity, z, steps, keep=None):
+def euler(velocity, z, steps, keep=None, shift=1.0):
     """Integrate dz/dt = velocity(z, t) from t = 1 to 0 in `steps` Euler steps: z <- z - dt v.
 
     keep (B, L) marks positions pinned to their current (clean) value; velocity(z, t) receives the
-    scalar time of the step and is responsible for giving pinned positions t = 0.
+    scalar time of the step and is responsible for giving pinned positions t = 0. shift > 1 spends
+    more of the steps at high noise, where a block's content is decided: uniform s in [0, 1] maps to
+    t = shift s / (1 + (shift - 1) s) (the time shift of SD3, arXiv 2403.03206 §5.3.2).
     """
     dt = 1.0 / steps
+    ts = [1.0 - i * dt for i in range(steps)] + [0.0]
+    if shift != 1.0:
+        ts = [shift * s / (1 + (shift - 1) * s) for s in ts]
     for i in range(steps):
-        v = velocity(z, 1.0 - i * dt)
+        v = velocity(z, ts[i])
         if keep is not None:
             v = v.masked_fill(keep[..., None], 0.0)  # repaint: pinned latents stay bit-identical
-        z = z - dt * v
+        z = z - (dt if shift == 1.0 else ts[i] - ts[i + 1]) * v
     return z
 
 
 @torch.no_grad()
-def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, steps=16, cfg_scale=7.0):
+def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, steps=16, cfg_scale=7.0,
+                 shift=1.0):
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
     noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
@@ -110,7 +123,8 @@ def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, s
     (k, v)) or, cache-free, as clean latents `past_z` (B, Lp, d) recomputed at every step.
     CFG (paper §3.2.3, App. B.1): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone
     at positions 0..bs-1. Both run in one batched forward; with no history the uncond pass is skipped.
-    bs is dit.cfg.block_size: one call generates one whole block.
+    bs is dit.cfg.block_size: one call generates one whole block. A self-conditioned DiT reads the
+    previous step's estimate of the clean block, z - t v (zero at the first step). shift: see euler.
     """
     B, bs = noise.shape[0], dit.cfg.block_size
     assert noise.shape[1] == bs, f"noise holds {noise.shape[1]} positions, the DiT's blocks {bs}"
@@ -137,19 +151,26 @@ def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, s
     # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history)
     mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid)
 
+    estimate = torch.zeros_like(noise) if dit.cfg.self_cond else None  # (B, bs, d) self-conditioning input
+
     def velocity(z, t):
+        nonlocal estimate
         tt = torch.full((B, bs), t, device=dev).masked_fill(keep, 0.0).repeat(rows, 1)  # (rB, bs), pinned: t = 0
         zz = z.repeat(rows, 1, 1)  # (rB, bs, d)
+        sc = None if estimate is None else estimate.repeat(rows, 1, 1)  # (rB, bs, d)
         if has_hist and past is None:  # the clean history runs again at t = 0 in front of the block
             zz = torch.cat([hist_z, zz], 1)  # (rB, Lp + bs, d)
             tt = torch.cat([torch.zeros(hist_z.shape[:2], device=dev), tt], 1)  # (rB, Lp + bs)
-        v = dit(zz, tt, q_pos, mask, past)[0][:, -bs:]  # (rB, bs, d)
+            sc = None if sc is None else torch.cat([torch.zeros_like(hist_z), sc], 1)  # (rB, Lp + bs, d)
+        v = dit(zz, tt, q_pos, mask, past, sc=sc)[0][:, -bs:]  # (rB, bs, d)
         if guided:
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
-            return v_u + cfg_scale * (v_c - v_u)  # (B, bs, d)
+            v = v_u + cfg_scale * (v_c - v_u)  # (B, bs, d)
+        if estimate is not None:
+            estimate = torch.where(keep[..., None], z, z - t * v)  # pinned positions: their clean latent
         return v  # (B, bs, d)
 
-    return euler(velocity, noise, steps, keep)  # (B, bs, d)
+    return euler(velocity, noise, steps, keep, shift)  # (B, bs, d)
 
 
 # ----------------------------------------------------------------------------- likelihood

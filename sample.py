@@ -38,6 +38,7 @@ def main(argv=None):
                     help="default: 128, or what fits in the model's context after the longest prompt")
     ap.add_argument("--steps", type=int, default=16, help="Euler steps per block (Cola)")
     ap.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale w, 1 = off (Cola)")
+    ap.add_argument("--shift", type=float, default=1.0, help="time shift of the Euler steps, > 1: more at high noise (Cola)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--top_p", type=float, default=1.0)
@@ -47,8 +48,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    if args.cfg < 0:
-        ap.error("--cfg must be >= 0")
+    if args.cfg < 0 or args.shift <= 0:
+        ap.error("--cfg must be >= 0 and --shift > 0")
     if not 0 < args.top_p <= 1:
         ap.error("--top_p must be in (0, 1]")
     if args.temperature < 0 or args.top_k < 0 or (args.max_new_tokens or 0) < 0 or args.num_samples < 1:
@@ -84,7 +85,7 @@ def main(argv=None):
     stream = Streamer(tok) if len(prompts) == 1 else None
     if stream:
         print(texts[0], end="", flush=True)
-    outs = model.generate(prompts, args.max_new_tokens, steps=args.steps, cfg_scale=args.cfg,
+    outs = model.generate(prompts, args.max_new_tokens, steps=args.steps, cfg_scale=args.cfg, shift=args.shift,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           on_block=stream)
     if stream:

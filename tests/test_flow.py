@@ -46,6 +46,29 @@ def test_euler_is_exact_for_constant_velocity_and_keeps_pinned():
     assert torch.equal(out[keep], z1[keep])
 
 
+def test_shifted_euler_visits_high_noise_more_and_still_ends_at_t0():
+    seen = []
+    out = euler(lambda z, t: seen.append(t) or torch.ones_like(z), torch.zeros(1, 2), steps=4, shift=3.0)
+    assert torch.allclose(out, torch.full((1, 2), -1.0))  # the step sizes still sum to 1
+    assert seen[0] == 1.0 and seen[2] == pytest.approx(3 * 0.5 / (1 + 2 * 0.5)) and seen[2] > 0.5
+
+
+def test_self_conditioning_trains_its_input_and_starts_as_a_no_op():
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(n_layer=1, width=32, n_head=2, block_size=4, self_cond=True))
+    z = torch.randn(8, 8, 16)  # 8 rows: each sees the estimate with probability 1/2
+    pos = torch.arange(8).expand(8, 8)
+    mask = block_mask(pos // 4, torch.ones(8, 8, dtype=torch.bool), pos // 4, torch.ones(8, 8, dtype=torch.bool))
+    for p in dit.parameters():
+        if p is not dit.sc_embedder.weight:
+            p.data.add_(0.05 * torch.randn_like(p))
+    t = torch.full((8, 8), 0.7)
+    assert torch.equal(dit(z, t, pos, mask)[0], dit(z, t, pos, mask, sc=torch.randn_like(z))[0])  # zero-init
+    loss, _ = fm_loss(dit, z, FlowConfig())
+    loss.backward()
+    assert dit.sc_embedder.weight.grad.abs().sum() > 0  # the estimate reaches the loss
+
+
 def history(dit, B, n_blocks):
     """Clean latents of n_blocks blocks for B sequences, their positions and the DiT's KV cache."""
     bs = dit.cfg.block_size

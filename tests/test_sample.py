@@ -14,23 +14,23 @@ from vae import TextVAE, VAEConfig
 from tests.helpers import perturb
 
 
-def random_cola(seed=0):
+def random_cola(seed=0, self_cond=False):
     torch.manual_seed(seed)
     vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=2, width=32, n_head=2, block_size=4))
-    dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=4))
+    dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=4, self_cond=self_cond))
     perturb(vae, dit)  # a random, non-trivial model (no zero init left)
     return Cola(vae, dit).eval()
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 7.0])
-def test_cached_generation_equals_recomputation(cfg_scale):
-    model = random_cola()
+@pytest.mark.parametrize("cfg_scale, self_cond, shift", [(1.0, False, 1.0), (7.0, False, 1.0), (7.0, True, 3.0)])
+def test_cached_generation_equals_recomputation(cfg_scale, self_cond, shift):
+    model = random_cola(self_cond=self_cond)
     prompts = [list(b"Hello, wor"), list(b"ab"), []]  # ends mid-block (10 = 2 blocks + 2), short, empty
     runs = []
     for use_cache in (True, False):
         trace = []
         out = model.generate(prompts, max_new_tokens=14, steps=3, cfg_scale=cfg_scale, seed=1, use_cache=use_cache,
-                             trace=trace)
+                             trace=trace, shift=shift)
         runs.append((out, trace))
     (out_c, tr_c), (out_f, tr_f) = runs
     assert len(tr_c) == len(tr_f) >= 4
