@@ -18,17 +18,16 @@ import argparse
 import json
 import math
 import os
-import re
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from cola import Cola
 from common import UserError, autocast, load_model, pick_device, run_main
 from data import benchmarks as bm
-from data.loader import load_meta, open_split, resolve_data_dir, split_texts, val_windows
+from data import quality as tq
+from data.loader import load_meta, resolve_data_dir, val_windows
 from flow import FlowConfig, fm_by_t, fm_loss, interpolate, sample_t
 
 
@@ -210,56 +209,6 @@ def bench(model, context, args):
 
 # ----------------------------------------------------------------------------- quality
 
-def quality_prompts(data_dir, n, prompt_chars, tok, new_tokens):
-    """n (prompt, true continuation) pairs of the validation split, evenly spaced over its documents:
-    a prompt of up to prompt_chars characters that starts and ends at a word boundary, and the next
-    new_tokens tokens of the text. The same for every model of a tokenizer and context."""
-    docs = [d for d in split_texts(data_dir, "val") if len(d) > prompt_chars + 16 * new_tokens]
-    if not docs:
-        raise UserError(f"the validation split of {data_dir} has no document long enough for these prompts")
-    sizes = [len(d) - prompt_chars - 16 * new_tokens for d in docs]
-    pairs = []
-    for i in range(n):
-        o = (i + 0.5) * sum(sizes) / n  # an offset into the concatenated usable ranges
-        j = next(j for j in range(len(docs)) if o < sum(sizes[:j + 1]) or j == len(docs) - 1)
-        text, p = docs[j], prompt_chars + int(o - sum(sizes[:j]))
-        while p < len(text) - 1 and not (text[p] == " " and text[p - 1].isalpha()):
-            p += 1  # the prompt ends with a whole word, the continuation starts with a space
-        q = p - prompt_chars
-        while q < p and not (text[q - 1].isspace() and not text[q].isspace()):
-            q += 1  # ... and starts with a whole word
-        cont = tok.decode(tok.encode(text[p:p + 16 * new_tokens])[:new_tokens])
-        pairs.append((text[q:p], cont))
-    return pairs
-
-
-WORD = re.compile(r"[A-Za-z]+")
-
-
-def words(text):
-    """Lowercased alphabetic words; a word cut by the end of the text is left out."""
-    return [m.group().lower() for m in WORD.finditer(text) if m.end() < len(text)]
-
-
-def text_stats(texts, vocab):
-    """word_valid: share of alphabetic words found in vocab (pooled). distinct4: per-sample share of
-    distinct whitespace-word 4-grams, averaged over samples with at least 4 words. byte_entropy: per-sample
-    unigram entropy of the UTF-8 bytes in bits, averaged (low = repetitive)."""
-    ws = [w for t in texts for w in words(t)]
-    d4, ent = [], []
-    for t in texts:
-        toks = t.split()
-        grams = [tuple(toks[i:i + 4]) for i in range(len(toks) - 3)]
-        if grams:
-            d4.append(len(set(grams)) / len(grams))
-        counts = torch.bincount(torch.tensor(list(t.encode()), dtype=torch.long), minlength=256).float()
-        if counts.sum() > 0:
-            p = counts[counts > 0] / counts.sum()
-            ent.append(-(p * p.log2()).sum().item())
-    mean = lambda v: sum(v) / len(v) if v else None
-    return dict(word_valid=mean([w in vocab for w in ws]), words=len(ws), distinct4=mean(d4), byte_entropy=mean(ent))
-
-
 @torch.no_grad()
 def judge_bits(judge, context, prompt, cont):
     """(bits, bytes) of the text cont after prompt under an AR judge (its first `context` tokens)."""
@@ -281,20 +230,17 @@ def quality(model, ckpt, args):
     context = ckpt["config"]["train"]["seq_len"]
     if context - args.new_tokens < 1:
         raise UserError(f"--new_tokens={args.new_tokens} leaves no room for a prompt in the {context}-token context")
-    pairs = quality_prompts(data_dir, args.prompts, args.prompt_chars, tok, args.new_tokens)
+    pairs = tq.quality_prompts(data_dir, args.prompts, args.prompt_chars, tok, args.new_tokens)
     gens = []
     for i in tqdm(range(0, len(pairs), args.batch_size), desc="quality", leave=False):
         prompts = [tok.encode(p)[-(context - args.new_tokens):] for p, _ in pairs[i:i + args.batch_size]]
         gens += [tok.decode(o) for o in model.generate(prompts, args.new_tokens, steps=args.steps, cfg_scale=args.cfg,
                                                        shift=args.shift, temperature=args.temperature, top_k=args.top_k,
                                                        top_p=args.top_p, seed=args.seed)]
-    vocab = {w.lower() for t in split_texts(data_dir, "train") for w in WORD.findall(t)}
-    unigram = torch.from_numpy(np.bincount(open_split(data_dir, "train", 1), minlength=tok.vocab_size)).float()
-    unigram[tok.eot:] = 0  # no specials
-    draws = torch.multinomial(unigram, len(pairs) * args.new_tokens, replacement=True,
-                              generator=torch.Generator().manual_seed(args.seed)).view(len(pairs), -1)
-    rows = {"generated": gens, "true": [c for _, c in pairs], "unigram": [tok.decode(d.tolist()) for d in draws]}
-    stats = {name: text_stats(texts, vocab) for name, texts in rows.items()}
+    rows = {"generated": gens, "true": [c for _, c in pairs],
+            "unigram": tq.unigram_texts(data_dir, len(pairs), args.new_tokens, args.seed)}
+    vocab = tq.train_vocabulary(data_dir)
+    stats = {name: tq.text_stats(texts, vocab) for name, texts in rows.items()}
     if args.judge:
         judge, judge_ckpt = load_model(args.judge, next(model.parameters()).device)
         if isinstance(judge, Cola):

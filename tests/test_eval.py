@@ -10,6 +10,7 @@ import eval as cola_eval
 from cola import Cola
 from common import UserError, save_checkpoint
 from data import prepare
+from data import quality as tq
 from dit import DiT, DiTConfig
 from flow import FlowConfig, interpolate, sample_t
 from train import TrainConfig
@@ -111,10 +112,10 @@ def test_text_stats_bracket_real_text_and_noise():
     letters = "abcdefghijklmnopqrstuvwxyz     "  # random letters and spaces: letter soup
     noise = ["".join(letters[i] for i in torch.randint(0, len(letters), (80,)).tolist()) for _ in range(2)]
     loop = ["of the sea " * 8]
-    s_real, s_noise, s_loop = (cola_eval.text_stats(t, vocab) for t in (real, noise, loop))
+    s_real, s_noise, s_loop = (tq.text_stats(t, vocab) for t in (real, noise, loop))
     assert s_real["word_valid"] == 1.0 and s_noise["word_valid"] < 0.1
-    assert cola_eval.text_stats(["xq zzv the whale."], vocab)["word_valid"] == pytest.approx(0.5)
-    assert cola_eval.words("the whale swa") == ["the", "whale"]  # a word cut by the end is left out
+    assert tq.text_stats(["xq zzv the whale."], vocab)["word_valid"] == pytest.approx(0.5)
+    assert tq.words("the whale swa") == ["the", "whale"]  # a word cut by the end is left out
     assert s_real["distinct4"] == 1.0 and s_loop["distinct4"] < 0.4
     assert s_loop["byte_entropy"] < s_real["byte_entropy"] < 8
 
