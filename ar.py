@@ -5,7 +5,7 @@ data, so the two can be compared at matched parameters and compute (arXiv 2605.0
 compares Cola with AR). It offers the same calls as cola.Cola (forward, generate, score, diagnostics),
 so sample.py and eval.py serve both.
 
-    python train.py --model=ar                  # tiny AR, sized to the default Cola model's parameters
+    python train.py --model=ar --out_dir=out_ar # tiny AR, sized to the default Cola model's parameters
     python sample.py --ckpt=out_ar/ckpt.pt --prompt="Call me"
     python eval.py nll --ckpt=out_ar/ckpt.pt    # exact NLL (no bound)
 

@@ -5,8 +5,8 @@ Train Cola DLM: stage 1 (text VAE), stage 2 (joint VAE + block-causal DiT), or b
     python train.py --stage=vae --out_dir=out_vae    # stage 1 only
     python train.py --stage=joint --init_vae=out_vae/ckpt.pt --out_dir=out_joint
     python train.py --model=ar --out_dir=out_ar      # the autoregressive baseline (ar.py)
-    python train.py --config=small                   # one GPU
-    torchrun --standalone --nproc_per_node=4 train.py --config=small
+    python train.py --config=small --out_dir=out_small                      # one GPU
+    torchrun --standalone --nproc_per_node=4 train.py --config=small --out_dir=out_small4
 
 Options are --key=value: train options by name (--lr=1e-3), component options with a prefix
 (--vae.beta=1e-3, --dit.n_layer=6, --flow.t_loc=1.0); boolean options also as a bare --flag.
@@ -328,8 +328,18 @@ def train(cfgs, env, stop):
         train_stage("joint", cfgs, env, stop)
 
 
+def print_help():
+    print(__doc__.strip() + "\n\noptions (tiny defaults; --config=small/paper change some):")
+    for prefix, cfg in (("", TrainConfig()), ("vae.", VAEConfig()), ("dit.", DiTConfig()), ("flow.", FlowConfig()),
+                        ("ar.", ARConfig())):
+        print("  " + " ".join(f"--{prefix}{k}={v}" for k, v in asdict(cfg).items()))
+
+
 def main(argv=None):
-    cfgs = build_configs(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        return print_help()
+    cfgs = build_configs(argv)
     env = setup(cfgs["train"].device)
     check_out_dir(cfgs["train"], env)
     clean_exit = False

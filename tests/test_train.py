@@ -105,3 +105,10 @@ def test_flops_counters_follow_the_architecture():
     # a transformer forward is ~2 FLOPs per weight (matmuls) plus attention: check the DiT against its size
     n = sum(p.numel() for b in stage2.dit.blocks for n_, p in b.named_parameters() if "adaLN" not in n_)
     assert 2 * n < dit_tok < 2 * n * 1.2
+
+
+def test_help_lists_every_option(capsys):
+    from train import main
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert "--vae_lr_ratio=1.0" in out and "--dit.self_cond=False" in out and "--flow.t_loc=1.0" in out
