@@ -244,7 +244,9 @@ def load_vae_state(path, vae_cfg):
     if "vae" not in ckpt:
         raise UserError(f"{path} holds no VAE weights")
     # the architecture must match; loss weights (beta, mask_ratio, ...) may change for stage 2
-    arch = ("tokenizer", "n_enc_layer", "n_dec_layer", "width", "n_head", "latent_dim", "dec_block_causal", "block_size")
+    arch = ("tokenizer", "n_enc_layer", "n_dec_layer", "width", "n_head", "latent_dim", "dec_block_causal")
+    if vae_cfg.dec_block_causal:  # the block size shapes the decoder's attention only then
+        arch += ("block_size",)
     diff = {k: (ckpt["config"]["vae"].get(k), getattr(vae_cfg, k)) for k in arch
             if ckpt["config"]["vae"].get(k) != getattr(vae_cfg, k)}
     if diff:

@@ -112,3 +112,13 @@ def test_help_lists_every_option(capsys):
     main(["--help"])
     out = capsys.readouterr().out
     assert "--vae_lr_ratio=1.0" in out and "--dit.self_cond=False" in out and "--flow.t_loc=1.0" in out
+
+
+def test_stage2_may_change_the_block_size_of_a_causal_decoder(tmp_path):
+    from common import load_vae_state
+    cfgs = build_configs(TINY)
+    save_checkpoint(dict(config={k: asdict(v) for k, v in cfgs.items()}, vae=build_model("vae", cfgs).vae.state_dict()),
+                    str(tmp_path / "vae.pt"))
+    assert load_vae_state(str(tmp_path / "vae.pt"), build_configs(TINY + ["--dit.block_size=2"])["vae"])
+    with pytest.raises(UserError, match="block_size"):  # a block-causal decoder was trained with its blocks
+        load_vae_state(str(tmp_path / "vae.pt"), build_configs(TINY + ["--dit.block_size=2", "--vae.dec_block_causal"])["vae"])
