@@ -174,7 +174,7 @@ def test_history_gain_sees_a_prior_that_copies_its_history():
     class Copier(torch.nn.Module):  # v = eps - z0 estimated from z_t and the previous block of the clean copy
         cfg = dit.cfg
 
-        def forward(self, z_in, t, pos, mask, past=None):
+        def forward(self, z_in, t, pos, mask, past=None, sc=None):
             L = z_in.shape[1] // 2
             clean, noisy, tt = z_in[:, :L], z_in[:, L:], t[:, L:, None]
             guess = clean.roll(4, 1)  # the previous block's clean latents
