@@ -33,7 +33,7 @@ class DiTConfig:
     n_layer: int = 4
     width: int = 256
     n_head: int = 4
-    block_size: int = 16   # latent positions per block
+    block_size: int = 1    # latent positions per block: 1 for byte latents (tiny; RESULTS.md), 16 in the paper
     self_cond: bool = False  # also read an estimate of the clean block (self-conditioning, Analog Bits)
 
 

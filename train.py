@@ -53,8 +53,8 @@ class TrainConfig:
     seq_len: int = 128          # tokens per training window
     batch_size: int = 16        # global batch in sequences (the invariant under DDP / accumulation)
     micro_batch: int = 0        # sequences per forward per process; 0 = batch_size / world_size
-    vae_iters: int = 300        # stage-1 steps
-    joint_iters: int = 220      # stage-2 steps
+    vae_iters: int = 100        # stage-1 steps (held-out reconstruction passes 99% before step 100)
+    joint_iters: int = 300      # stage-2 steps
     ar_iters: int = 600         # AR baseline steps: ~ the training FLOPs of the default Cola run
     max_iters: int = 0          # if > 0, overrides vae_iters / joint_iters for the stage(s) run
     lr: float = 2e-3            # peak learning rate (DiT; VAE in stage 1)
@@ -64,7 +64,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    vae_lr_ratio: float = 1.0   # stage 2: VAE lr = ratio x lr (paper best 1.0; 0 freezes the VAE)
+    vae_lr_ratio: float = 0.0   # stage 2: VAE lr = ratio x lr; 0 freezes the VAE (tiny; the paper's best and
+                                # the small/paper presets: 1.0, joint; RESULTS.md)
     lambda_vae: float = 1.0     # stage 2 loss weights (paper §3.2.2, eq. 3.18; cola.Cola.forward)
     lambda_fm: float = 1.0
     lambda_ref: float = 1.0     # KL(q || q_ref) to the frozen stage-1 encoder
@@ -80,16 +81,16 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny": {},  # the dataclass defaults
-    "small": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=64, lr=6e-4, min_lr=6e-5,
+    "tiny": {},  # the dataclass defaults: byte latents, DiT block size 1, frozen VAE in stage 2 (RESULTS.md)
+    "small": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=64, lr=6e-4, min_lr=6e-5, vae_lr_ratio=1.0,
                              vae_iters=5000, joint_iters=20000, warmup_iters=500, eval_interval=500, ckpt_interval=1000),
                   vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=512, n_head=8),
-                  dit=dict(n_layer=12, width=768, n_head=12), ar=dict(n_layer=20, width=768, n_head=12)),
+                  dit=dict(n_layer=12, width=768, n_head=12, block_size=16), ar=dict(n_layer=20, width=768, n_head=12)),
     # the paper's 2.3B model (arXiv 2605.06548 Table 9); FFN width here follows SwiGLU's 8/3 rule, not the paper's 6144
-    "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5,
+    "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5, vae_lr_ratio=1.0,
                              vae_iters=20000, joint_iters=100000, warmup_iters=2000, eval_interval=1000),
                   vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
-                  dit=dict(n_layer=24, width=2048, n_head=16), ar=dict(n_layer=40, width=2048, n_head=16)),
+                  dit=dict(n_layer=24, width=2048, n_head=16, block_size=16), ar=dict(n_layer=40, width=2048, n_head=16)),
 }
 # options that may differ on --resume without changing the training itself
 RESUME_FREE = {"resume", "overwrite", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile",

@@ -9,7 +9,7 @@ from common import UserError, save_checkpoint
 from train import build_configs, build_model, make_optimizer
 from tests.helpers import perturb
 
-TINY = ["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1", "--vae.mask_ratio=0.2",
+TINY = ["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1", "--vae.mask_ratio=0.2", "--vae_lr_ratio=1",
         "--dit.width=32", "--dit.n_head=2", "--dit.n_layer=1", "--dit.block_size=4"]
 
 
@@ -91,7 +91,7 @@ def test_frozen_vae_gets_no_updates(tmp_path):
 
 
 def test_flops_counters_follow_the_architecture():
-    cfgs = build_configs([])
+    cfgs = build_configs(["--vae_lr_ratio=1", "--dit.block_size=16"])  # joint stage 2
     stage1, stage2 = Cola.build(cfgs, "vae"), Cola.build(cfgs, "joint")
     f1, f2 = stage1.flops(128), stage2.flops(128)
     enc = stage1.vae.flops(128)["enc"]

@@ -15,7 +15,7 @@ from data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1",
-        "--dit.width=32", "--dit.n_head=2", "--dit.n_layer=1", "--dit.block_size=4", "--seq_len=16",
+        "--dit.width=32", "--dit.n_head=2", "--dit.n_layer=1", "--dit.block_size=4", "--vae_lr_ratio=1", "--seq_len=16",
         "--batch_size=4", "--eval_windows=4", "--eval_interval=3", "--log_interval=1", "--warmup_iters=2", "--lr=3e-3"]
 
 
