@@ -111,7 +111,7 @@ def test_help_lists_every_option(capsys):
     from train import main
     main(["--help"])
     out = capsys.readouterr().out
-    assert "--vae_lr_ratio=1.0" in out and "--dit.self_cond=False" in out and "--flow.t_loc=1.0" in out
+    assert "--vae_lr_ratio=0.0" in out and "--dit.self_cond=False" in out and "--flow.t_loc=1.0" in out
 
 
 def test_stage2_may_change_the_block_size_of_a_causal_decoder(tmp_path):
