@@ -4,7 +4,7 @@ Tokenizers: the one place they are built. Everything else calls get_tokenizer(na
 Two tokenizers, both plain tiktoken Encodings built offline (no download, no cache dir):
   gpt2  - GPT-2 BPE (r50k_base) from the bundled rank file data/gpt2.tiktoken
   bytes - every UTF-8 byte is one token (ids 0..255); keeps the output head tiny for CPU runs
-Both get three special tokens right after the base vocab, in the order of SPECIALS.
+Both get three special tokens right after the base vocab, in the order of EXTRA_TOKENS.
 
     from data.tokenizer import get_tokenizer
     tok = get_tokenizer("gpt2")
@@ -18,7 +18,7 @@ import os
 
 import tiktoken
 
-SPECIALS = ("<|endoftext|>", "<|mask|>", "<|pad|>")  # ids follow the base vocab in this order
+EXTRA_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")  # ids follow the base vocab in this order
 NAMES = ("bytes", "gpt2")
 # GPT-2's pre-tokenizer regex (what tiktoken's r50k_base uses)
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -41,12 +41,12 @@ class Tokenizer:
 
     def __init__(self, name, mergeable_ranks):
         base = len(mergeable_ranks)  # gpt2: 50256 (eot is not a merge rank), bytes: 256
-        specials = {s: base + i for i, s in enumerate(SPECIALS)}
+        specials = {s: base + i for i, s in enumerate(EXTRA_TOKENS)}
         self.name = name
         self.enc = tiktoken.Encoding(name=f"cola_{name}", pat_str=GPT2_PAT,
                                      mergeable_ranks=mergeable_ranks, special_tokens=specials)
-        self.eot, self.mask, self.pad = (specials[s] for s in SPECIALS)
-        self.n_vocab = base + len(SPECIALS)  # ids that mean something
+        self.eot, self.mask, self.pad = (specials[s] for s in EXTRA_TOKENS)
+        self.n_vocab = base + len(EXTRA_TOKENS)  # ids that mean something
         # embedding rows: padded up to a multiple of 64 (faster matmuls, as in nanoGPT)
         self.vocab_size = (self.n_vocab + 63) // 64 * 64
 

@@ -18,7 +18,7 @@ import torch
 from common import UserError, run_main
 from data.loader import BatchLoader, load_meta, resolve_data_dir, val_windows
 from data.prepare import BOOKS, main as prepare, read_books, split_text
-from data.tokenizer import SPECIALS, get_tokenizer
+from data.tokenizer import EXTRA_TOKENS, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["bytes", "gpt2"]
@@ -50,7 +50,7 @@ def test_special_ids_and_sizes(name):
     tok = get_tokenizer(name)
     base = {"bytes": 256, "gpt2": 50256}[name]
     assert (tok.eot, tok.mask, tok.pad) == (base, base + 1, base + 2)
-    assert [tok.enc.encode_single_token(s) for s in SPECIALS] == [base, base + 1, base + 2]
+    assert [tok.enc.encode_single_token(s) for s in EXTRA_TOKENS] == [base, base + 1, base + 2]
     assert tok.n_vocab == base + 3 == {"bytes": 259, "gpt2": 50259}[name]
     assert tok.vocab_size == {"bytes": 320, "gpt2": 50304}[name] and tok.vocab_size % 64 == 0
     assert get_tokenizer(name) is tok  # cached
