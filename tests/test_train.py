@@ -122,3 +122,11 @@ def test_stage2_may_change_the_block_size_of_a_causal_decoder(tmp_path):
     assert load_vae_state(str(tmp_path / "vae.pt"), build_configs(TINY + ["--dit.block_size=2"])["vae"])
     with pytest.raises(UserError, match="block_size"):  # a block-causal decoder was trained with its blocks
         load_vae_state(str(tmp_path / "vae.pt"), build_configs(TINY + ["--dit.block_size=2", "--vae.dec_block_causal"])["vae"])
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+def test_gpu_presets_keep_the_papers_block_size_and_joint_vae(preset):
+    cfgs = build_configs([f"--config={preset}"])
+    assert cfgs["dit"].block_size == 16 and cfgs["train"].vae_lr_ratio == 1.0
+    tiny = build_configs([])
+    assert tiny["dit"].block_size == 1 and tiny["train"].vae_lr_ratio == 0.0  # what won on bytes (RESULTS.md)
