@@ -87,8 +87,8 @@ class ARLM(nn.Module):
     @torch.no_grad()
     def diagnostics(self, x, batch_size):
         """Held-out next-token loss over windows x (N, L)."""
-        loss = sum(self(x[i:i + batch_size])[0].item() * len(x[i:i + batch_size]) for i in range(0, len(x), batch_size))
-        return {"loss": loss / len(x)}
+        batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+        return {"loss": sum(self(xb)[0].item() * len(xb) for xb in batches) / len(x)}
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_at_eot=True,

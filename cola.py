@@ -139,15 +139,19 @@ class Cola(nn.Module):
             out, loss = {}, 0.0
         else:
             mu, logvar, z, out = self.vae(x, joint=True)
-            with torch.no_grad():
-                mu_r, logvar_r = self.ref.encode(x)
-            out["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean()
+            out["ref_kl"] = self.ref_kl(x, mu, logvar)
             loss = self.lambda_vae * out["loss"] + self.lambda_ref * out["ref_kl"]
         src = z if (self.fm_grad_to_encoder and not frozen) else None
         out["fm"], _ = fm_loss(self.dit, z.detach(), self.flow_cfg, z_src=src)
         loss = loss + self.lambda_fm * out["fm"]
         out["loss"] = loss
         return loss, {k: v.detach() for k, v in out.items()}
+
+    def ref_kl(self, x, mu, logvar):
+        """KL(q(z|x) || q_ref(z|x)) per token, nats: how far the encoder drifted from stage 1."""
+        with torch.no_grad():
+            mu_r, logvar_r = self.ref.encode(x)
+        return gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean()
 
     @torch.no_grad()
     def diagnostics(self, x, batch_size):
@@ -159,8 +163,7 @@ class Cola(nn.Module):
             mu, logvar = self.vae.encode(xb)
             d = self.vae.diagnostics(xb, (mu, logvar))
             if self.dit is not None:
-                mu_r, logvar_r = self.ref.encode(xb)
-                d["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_r.float(), logvar_r.float()).mean().item()
+                d["ref_kl"] = self.ref_kl(xb, mu, logvar).item()
                 fm, st = fm_loss(self.dit, self.vae.sample(mu, logvar), self.flow_cfg)
                 d["fm"] = fm.item()
                 keep = st["weight"] > 0

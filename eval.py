@@ -92,6 +92,11 @@ def gauss_baseline(s2, t):
     return (1 + s2 - (t - (1 - t) * s2) ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean(-1)
 
 
+def eval_flow_cfg(model):
+    """The model's flow settings without the prompt-boundary pinning (held-out losses score every position)."""
+    return FlowConfig(**{**model.flow_cfg.__dict__, "p_prompt_block": 0.0})
+
+
 @torch.no_grad()
 def history_gain(model, z, high=0.8, seed=0):
     """What the prior takes from its history: held-out FM loss at high noise (t ~ U(high, 1) per block)
@@ -101,7 +106,7 @@ def history_gain(model, z, high=0.8, seed=0):
     B, L, _ = z.shape
     bs = model.dit.cfg.block_size
     t = high + (1 - high) * torch.rand(B, math.ceil(L / bs), generator=torch.Generator().manual_seed(seed))
-    cfg = FlowConfig(**{**model.flow_cfg.__dict__, "p_prompt_block": 0.0})
+    cfg = eval_flow_cfg(model)
     losses = []
     for history in (z, z.roll(1, 0)):
         torch.manual_seed(seed)  # the same noise for both
@@ -120,7 +125,7 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
     next to the Gaussian baseline fm_loss_gauss computed from the measured per-channel variance; and
     the history gain at high noise (history_gain)."""
     torch.manual_seed(seed)
-    cfg = FlowConfig(**{**model.flow_cfg.__dict__, "p_prompt_block": 0.0})
+    cfg = eval_flow_cfg(model)
     ts, losses, zs = [], [], []
     for _ in range(repeats):  # several t / noise draws per window
         for xb in batches(x, batch_size):
