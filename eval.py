@@ -199,9 +199,9 @@ def nll(model, x, samples=1, ode_steps=32, batch_size=8, seed=0):
 
 def bench(model, context, args):
     """A few-shot benchmark (data/benchmarks.py: the paper's generative protocol, or --protocol=rank)."""
-    items = bm.load_items(args.data, args.task) if args.task in bm.TASKS else None
-    if items is None:
+    if args.task not in bm.TASKS:
         raise UserError(f"unknown --task {args.task!r}; choose from {', '.join(bm.TASKS)}")
+    items = bm.load_items(args.data, args.task)
     r = bm.evaluate(model, context, args.task, items, args.protocol, args.limit, args.steps, args.cfg, seed=args.seed)
     lo, hi = r["ci95"]
     print(f"{r['task']} ({r['protocol']}, {r['shots']}-shot): accuracy {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on "

@@ -8,6 +8,8 @@ the byte entropy per sample (low values flag repetitive, degenerate samples, as 
 check does), next to the true continuations (the ceiling) and unigram-sampled tokens (the floor).
 An AR judge's bits per byte (eval.py) completes the picture.
 """
+import bisect
+import itertools
 import re
 
 import numpy as np
@@ -25,12 +27,12 @@ def quality_prompts(data_dir, n, prompt_chars, tok, new_tokens):
     docs = [d for d in split_texts(data_dir, "val") if len(d) > prompt_chars + 16 * new_tokens]
     if not docs:
         raise UserError(f"the validation split of {data_dir} has no document long enough for these prompts")
-    sizes = [len(d) - prompt_chars - 16 * new_tokens for d in docs]
+    ends = list(itertools.accumulate(len(d) - prompt_chars - 16 * new_tokens for d in docs))
     pairs = []
     for i in range(n):
-        o = (i + 0.5) * sum(sizes) / n  # an offset into the concatenated usable ranges
-        j = next(j for j in range(len(docs)) if o < sum(sizes[:j + 1]) or j == len(docs) - 1)
-        text, p = docs[j], prompt_chars + int(o - sum(sizes[:j]))
+        o = (i + 0.5) * ends[-1] / n  # an offset into the concatenated usable ranges
+        j = min(bisect.bisect_right(ends, o), len(docs) - 1)  # the document it falls in
+        text, p = docs[j], prompt_chars + int(o - (ends[j - 1] if j else 0))
         while p < len(text) - 1 and not (text[p] == " " and text[p - 1].isalpha()):
             p += 1  # the prompt ends with a whole word, the continuation starts with a space
         q = p - prompt_chars
