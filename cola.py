@@ -14,6 +14,12 @@ prefill the DiT and decoder KV caches; then block after block: Gaussian noise ->
 classifier-free guidance (flow.sample_block), the prompt's tail inside the first block pinned to its
 clean latents (clean-condition repaint, §5.2) -> decode the block with the cached causal decoder ->
 commit its latents to the DiT cache with t = 0.
+
+The first block has three other modes, the baselines of the paper's Table 5 (first_block=): partial
+repaint ("repaint:R:M", flow.euler_repaint: the prompt's tail noised to the current t and re-imposed
+during the first fraction M of the steps, each such step run R times), and padding the prompt with
+<|endoftext|> to a whole number of blocks, on its left ("left_pad") or between it and the
+continuation ("right_pad"), so that no block is shared by prompt and continuation.
 """
 import copy
 import math
@@ -25,6 +31,23 @@ import torch.nn.functional as F
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block
+
+FIRST_BLOCK_MODES = ("clean", "repaint", "left_pad", "right_pad")
+
+
+def parse_first_block(spec):
+    """A first-block mode -> (mode, reps, frac): "clean" (default), "left_pad", "right_pad", or partial
+    repaint "repaint[:R[:M]]" with R >= 1 repetitions per guided step and guided fraction M in (0, 1]."""
+    mode, *args = str(spec).split(":")
+    if mode not in FIRST_BLOCK_MODES or (args and mode != "repaint") or len(args) > 2:
+        raise ValueError(f"first_block must be one of clean, left_pad, right_pad, repaint[:R[:M]], got {spec!r}")
+    try:
+        reps, frac = int(args[0]) if args else 1, float(args[1]) if len(args) > 1 else 1.0
+    except ValueError:
+        raise ValueError(f"first_block {spec!r}: R must be an integer and M a number") from None
+    if reps < 1 or not 0 < frac <= 1:
+        raise ValueError(f"first_block {spec!r}: needs R >= 1 and 0 < M <= 1")
+    return mode, reps, frac
 from layers import PAD_POS, append_tokens, cat_kv, pick_tokens, sample_generators
 from vae import TextVAE, VAEConfig, gaussian_kl
 
@@ -203,11 +226,12 @@ class Cola(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=0, stop_at_eot=True, on_block=None, use_cache=True, trace=None, shift=1.0):
+                 seed=0, stop_at_eot=True, on_block=None, use_cache=True, trace=None, shift=1.0, first_block="clean"):
         """New token ids for each prompt of a batch (lists of ints, any lengths), ending before the
         first <|endoftext|> (stop_at_eot=False: always max_new_tokens). steps: Euler steps per block;
         cfg_scale: guidance w (1 = off); shift > 1: more steps at high noise (flow.euler); temperature 0
-        decodes greedily, else top-k / top-p sampling.
+        decodes greedily, else top-k / top-p sampling. first_block: how the prompt's tail enters the first
+        block (parse_first_block; "clean" is the paper's clean-condition repaint).
         Each sample draws its noise from its own seed (prompt, repeat index), so its output does not
         depend on the rest of the batch. on_block(i, ids) streams sample i after every block.
         use_cache=False recomputes the history at every step (the reference the caches must match);
@@ -215,7 +239,16 @@ class Cola(nn.Module):
         tok, bs, B = self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, seed, dev)
+        mode, reps, frac = parse_first_block(first_block)
+        if mode.endswith("_pad"):  # whole prompt blocks: <|endoftext|> on the prompt's left or right
+            pads = [[tok.eot] * (-len(p) % bs) for p in prompts]
+            prompts = [q + p if mode == "left_pad" else p + q for p, q in zip(prompts, pads)]
         hist_z, hist_pos, tail, keep, start = self.prompt_layout(prompts)
+        repaint = None
+        if mode == "repaint":  # its noise from streams of its own, so every later block draws as with "clean"
+            r_gens = sample_generators(prompts, -1 - seed, dev)
+            repaint = (reps, frac, lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=dev)
+                                                             for g in r_gens]))
         dit_cache = dec_cache = None
         if use_cache and hist_pos.shape[1] > 0:  # prefill both caches with the prompt's full blocks
             H, clean = hist_pos.shape[1], torch.zeros_like(hist_pos, dtype=torch.bool)
@@ -230,11 +263,11 @@ class Cola(nn.Module):
             z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
             if use_cache:
                 z = sample_block(self.dit, z, pos, keep, past=dit_cache, past_pos=hist_pos, steps=steps,
-                                 cfg_scale=cfg_scale, shift=shift)
+                                 cfg_scale=cfg_scale, shift=shift, repaint=repaint)
                 logits, dec_kv = self.vae.decode(z, pos, dec_cache, hist_pos)  # (B, bs, V)
             else:
                 z = sample_block(self.dit, z, pos, keep, past_z=hist_z, past_pos=hist_pos, steps=steps,
-                                 cfg_scale=cfg_scale, shift=shift)
+                                 cfg_scale=cfg_scale, shift=shift, repaint=repaint)
                 logits = self.vae.decode(torch.cat([hist_z, z], 1), torch.cat([hist_pos, pos], 1))[0][:, -bs:]
             if trace is not None:
                 trace.append((z.clone(), logits.clone()))
@@ -255,6 +288,7 @@ class Cola(nn.Module):
             else:  # the cache-free reference keeps the latents themselves
                 hist_z = torch.cat([hist_z, z], 1)
             hist_pos, start, keep = torch.cat([hist_pos, pos], 1), start + bs, torch.zeros_like(keep)
+            repaint = None  # only the first block holds prompt tokens
         return out
 
     # ------------------------------------------------------------------------- likelihood

@@ -92,29 +92,66 @@ def fm_by_t(t, loss, edges=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):
     return out
 
 
+def time_grid(steps, shift=1.0):
+    """The steps + 1 times of an Euler solve from t = 1 to 0 and its steps + 1 step sizes: uniform, or
+    with shift > 1 more of them at high noise, where a block's content is decided: uniform s in [0, 1]
+    maps to t = shift s / (1 + (shift - 1) s) (the time shift of SD3, arXiv 2403.03206 §5.3.2)."""
+    dt = 1.0 / steps
+    ts = [1.0 - i * dt for i in range(steps)] + [0.0]
+    if shift == 1.0:
+        return ts, [dt] * steps
+    ts = [shift * s / (1 + (shift - 1) * s) for s in ts]
+    return ts, [a - b for a, b in zip(ts, ts[1:])]
+
+
 def euler(velocity, z, steps, keep=None, shift=1.0):
     """Integrate dz/dt = velocity(z, t) from t = 1 to 0 in `steps` Euler steps: z <- z - dt v.
 
     keep (B, L) marks positions pinned to their current (clean) value; velocity(z, t) receives the
-    scalar time of the step and is responsible for giving pinned positions t = 0. shift > 1 spends
-    more of the steps at high noise, where a block's content is decided: uniform s in [0, 1] maps to
-    t = shift s / (1 + (shift - 1) s) (the time shift of SD3, arXiv 2403.03206 §5.3.2).
+    scalar time of the step and is responsible for giving pinned positions t = 0. shift: see time_grid.
     """
-    dt = 1.0 / steps
-    ts = [1.0 - i * dt for i in range(steps)] + [0.0]
-    if shift != 1.0:
-        ts = [shift * s / (1 + (shift - 1) * s) for s in ts]
+    ts, dts = time_grid(steps, shift)
     for i in range(steps):
         v = velocity(z, ts[i])
         if keep is not None:
             v = v.masked_fill(keep[..., None], 0.0)  # repaint: pinned latents stay bit-identical
-        z = z - (dt if shift == 1.0 else ts[i] - ts[i + 1]) * v
+        z = z - dts[i] * v
+    return z
+
+
+def renoise(z_s, s, t, eps):
+    """Move z_s from time s forward to t > s along the path z_t = (1 - t) z0 + t eps: z_t = a z_s + b eps
+    with a = (1 - t) / (1 - s) and b^2 = t^2 - a^2 s^2, so z_t has the marginal of the path at t."""
+    a = (1 - t) / (1 - s)
+    return a * z_s + math.sqrt(max(t * t - (a * s) ** 2, 0.0)) * eps
+
+
+def euler_repaint(velocity, z, known, keep, steps, reps=1, frac=1.0, noise=torch.randn_like, shift=1.0):
+    """Partial repaint, the first-block baseline of the paper's Table 5 (§5.2; RePaint, arXiv 2201.09865,
+    in flow form). Every position runs at the current t. During the first ceil(frac x steps) steps the
+    known positions (keep) are reset before each velocity call to their clean latent noised to that t,
+    (1 - t) known + t eps, and each such step runs `reps` times, jumping back from the step's end to its
+    start with fresh noise (renoise) between repetitions; the remaining steps integrate freely.
+    noise(z) draws eps like z. frac = 1, reps = 1 is RePaint without resampling. Rows with no known
+    position integrate plainly (no repetitions)."""
+    (ts, dts), guided = time_grid(steps, shift), math.ceil(frac * steps)
+    rows = keep.any(1)[:, None, None]  # (B, 1, 1)
+    for i in range(steps):
+        t, s = ts[i], ts[i + 1]
+        n = reps if i < guided else 1
+        for r in range(n):
+            if i < guided:
+                z = torch.where(keep[..., None], (1 - t) * known + t * noise(known), z)
+            stepped = z - dts[i] * velocity(z, t)
+            first = stepped if r == 0 else first
+            z = renoise(stepped, s, t, noise(stepped)) if r < n - 1 else stepped
+        z = torch.where(rows, z, first)  # rows without known positions: one plain step
     return z
 
 
 @torch.no_grad()
 def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, steps=16, cfg_scale=7.0,
-                 shift=1.0):
+                 shift=1.0, repaint=None):
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
     noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
@@ -125,6 +162,8 @@ def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, s
     at positions 0..bs-1. Both run in one batched forward; with no history the uncond pass is skipped.
     bs is dit.cfg.block_size: one call generates one whole block. A self-conditioned DiT reads the
     previous step's estimate of the clean block, z - t v (zero at the first step). shift: see euler.
+    repaint = (reps, frac, noise_fn) replaces the clean pinning by partial repaint (euler_repaint): the
+    positions `keep` then run at the block's t like the rest, and their clean latents are only re-imposed.
     """
     B, bs = noise.shape[0], dit.cfg.block_size
     assert noise.shape[1] == bs, f"noise holds {noise.shape[1]} positions, the DiT's blocks {bs}"
@@ -152,10 +191,11 @@ def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, s
     mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid)
 
     estimate = torch.zeros_like(noise) if dit.cfg.self_cond else None  # (B, bs, d) self-conditioning input
+    pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the network's input
 
     def velocity(z, t):
         nonlocal estimate
-        tt = torch.full((B, bs), t, device=dev).masked_fill(keep, 0.0).repeat(rows, 1)  # (rB, bs), pinned: t = 0
+        tt = torch.full((B, bs), t, device=dev).masked_fill(pin, 0.0).repeat(rows, 1)  # (rB, bs), pinned: t = 0
         zz = z.repeat(rows, 1, 1)  # (rB, bs, d)
         sc = None if estimate is None else estimate.repeat(rows, 1, 1)  # (rB, bs, d)
         if has_hist and past is None:  # the clean history runs again at t = 0 in front of the block
@@ -167,9 +207,12 @@ def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, s
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
             v = v_u + cfg_scale * (v_c - v_u)  # (B, bs, d)
         if estimate is not None:
-            estimate = torch.where(keep[..., None], z, z - t * v)  # pinned positions: their clean latent
+            estimate = torch.where(pin[..., None], z, z - t * v)  # pinned positions: their clean latent
         return v  # (B, bs, d)
 
+    if repaint is not None:
+        reps, frac, noise_fn = repaint
+        return euler_repaint(velocity, noise, noise, keep, steps, reps, frac, noise_fn, shift)  # (B, bs, d)
     return euler(velocity, noise, steps, keep, shift)  # (B, bs, d)
 
 
