@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from cola import Cola
+from cola import Cola, parse_first_block
 from common import UserError, autocast, load_model, pick_device, run_main
 from data import benchmarks as bm
 from data import quality as tq
@@ -241,19 +241,22 @@ def quality(model, ckpt, args):
         prompts = [tok.encode(p)[-(context - args.new_tokens):] for p, _ in pairs[i:i + args.batch_size]]
         gens += [tok.decode(o) for o in model.generate(prompts, args.new_tokens, steps=args.steps, cfg_scale=args.cfg,
                                                        shift=args.shift, temperature=args.temperature, top_k=args.top_k,
-                                                       top_p=args.top_p, seed=args.seed)]
+                                                       top_p=args.top_p, seed=args.seed, first_block=args.first_block)]
     rows = {"generated": gens, "true": [c for _, c in pairs],
             "unigram": tq.unigram_texts(data_dir, len(pairs), args.new_tokens, args.seed)}
     vocab = tq.train_vocabulary(data_dir)
     stats = {name: tq.text_stats(texts, vocab) for name, texts in rows.items()}
+    per_sample = {name: [tq.text_stats([t], vocab) for t in texts] for name, texts in rows.items()}
     if args.judge:
         judge, judge_ckpt = load_model(args.judge, next(model.parameters()).device)
         if isinstance(judge, Cola):
             raise UserError(f"--judge {args.judge} is a Cola checkpoint; the judge must be an AR one (--model=ar)")
         for name, texts in rows.items():
-            bits, n_bytes = map(sum, zip(*(judge_bits(judge, judge_ckpt["config"]["train"]["seq_len"], p, c)
-                                           for (p, _), c in zip(pairs, texts))))
+            scored = [judge_bits(judge, judge_ckpt["config"]["train"]["seq_len"], p, c) for (p, _), c in zip(pairs, texts)]
+            bits, n_bytes = map(sum, zip(*scored))
             stats[name]["bpb"] = bits / max(n_bytes, 1)
+            for s, (b, n) in zip(per_sample[name], scored):
+                s.update(bits=b, bytes=n)
     r = dict(gen_bpb=stats["generated"].get("bpb"), gen_bpb_true=stats["true"].get("bpb"),
              gen_bpb_unigram=stats["unigram"].get("bpb"),
              self_judged=bool(args.judge) and os.path.samefile(args.judge, args.ckpt),
@@ -264,8 +267,10 @@ def quality(model, ckpt, args):
              stats=stats, settings=dict(prompts=len(pairs), new_tokens=args.new_tokens, prompt_chars=args.prompt_chars,
                                         steps=args.steps, cfg=args.cfg, shift=args.shift, temperature=args.temperature,
                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, judge=args.judge,
+                                        first_block=args.first_block,
                                         dataset=data_dir),
-             samples=[dict(prompt=p, generated=g, true=c) for (p, c), g in zip(pairs, gens)])
+             samples=[dict(prompt=p, generated=g, true=c, scores=sc, true_scores=tc)
+                      for (p, c), g, sc, tc in zip(pairs, gens, per_sample["generated"], per_sample["true"])])
     fmt = lambda v, f: "-" if v is None else format(v, f)
     print(f"{len(pairs)} held-out prompts, {args.new_tokens} new tokens | judge: {args.judge or '(none)'}"
           f"{' (self-judged)' if r['self_judged'] else ''}\n              word_valid  distinct4  byte_entropy  judge_bpb")
@@ -382,6 +387,8 @@ def parse_args(argv):
             p.add_argument("--prompt_chars", type=int, default=48,
                            help="prompt length in characters (cut to whole words; left-truncated to fit the context)")
             p.add_argument("--shift", type=float, default=1.0, help="time shift of the Euler steps (> 1: more at high noise)")
+            p.add_argument("--first_block", default="clean",
+                           help="clean (the paper's), repaint[:R[:M]], left_pad, right_pad (cola.parse_first_block)")
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
             p.add_argument("--top_k", type=int, default=0)
             p.add_argument("--top_p", type=float, default=1.0)
@@ -397,6 +404,11 @@ def parse_args(argv):
                                   or args.temperature < 0
                                   or args.top_k < 0 or not 0 < args.top_p <= 1):
         ap.error("--prompts, --new_tokens, --prompt_chars, --batch_size must be >= 1, --temperature and --top_k >= 0, --top_p in (0, 1]")
+    if args.cmd == "quality":
+        try:
+            parse_first_block(args.first_block)
+        except ValueError as e:
+            ap.error(str(e))
     if args.cmd == "quality" and args.temperature == 0 and (args.top_k or args.top_p < 1):
         ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
     return args

@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from cola import parse_first_block
 from common import UserError, load_model, pick_device, run_main
 
 
@@ -39,6 +40,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=16, help="Euler steps per block (Cola)")
     ap.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale w, 1 = off (Cola)")
     ap.add_argument("--shift", type=float, default=1.0, help="time shift of the Euler steps, > 1: more at high noise (Cola)")
+    ap.add_argument("--first_block", default="clean",
+                    help="how the prompt's tail enters the first block: clean (the paper's), repaint[:R[:M]], "
+                         "left_pad, right_pad (Cola; cola.parse_first_block)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--top_p", type=float, default=1.0)
@@ -56,6 +60,10 @@ def main(argv=None):
         ap.error("--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1")
     if args.temperature == 0 and (args.top_k or args.top_p < 1):
         ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
+    try:
+        parse_first_block(args.first_block)
+    except ValueError as e:
+        ap.error(str(e))
     if args.prompt is None and args.prompts_file is None:
         ap.error("give --prompt or --prompts_file")
     model, ckpt = load_model(args.ckpt, pick_device(args.device))
@@ -87,7 +95,7 @@ def main(argv=None):
         print(texts[0], end="", flush=True)
     outs = model.generate(prompts, args.max_new_tokens, steps=args.steps, cfg_scale=args.cfg, shift=args.shift,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          on_block=stream)
+                          on_block=stream, first_block=args.first_block)
     if stream:
         print()
         return
