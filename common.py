@@ -237,9 +237,12 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_vae_state(path, vae_cfg):
-    """The VAE weights of a stage-1 checkpoint, checked against the VAE architecture of vae_cfg."""
+    """The VAE weights of a stage-1 checkpoint, checked against the VAE architecture of vae_cfg; None for
+    path "scratch" (stage 2 with a fresh VAE: the all-from-scratch ablation of the paper's Fig. 3)."""
     if not path:
-        raise UserError("--stage=joint needs --init_vae=PATH (a stage-1 checkpoint)")
+        raise UserError("--stage=joint needs --init_vae=PATH (a stage-1 checkpoint) or --init_vae=scratch")
+    if path == "scratch":
+        return None
     ckpt = load_checkpoint(path)
     if "vae" not in ckpt:
         raise UserError(f"{path} holds no VAE weights")

@@ -47,7 +47,7 @@ class TrainConfig:
     config: str = "tiny"        # preset: tiny | small | paper (applied before other overrides)
     dataset: str = "austen_bytes"  # data/NAME prepared by data/prepare.py, or a path
     out_dir: str = "out"
-    init_vae: str = ""          # stage-1 checkpoint to start stage 2 from (--stage=joint)
+    init_vae: str = ""          # stage-1 checkpoint to start stage 2 from (--stage=joint); "scratch": a fresh VAE
     resume: bool = False        # continue exactly from out_dir/ckpt.pt
     overwrite: bool = False     # start afresh in an out_dir that already holds a run (replaces it)
     seq_len: int = 128          # tokens per training window

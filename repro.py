@@ -1,0 +1,496 @@
+"""
+Reproduce the paper's findings (arXiv 2605.06548) at small scale: one command per study, one table
+with the paper's numbers beside ours.
+
+    python repro.py list                          # the studies and what each costs on a CPU
+    python repro.py cfg                           # -> results/cfg.json, results/cfg.md (+ cfg.png with matplotlib)
+    python repro.py block_size --seeds=2 --judge=out_ar/ckpt.pt
+    python repro.py steps --quick                 # every study at a toy size in seconds (what the tests run)
+    python repro.py summary                       # one table over every study finished so far
+
+A study is a small grid of settings. Each setting names a training run (train.py, in-process, into
+results/runs/NAME) and a measurement on its checkpoint (eval.py quality or recon, into
+results/evals/). Runs and measurements already finished are reused, an interrupted training run is
+continued with --resume, so an interrupted study continues where it stopped and a finished one only
+re-reports. Studies share runs: `base` is the default `python train.py` run, its stage-1 VAE starts
+the other stage-2 runs.
+
+What is measured: the paper scores generation on benchmarks (SPEC's task average); a tiny byte-level
+model scores near zero on those, so we score generated text the way eval.py quality does: the share
+of generated words that are real words of the training text ("words"), per held-out prompt. Each row
+compares a setting with the study's reference setting on the same prompts (paired), and says whether
+our 95% interval agrees with the direction of the paper's numbers (see verdict()).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import eval as evaluate
+import train
+from common import UserError, check_resume, run_main
+
+TIE = 1.0     # paper points: settings closer than this count as a tie in the paper ("~")
+MARGIN = 0.02  # our scale (share of words): a difference inside +-MARGIN counts as a tie
+ROBUST_TOL = 0.10  # robustness rows compare absolute token accuracies: agree within +-ROBUST_TOL
+
+
+@dataclass
+class Setting:
+    label: str                 # the row's name
+    run: str                   # the training run (key of RUNS)
+    opts: dict = field(default_factory=dict)  # eval.py options of the measurement (quality: cfg, steps, ...)
+    paper: float = None        # the paper's number for this setting
+    x: float = None            # where the row sits on the plot's x axis
+    ref: str = None            # compare with this row (default: the study's reference)
+    expect: str = None         # the paper's direction vs the reference when not given by numbers: < > ~
+    note: str = ""
+
+
+@dataclass
+class Study:
+    title: str
+    where: str                 # where the finding lives in the paper
+    paper_unit: str
+    settings: list
+    reference: str = None      # label of the row the others are compared with
+    measure: str = "quality"   # quality: words valid per prompt; robust: token accuracy per held-out window
+    trains: bool = False       # seeds are training seeds (else: sampler seeds on one checkpoint)
+    cpu: str = ""              # measured cost at tiny on our 2-core CPU (README)
+    xlabel: str = ""
+
+
+# Training runs: train.py arguments on top of --config (the study's seeds add --seed). Stage-2 runs
+# start from the stage-1 VAE of `base` (or of their own stage-1 run) with --stage=joint --init_vae.
+RUNS = {
+    "base": [],  # python train.py: stage 1 (out_dir/vae.pt) then stage 2, block 1, frozen VAE
+    "ar": ["--model=ar"],
+    **{f"block{b}": ["--stage=joint", "@base", f"--dit.block_size={b}"] for b in (4, 16, 64)},
+    **{f"loc{v:g}": ["--stage=joint", "@base", f"--flow.t_loc={v}"] for v in (0.5, 0.8, 1.1, 1.7)},
+    "uniform_t": ["--stage=joint", "@base", "--flow.t_dist=uniform"],
+    "joint1": ["--stage=joint", "@base", "--vae_lr_ratio=1"],
+    "joint0.01": ["--stage=joint", "@base", "--vae_lr_ratio=0.01"],
+    "scratch": ["--stage=joint", "--init_vae=scratch", "--vae_lr_ratio=1", "--lambda_ref=0"],  # no stage 1 to refer to
+    "vae_nomask": ["--stage=vae", "--vae.lambda_mask=0"],
+    "nomask_joint1": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=1"],
+    "nomask_joint0.01": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=0.01"],
+    "vae_d64": ["--stage=vae", "--vae.latent_dim=64"],
+    **{f"d64_loc{v:g}": ["--stage=joint", "@vae_d64", "--vae.latent_dim=64", f"--flow.t_loc={v}"] for v in (1.0, 1.7)},
+    "vae_gpt2": ["--stage=vae", "--vae.tokenizer=gpt2", "@gpt2_data", "--vae_iters=300"],
+}
+
+PAPER_CFG = {0: 0.2, 1: 13.7, 3: 26.0, 5: 29.8, 7: 31.3, 10: 29.3, 20: 17.6}
+PAPER_STEPS = {1: 9.0, 2: None, 4: 22.1, 8: 28.1, 16: 31.3, 32: 32.2}
+PAPER_ROBUST = {0.1: 1.00, 0.15: 1.00, 0.2: None, 0.3: 0.79, 0.4: 0.44, 0.5: 0.20, 0.6: None}
+REPAINT = [(r, m) for r in (1, 3) for m in (1.0, 0.7, 0.3)]
+
+STUDIES = {
+    "cfg": Study("CFG is essential: guidance scale w", "Fig. 9, §4.4.2", "4-task avg %", [
+        Setting(f"w = {w}", "base", dict(cfg=w), p, x=w) for w, p in PAPER_CFG.items()], "w = 7",
+        cpu="~10 min + base", xlabel="guidance scale w"),
+    "steps": Study("Euler steps per block saturate", "Fig. 9, §4.4.2", "4-task avg %", [
+        Setting(f"{s} steps", "base", dict(steps=s), p, x=s) for s, p in PAPER_STEPS.items()], "16 steps",
+        cpu="~6 min + base", xlabel="Euler steps per block"),
+    "first_block": Study("First-block conditioning: clean repaint wins", "Table 5, §5.2, App. I.1",
+                         "task avg %", [
+        Setting("clean", "block16", dict(first_block="clean"), 24.6, x=0),
+        *[Setting(f"repaint t={r} m={m:g}", "block16", dict(first_block=f"repaint:{r}:{m:g}"), None, x=1 + i,
+                  expect="<", note="paper: 7.5-9.3 over its repaint settings") for i, (r, m) in enumerate(REPAINT)],
+        Setting("left padding", "block16", dict(first_block="left_pad"), None, x=7, expect="<", note="paper: 16.0-16.7"),
+        Setting("right padding", "block16", dict(first_block="right_pad"), None, x=8, expect="<",
+                note="paper: 16.0-16.7")], "clean", cpu="~6 min + block16", xlabel="first-block mode"),
+    "block_size": Study("Block size 16 is best", "Fig. 6, §4.4.1", "task avg % (40k steps)", [
+        Setting("block 1", "base", {}, 19.3, x=1), Setting("block 4", "block4", {}, None, x=4, expect="<"),
+        Setting("block 16", "block16", {}, 22.8, x=16), Setting("block 64", "block64", {}, 14.4, x=64)],
+        "block 16", trains=True, cpu="~30 min + base", xlabel="block size"),
+    "loc": Study("Logit-normal loc = 1 is best at d = 16", "Fig. 8, §4.4.1", "task avg %", [
+        Setting("loc 0.5", "loc0.5", {}, 14.4, x=0.5), Setting("loc 0.8", "loc0.8", {}, None, x=0.8, expect="<",
+                                                               note="paper: 17.0 at loc 0.9"),
+        Setting("loc 1.0", "base", {}, 20.0, x=1.0), Setting("loc 1.1", "loc1.1", {}, 15.3, x=1.1),
+        Setting("uniform t", "uniform_t", {}, None, x=1.4, note="not in the paper")], "loc 1.0",
+        trains=True, cpu="~35 min + base", xlabel="logit-normal loc"),
+    "vae_regime": Study("Joint VAE training beats a frozen VAE (late); all-from-scratch collapses", "Fig. 3, §4.3",
+                        "task avg %", [
+        Setting("frozen", "base", {}, 22.2, x=0), Setting("joint x1", "joint1", {}, 24.8, x=1),
+        Setting("joint x0.01", "joint0.01", {}, None, x=2, expect="<"),
+        Setting("scratch", "scratch", {}, 12.8, x=3)], "joint x1", trains=True, cpu="~35 min + base",
+        xlabel="VAE regime"),
+    "bert": Study("BERT mask loss helps when the VAE trains at full lr", "Fig. 5, §4.3", "task avg %", [
+        Setting("mask, x1", "joint1", {}, 26.4, x=0), Setting("no mask, x1", "nomask_joint1", {}, 24.0, x=1),
+        Setting("mask, x0.01", "joint0.01", {}, None, x=2),
+        Setting("no mask, x0.01", "nomask_joint0.01", {}, None, x=3, ref="mask, x0.01", note="paper: no number")],
+        "mask, x1", trains=True, cpu="~40 min + base", xlabel="stage-1 mask loss, VAE lr ratio"),
+    "robustness": Study("Latent noise robustness of the VAE", "Fig. 13, §5.4", "token accuracy", [
+        *[Setting(f"bytes t={t:g}", "base", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()],
+        *[Setting(f"gpt2 t={t:g}", "vae_gpt2", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()]],
+        measure="robust", cpu="~10 min + base", xlabel="noise level t"),
+    "latent_dim": Study("The best loc moves with latent size: loc(d) = loc(16) + 0.5 ln(d/16)", "RQ1, Table 2, Fig. 2",
+                        "task avg %", [
+        Setting("d 16, loc 1.0", "base", {}, None, x=0), Setting("d 16, loc 1.7", "loc1.7", {}, None, x=1, expect="<"),
+        Setting("d 64, loc 1.0", "d64_loc1", {}, None, x=2, ref="d 64, loc 1.7", expect="<"),
+        Setting("d 64, loc 1.7", "d64_loc1.7", {}, None, x=3, note="the predicted loc at d = 64")], "d 16, loc 1.0",
+        trains=True, cpu="~35 min + base", xlabel="latent size, loc"),
+}
+
+# --quick: a toy model and a few prompts, so a study runs in seconds (tests use it)
+QUICK_TRAIN = ["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1", "--dit.width=32",
+               "--dit.n_head=2", "--dit.n_layer=1", "--ar.width=32", "--ar.n_head=2", "--ar.n_layer=1",
+               "--seq_len=64", "--batch_size=4", "--warmup_iters=1", "--eval_windows=4", "--eval_interval=100",
+               "--log_interval=100"]
+QUICK_ITERS = ["--vae_iters=3", "--joint_iters=3", "--ar_iters=3"]  # after the run's own options: they win
+QUICK_EVAL = dict(prompts=4, new_tokens=8, prompt_chars=24, limit=4)
+SAMPLER_DEFAULTS = dict(cfg=7, steps=16, first_block="clean")  # eval.py quality's own
+
+
+# ----------------------------------------------------------------------------- running
+
+class Ctx:
+    def __init__(self, args):
+        self.args, self.out = args, args.out or ("results/quick" if args.quick else "results")
+
+    def path(self, *parts):
+        p = os.path.join(self.out, *parts)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
+
+def train_argv(ctx, name, seed):
+    """train.py's arguments for run `name` with seed index `seed`, and its out_dir."""
+    out = ctx.path("runs", f"{name}_s{seed}" if seed else name, "")
+    argv = [f"--config={ctx.args.config}", f"--out_dir={out}", f"--seed={1337 + seed}"]
+    if ctx.args.dataset and "@gpt2_data" not in RUNS[name]:
+        argv.append(f"--dataset={ctx.args.dataset}")
+    for a in RUNS[name]:
+        if a == "@gpt2_data":
+            a = f"--dataset={ctx.args.gpt2_dataset}"
+        elif a.startswith("@"):  # start from another run's stage-1 VAE
+            dep = ensure_run(ctx, a[1:], seed)
+            a = f"--init_vae={os.path.join(os.path.dirname(dep), 'vae.pt' if a[1:] == 'base' else 'ckpt.pt')}"
+        argv.append(a)
+    if ctx.args.quick:
+        argv = argv[:1] + QUICK_TRAIN + argv[1:] + QUICK_ITERS
+    return argv, out
+
+
+def finished(ckpt_path):
+    """Whether a train.py checkpoint is the end of its run."""
+    if not os.path.isfile(ckpt_path):
+        return False
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    tc = ck["config"]["train"]
+    want = tc["max_iters"] or {"vae": tc["vae_iters"], "joint": tc["joint_iters"], "ar": tc["ar_iters"]}[ck["stage"]]
+    final = ck["stage"] == ("ar" if tc["model"] == "ar" else "vae" if tc["stage"] == "vae" else "joint")
+    return final and ck["step"] >= want
+
+
+@contextlib.contextmanager
+def own_signals():
+    """train.py turns SIGINT/SIGTERM into 'checkpoint and stop'; restore the default afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def ensure_run(ctx, name, seed=0):
+    """The checkpoint of a finished run: reused, continued (--resume) or trained here."""
+    argv, out = train_argv(ctx, name, seed)
+    ckpt, meta_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "repro.json")
+    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
+    started = any(os.path.isfile(os.path.join(out, f)) for f in ("ckpt.pt", "vae.pt"))
+    if not started:
+        meta = None  # nothing trained yet: start afresh
+    elif meta is not None and meta["argv"] != argv:
+        raise UserError(f"{out} was trained with other options ({' '.join(meta['argv'])}); "
+                        f"move it away or pick another --out")
+    if finished(ckpt):
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            cfgs = train.build_configs(argv)
+        try:  # a finished run is reused only if it is this very run (whoever trained it)
+            check_resume(torch.load(ckpt, map_location="cpu", weights_only=False), cfgs, train.RESUME_FREE | {"init_vae"})
+        except UserError as e:
+            raise UserError(f"{out} holds another run: {e}; move it away or pick another --out") from None
+        return ckpt
+    if started and meta is None:
+        raise UserError(f"{out} holds a run that repro.py did not start; move it away or pick another --out")
+    print(f"[train] {name} (seed {seed}){' resumed' if started else ''}: python train.py {' '.join(argv)}", flush=True)
+    meta = meta or dict(argv=argv, seconds=0.0)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    t0 = time.time()
+    with own_signals(), open(os.path.join(out, "train.log"), "a") as log, contextlib.redirect_stdout(log):
+        try:
+            train.main(argv + (["--resume"] if started else []))
+        except SystemExit:  # SIGINT / SIGTERM: train.py saved a checkpoint; reported below
+            pass
+        finally:
+            meta["seconds"] += time.time() - t0
+            with open(meta_path, "w") as f:
+                json.dump(meta, f)
+    if not finished(ckpt):
+        raise UserError(f"run {name} stopped before its end (interrupted?); run the study again to continue it")
+    print(f"[train] {name} done in {meta['seconds'] / 60:.1f} min", flush=True)
+    return ckpt
+
+
+def run_seconds(ctx, name, seed):
+    """Training seconds of a run and of the runs it starts from (0 where repro.py did not time it)."""
+    out = train_argv(ctx, name, seed)[1]
+    meta_path = os.path.join(out, "repro.json")
+    own = json.load(open(meta_path))["seconds"] if os.path.isfile(meta_path) else 0.0
+    return own + sum(run_seconds(ctx, a[1:], seed) for a in RUNS[name] if a.startswith("@") and a[1:] in RUNS)
+
+
+def measure(ctx, study, s, seed):
+    """eval.py's result for one setting and seed: quality (words per prompt) or recon (robustness)."""
+    ckpt = ensure_run(ctx, s.run, seed if study.trains else 0)  # sampling studies: one checkpoint, sampler seeds
+    a = ctx.args
+    if study.measure == "robust":
+        argv = ["recon", f"--limit={QUICK_EVAL['limit'] if a.quick else 64}", f"--seed={seed}"]
+    else:
+        n = dict(prompts=a.prompts, new_tokens=80, prompt_chars=48) if not a.quick else \
+            {k: v for k, v in QUICK_EVAL.items() if k != "limit"}
+        argv = ["quality", f"--seed={seed}"] + [f"--{k}={v}" for k, v in n.items()]
+        argv += [f"--{k}={v}" for k, v in s.opts.items() if SAMPLER_DEFAULTS.get(k) != v]  # defaults: one measurement
+        argv += [f"--judge={a.judge}"] if a.judge else []
+    if a.dataset and "@gpt2_data" not in RUNS[s.run]:
+        argv.append(f"--dataset={a.dataset}")
+    key = "_".join(x.lstrip("-").replace("=", "").replace("/", "-").replace(":", "-") for x in argv
+                   if not x.startswith("--judge"))
+    out = ctx.path("evals", os.path.basename(os.path.dirname(ckpt)), key + ".json")
+    if not os.path.isfile(out):
+        print(f"[eval] {s.label} (seed {seed}): python eval.py {' '.join(argv)} --ckpt={ckpt}", flush=True)
+        with open(out + ".log", "w") as log, contextlib.redirect_stdout(log):
+            evaluate.main(argv + [f"--ckpt={ckpt}", f"--out={out}.part"])
+        os.replace(out + ".part", out)  # only a finished measurement counts as one
+    return json.load(open(out))
+
+
+def per_unit(study, s, r):
+    """The per-prompt (quality) or per-window (robustness) values of one measurement."""
+    if study.measure == "robust":
+        return r["robustness_windows"][f"{s.opts['t']:g}"]
+    out = []
+    for smp in r["samples"]:
+        sc = smp["scores"]
+        out.append(0.0 if not sc["words"] else sc["word_valid"])  # no word at all: nothing real written
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def mean_ci(v):
+    """Mean and 95% normal-approximation interval of the mean of v."""
+    n = len(v)
+    m = sum(v) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1)) if n > 1 else float("inf")
+    h = 1.96 * sd / math.sqrt(n)
+    return m, m - h, m + h
+
+
+def paper_direction(s, ref):
+    """'<', '>' or '~': how the paper's setting s compares with the reference, or None (no claim)."""
+    if s.expect:
+        return s.expect
+    if s.paper is None or ref is None or ref.paper is None:
+        return None
+    d = s.paper - ref.paper
+    return "~" if abs(d) < TIE else ("<" if d < 0 else ">")
+
+
+def verdict(direction, lo, hi, margin=MARGIN):
+    """agrees / disagrees / inconclusive: our 95% interval [lo, hi] of (row - reference) against the
+    paper's direction. '<' agrees when the whole interval is below 0 and disagrees when it is above;
+    '~' agrees when it lies inside +-margin and disagrees when it lies outside it."""
+    if direction == "<":
+        return "agrees" if hi < 0 else "disagrees" if lo > 0 else "inconclusive"
+    if direction == ">":
+        return "agrees" if lo > 0 else "disagrees" if hi < 0 else "inconclusive"
+    if -margin <= lo and hi <= margin:
+        return "agrees"
+    return "disagrees" if lo > margin or hi < -margin else "inconclusive"
+
+
+def analyse(ctx, name, study):
+    seeds = range(ctx.args.seeds)
+    vals, extra = {}, {}
+    for s in study.settings:
+        rs = [measure(ctx, study, s, k) for k in seeds]
+        vals[s.label] = [x for r in rs for x in per_unit(study, s, r)]
+        if study.measure == "quality":
+            bits = [sum(smp["scores"].get("bits", 0.0) for smp in r["samples"]) for r in rs]
+            nbytes = [sum(smp["scores"].get("bytes", 0) for smp in r["samples"]) for r in rs]
+            extra[s.label] = dict(judge_bpb=sum(bits) / sum(nbytes) if ctx.args.judge and sum(nbytes) else None,
+                                  words_true=sum(r["word_valid_true"] for r in rs) / len(rs),
+                                  eval_seconds=sum(r["wall_seconds"] for r in rs))
+        else:
+            extra[s.label] = dict(token_acc=sum(r["token_acc"] for r in rs) / len(rs),
+                                  eval_seconds=sum(r["wall_seconds"] for r in rs))
+    rows, by_label = [], {s.label: s for s in study.settings}
+    for s in study.settings:
+        m, lo, hi = mean_ci(vals[s.label])
+        row = dict(label=s.label, run=s.run, opts=s.opts, paper=s.paper, note=s.note, x=s.x, ours=m, ci=[lo, hi],
+                   n=len(vals[s.label]), **extra[s.label])
+        ref = by_label.get(s.ref or study.reference)
+        if study.measure == "robust":
+            row["verdict"] = "-" if s.paper is None else (
+                "agrees" if lo <= s.paper + ROBUST_TOL and hi >= s.paper - ROBUST_TOL else "disagrees")
+        elif ref is None or ref is s:
+            row["verdict"] = "reference"
+        else:
+            diff = [a - b for a, b in zip(vals[s.label], vals[ref.label])]  # paired: same prompts, same seeds
+            dm, dlo, dhi = mean_ci(diff)
+            direction = paper_direction(s, ref)
+            row.update(ref=ref.label, paper_direction=direction, diff=dm, diff_ci=[dlo, dhi],
+                       verdict="-" if direction is None else verdict(direction, dlo, dhi))
+        rows.append(row)
+    seconds = sum(r["eval_seconds"] for r in rows) + sum(run_seconds(ctx, r, k) for r in {s.run for s in study.settings}
+                                                          for k in seeds)
+    return dict(study=name, title=study.title, where=study.where, paper_unit=study.paper_unit, measure=study.measure,
+                config=ctx.args.config, quick=ctx.args.quick, seeds=ctx.args.seeds, judge=ctx.args.judge,
+                prompts=None if study.measure == "robust" else (QUICK_EVAL["prompts"] if ctx.args.quick else ctx.args.prompts),
+                cpu_seconds=seconds, rows=rows,
+                command="python repro.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("repro.py") else None)
+
+
+# ----------------------------------------------------------------------------- reports
+
+def fmt(v, f=".3f"):
+    return "-" if v is None else format(v, f)
+
+
+def markdown(res):
+    ours = "token accuracy" if res["measure"] == "robust" else "words valid"
+    lines = [f"## {res['study']}: {res['title']}", "",
+             f"Paper: {res['where']} ({res['paper_unit']}). Ours: {ours}, config `{res['config']}`"
+             f"{' (--quick: toy size, numbers mean nothing)' if res['quick'] else ''}, {res['seeds']} seed(s)"
+             + (f", {res['prompts']} prompts" if res["prompts"] else "")
+             + f"; {res['cpu_seconds'] / 60:.1f} CPU min in all (training runs shared with other studies included).", ""]
+    if res["measure"] == "robust":
+        lines += [f"| setting | paper | ours | 95% CI | verdict (within +-{ROBUST_TOL:.2f}) |", "|---|---|---|---|---|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['label']} | {fmt(r['paper'], '.2f')} | {r['ours']:.3f} | "
+                         f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['verdict']} |")
+        return "\n".join(lines) + "\n"
+    lines += ["| setting | paper | words valid | 95% CI | vs | paper says | ours: difference [95% CI] | verdict | judge bpb |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        paper = fmt(r["paper"], ".1f") + (f" ({r['note']})" if r["note"] else "")
+        if "diff" in r:
+            cmp_ = (f"{r['ref']} | {r['paper_direction'] or '-'} | {r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, "
+                    f"{r['diff_ci'][1]:+.3f}]")
+        else:
+            cmp_ = "- | - | -"
+        lines.append(f"| {r['label']} | {paper} | {r['ours']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {cmp_} | "
+                     f"{r['verdict']} | {fmt(r['judge_bpb'], '.2f')} |")
+    lines += ["", f"Verdicts: paper '<' / '>' (paper numbers {TIE:g} point or more apart) agree when the whole "
+              f"interval of our paired difference has that sign; '~' agrees when it lies within +-{MARGIN:g}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = res["rows"]
+    xs = [r["x"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.errorbar(xs, [r["ours"] for r in rows], yerr=[[r["ours"] - r["ci"][0] for r in rows],
+                                                       [r["ci"][1] - r["ours"] for r in rows]], fmt="o-", label="ours")
+    ax.set_ylabel("token accuracy" if res["measure"] == "robust" else "words valid (ours)")
+    ax.set_xlabel(STUDIES[res["study"]].xlabel)
+    if res["measure"] == "quality" and not all(isinstance(r["x"], (int, float)) and r["label"][0].isdigit() for r in rows):
+        ax.set_xticks(xs, [r["label"] for r in rows], rotation=30, ha="right", fontsize=7)
+    paper = [(r["x"], r["paper"]) for r in rows if r["paper"] is not None]
+    if paper:
+        other = ax if res["measure"] == "robust" else ax.twinx()
+        other.plot(*zip(*paper), "s--", color="gray", label="paper")
+        if other is not ax:
+            other.set_ylabel(f"paper: {res['paper_unit']}")
+    ax.set_title(f"{res['study']}: {res['title']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_study(ctx, name):
+    study = STUDIES[name]
+    t0 = time.time()
+    res = analyse(ctx, name, study)
+    res["wall_seconds_this_call"] = time.time() - t0
+    with open(ctx.path(f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    md = markdown(res)
+    with open(ctx.path(f"{name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {ctx.path(name + '.json')}, {ctx.path(name + '.md')}"
+          + (f", {ctx.path(name + '.png')}" if plot(res, ctx.path(name + ".png")) else " (no plot: matplotlib absent)"))
+    return res
+
+
+def summary(ctx):
+    """One table over every finished study: setting, paper, ours, verdict."""
+    lines = ["| study | setting | paper | ours [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for name in STUDIES:
+        p = os.path.join(ctx.out, f"{name}.json")
+        if not os.path.isfile(p):
+            lines.append(f"| {name} | (not run yet: `python repro.py {name}`) | | | |")
+            continue
+        res = json.load(open(p))
+        for r in res["rows"]:
+            lines.append(f"| {name} | {r['label']} | {fmt(r['paper'], '.2f' if res['measure'] == 'robust' else '.1f')} | "
+                         f"{r['ours']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['verdict']} |")
+    text = "\n".join(lines) + "\n"
+    with open(ctx.path("SUMMARY.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Reproduce the paper's findings at small scale, one study per command.")
+    ap.add_argument("study", help="a study name, `all`, `list` or `summary`")
+    ap.add_argument("--config", default="tiny", help="train.py preset of every run")
+    ap.add_argument("--seeds", type=int, default=1, help="training seeds (sampling studies: sampler seeds)")
+    ap.add_argument("--prompts", type=int, default=48, help="held-out prompts per measurement")
+    ap.add_argument("--judge", default="", help="an AR checkpoint (train.py --model=ar): adds the judge's bits/byte")
+    ap.add_argument("--dataset", default="", help="a prepared dataset for every run (default: the preset's)")
+    ap.add_argument("--gpt2_dataset", default="austen_gpt2", help="the GPT-2-token dataset of the robustness study")
+    ap.add_argument("--out", default="", help="results folder (default results, or results/quick with --quick)")
+    ap.add_argument("--quick", action="store_true", help="a toy size, seconds per study: checks the machinery only")
+    args = ap.parse_args(argv)
+    if args.seeds < 1 or args.prompts < 2:
+        ap.error("--seeds must be >= 1 and --prompts >= 2")
+    if args.judge and not os.path.isfile(args.judge):
+        raise UserError(f"--judge {args.judge}: no such checkpoint")
+    ctx = Ctx(args)
+    if args.study == "list":
+        for name, st in STUDIES.items():
+            print(f"{name:12s} {st.title} [{st.where}]: {len(st.settings)} settings, CPU {st.cpu}")
+        return
+    if args.study == "summary":
+        return summary(ctx)
+    names = list(STUDIES) if args.study == "all" else [args.study]
+    for name in names:
+        if name not in STUDIES:
+            raise UserError(f"unknown study {name!r}; `python repro.py list` names them")
+        run_study(ctx, name)
+    if args.study == "all":
+        summary(ctx)
+
+
+if __name__ == "__main__":
+    run_main(main)
