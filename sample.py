@@ -85,9 +85,11 @@ def main(argv=None):
     prompts = []
     for text in texts:
         ids = tok.encode(text)
-        if len(ids) + args.max_new_tokens > context:
-            raise UserError(f"prompt of {len(ids)} tokens + max_new_tokens {args.max_new_tokens} exceeds the model's "
-                            f"context of {context} tokens (its training seq_len); shorten one of them")
+        pad = -len(ids) % model.block_size if args.first_block.endswith("_pad") else 0  # padded to whole blocks
+        if len(ids) + pad + args.max_new_tokens > context:
+            raise UserError(f"prompt of {len(ids)} tokens{f' (+{pad} padding)' if pad else ''} + max_new_tokens "
+                            f"{args.max_new_tokens} exceeds the model's context of {context} tokens (its training "
+                            f"seq_len); shorten one of them")
         prompts += [ids] * args.num_samples
     torch.manual_seed(args.seed)
     stream = Streamer(tok) if len(prompts) == 1 else None

@@ -79,10 +79,13 @@ def test_cli_generates_and_streams(ckpt, capsys):
     assert capsys.readouterr().out.startswith("Once")
     sample.main([f"--ckpt={ckpt}", "--prompt=", "--num_samples=2", "--max_new_tokens=5", "--steps=2"])
     assert capsys.readouterr().out.count("--- sample") == 2
+    for mode in ("repaint:3:0.7", "left_pad", "right_pad"):
+        sample.main([f"--ckpt={ckpt}", "--prompt=Once", "--max_new_tokens=9", "--steps=2", f"--first_block={mode}"])
+        assert capsys.readouterr().out.startswith("Once")
 
 
 @pytest.mark.parametrize("bad", [["--steps=0"], ["--cfg=-1"], ["--top_p=0"], ["--top_p=1.5"], [],
-                                 ["--top_k=5"]])
+                                 ["--top_k=5"], ["--first_block=middle"], ["--first_block=repaint:0"]])
 def test_cli_argument_errors(ckpt, bad, capsys):
     args = [f"--ckpt={ckpt}"] + bad + (["--prompt=a"] if bad else [])
     with pytest.raises(SystemExit) as e:
@@ -93,6 +96,8 @@ def test_cli_argument_errors(ckpt, bad, capsys):
 def test_cli_user_errors(ckpt, tmp_path, capsys):
     with pytest.raises(UserError, match="context of 64 tokens"):
         sample.main([f"--ckpt={ckpt}", "--prompt=" + "a" * 60, "--max_new_tokens=10"])
+    with pytest.raises(UserError, match=r"\(\+2 padding\)"):  # 58 + 2 pad + 5 > 64
+        sample.main([f"--ckpt={ckpt}", "--prompt=" + "a" * 58, "--max_new_tokens=5", "--first_block=left_pad"])
     with pytest.raises(UserError, match="not found"):
         sample.main([f"--ckpt={tmp_path / 'nope.pt'}", "--prompt=a"])
     junk = tmp_path / "junk.pt"
