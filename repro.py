@@ -243,11 +243,16 @@ def ensure_run(ctx, name, seed=0):
 
 
 def run_seconds(ctx, name, seed):
-    """Training seconds of a run and of the runs it starts from (0 where repro.py did not time it)."""
+    """Training seconds of a run and of the runs it starts from, and the names of those repro.py did not
+    time (reused from elsewhere)."""
     out = train_argv(ctx, name, seed)[1]
     meta_path = os.path.join(out, "repro.json")
-    own = json.load(open(meta_path))["seconds"] if os.path.isfile(meta_path) else 0.0
-    return own + sum(run_seconds(ctx, a[1:], seed) for a in RUNS[name] if a.startswith("@") and a[1:] in RUNS)
+    seconds, untimed = (json.load(open(meta_path))["seconds"], set()) if os.path.isfile(meta_path) else (0.0, {name})
+    for a in RUNS[name]:
+        if a.startswith("@") and a[1:] in RUNS:
+            s, u = run_seconds(ctx, a[1:], seed)
+            seconds, untimed = seconds + s, untimed | u
+    return seconds, untimed
 
 
 def measure(ctx, study, s, seed):
@@ -353,12 +358,15 @@ def analyse(ctx, name, study):
             row.update(ref=ref.label, paper_direction=direction, diff=dm, diff_ci=[dlo, dhi],
                        verdict="-" if direction is None else verdict(direction, dlo, dhi))
         rows.append(row)
-    seconds = sum(r["eval_seconds"] for r in rows) + sum(run_seconds(ctx, r, k) for r in {s.run for s in study.settings}
-                                                          for k in seeds)
+    seconds, untimed = sum(r["eval_seconds"] for r in rows), set()
+    for run in {s.run for s in study.settings}:
+        for k in (seeds if study.trains else [0]):
+            s_, u = run_seconds(ctx, run, k)
+            seconds, untimed = seconds + s_, untimed | u
     return dict(study=name, title=study.title, where=study.where, paper_unit=study.paper_unit, measure=study.measure,
                 config=ctx.args.config, quick=ctx.args.quick, seeds=ctx.args.seeds, judge=ctx.args.judge,
                 prompts=None if study.measure == "robust" else (QUICK_EVAL["prompts"] if ctx.args.quick else ctx.args.prompts),
-                cpu_seconds=seconds, rows=rows,
+                cpu_seconds=seconds, untimed_runs=sorted(untimed), rows=rows,
                 command="python repro.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("repro.py") else None)
 
 
@@ -374,7 +382,8 @@ def markdown(res):
              f"Paper: {res['where']} ({res['paper_unit']}). Ours: {ours}, config `{res['config']}`"
              f"{' (--quick: toy size, numbers mean nothing)' if res['quick'] else ''}, {res['seeds']} seed(s)"
              + (f", {res['prompts']} prompts" if res["prompts"] else "")
-             + f"; {res['cpu_seconds'] / 60:.1f} CPU min in all (training runs shared with other studies included).", ""]
+             + f"; {res['cpu_seconds'] / 60:.1f} CPU min in all (training runs shared with other studies included"
+             + (f"; not timed here: {', '.join(res['untimed_runs'])}" if res["untimed_runs"] else "") + ").", ""]
     if res["measure"] == "robust":
         lines += [f"| setting | paper | ours | 95% CI | verdict (within +-{ROBUST_TOL:.2f}) |", "|---|---|---|---|---|"]
         for r in res["rows"]:
