@@ -65,6 +65,7 @@ class Study:
     trains: bool = False       # seeds are training seeds (else: sampler seeds on one checkpoint)
     cpu: str = ""              # measured cost at tiny on our 2-core CPU (README)
     xlabel: str = ""
+    xscale: str = "linear"     # of the plot: linear, log or cat (the rows' labels as ticks)
 
 
 # Training runs: train.py arguments on top of --config (the study's seeds add --seed). Stage-2 runs
@@ -97,7 +98,7 @@ STUDIES = {
         cpu="~10 min + base", xlabel="guidance scale w"),
     "steps": Study("Euler steps per block saturate", "Fig. 9, §4.4.2", "4-task avg %", [
         Setting(f"{s} steps", "base", dict(steps=s), p, x=s) for s, p in PAPER_STEPS.items()], "16 steps",
-        cpu="~6 min + base", xlabel="Euler steps per block"),
+        cpu="~6 min + base", xlabel="Euler steps per block", xscale="log"),
     "first_block": Study("First-block conditioning: clean repaint wins", "Table 5, §5.2, App. I.1",
                          "task avg %", [
         Setting("clean", "block16", dict(first_block="clean"), 24.6, x=0),
@@ -105,28 +106,28 @@ STUDIES = {
                   expect="<", note="paper: 7.5-9.3 over its repaint settings") for i, (r, m) in enumerate(REPAINT)],
         Setting("left padding", "block16", dict(first_block="left_pad"), None, x=7, expect="<", note="paper: 16.0-16.7"),
         Setting("right padding", "block16", dict(first_block="right_pad"), None, x=8, expect="<",
-                note="paper: 16.0-16.7")], "clean", cpu="~6 min + block16", xlabel="first-block mode"),
+                note="paper: 16.0-16.7")], "clean", cpu="~6 min + block16", xlabel="first-block mode", xscale="cat"),
     "block_size": Study("Block size 16 is best", "Fig. 6, §4.4.1", "task avg % (40k steps)", [
         Setting("block 1", "base", {}, 19.3, x=1), Setting("block 4", "block4", {}, None, x=4, expect="<"),
         Setting("block 16", "block16", {}, 22.8, x=16), Setting("block 64", "block64", {}, 14.4, x=64)],
-        "block 16", trains=True, cpu="~30 min + base", xlabel="block size"),
+        "block 16", trains=True, cpu="~30 min + base", xlabel="block size", xscale="log"),
     "loc": Study("Logit-normal loc = 1 is best at d = 16", "Fig. 8, §4.4.1", "task avg %", [
         Setting("loc 0.5", "loc0.5", {}, 14.4, x=0.5), Setting("loc 0.8", "loc0.8", {}, None, x=0.8, expect="<",
                                                                note="paper: 17.0 at loc 0.9"),
         Setting("loc 1.0", "base", {}, 20.0, x=1.0), Setting("loc 1.1", "loc1.1", {}, 15.3, x=1.1),
         Setting("uniform t", "uniform_t", {}, None, x=1.4, note="not in the paper")], "loc 1.0",
-        trains=True, cpu="~35 min + base", xlabel="logit-normal loc"),
+        trains=True, cpu="~35 min + base", xlabel="logit-normal loc (uniform t at 1.4)"),
     "vae_regime": Study("Joint VAE training beats a frozen VAE (late); all-from-scratch collapses", "Fig. 3, §4.3",
                         "task avg %", [
         Setting("frozen", "base", {}, 22.2, x=0), Setting("joint x1", "joint1", {}, 24.8, x=1),
         Setting("joint x0.01", "joint0.01", {}, None, x=2, expect="<"),
         Setting("scratch", "scratch", {}, 12.8, x=3)], "joint x1", trains=True, cpu="~35 min + base",
-        xlabel="VAE regime"),
+        xlabel="VAE regime", xscale="cat"),
     "bert": Study("BERT mask loss helps when the VAE trains at full lr", "Fig. 5, §4.3", "task avg %", [
         Setting("mask, x1", "joint1", {}, 26.4, x=0), Setting("no mask, x1", "nomask_joint1", {}, 24.0, x=1),
         Setting("mask, x0.01", "joint0.01", {}, None, x=2),
         Setting("no mask, x0.01", "nomask_joint0.01", {}, None, x=3, ref="mask, x0.01", note="paper: no number")],
-        "mask, x1", trains=True, cpu="~40 min + base", xlabel="stage-1 mask loss, VAE lr ratio"),
+        "mask, x1", trains=True, cpu="~40 min + base", xlabel="stage-1 mask loss, VAE lr ratio", xscale="cat"),
     "robustness": Study("Latent noise robustness of the VAE", "Fig. 13, §5.4", "token accuracy", [
         *[Setting(f"bytes t={t:g}", "base", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()],
         *[Setting(f"gpt2 t={t:g}", "vae_gpt2", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()]],
@@ -136,7 +137,7 @@ STUDIES = {
         Setting("d 16, loc 1.0", "base", {}, None, x=0), Setting("d 16, loc 1.7", "loc1.7", {}, None, x=1, expect="<"),
         Setting("d 64, loc 1.0", "d64_loc1", {}, None, x=2, ref="d 64, loc 1.7", expect="<"),
         Setting("d 64, loc 1.7", "d64_loc1.7", {}, None, x=3, note="the predicted loc at d = 64")], "d 16, loc 1.0",
-        trains=True, cpu="~35 min + base", xlabel="latent size, loc"),
+        trains=True, cpu="~35 min + base", xlabel="latent size, loc", xscale="cat"),
 }
 
 # --quick: a toy model and a few prompts, so a study runs in seconds (tests use it)
@@ -407,30 +408,38 @@ def markdown(res):
 
 
 def plot(res, path):
+    """Ours (with 95% intervals) beside the paper's numbers, one line per run for robustness."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = res["rows"]
-    xs = [r["x"] for r in rows]
+    study = STUDIES[res["study"]]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.errorbar(xs, [r["ours"] for r in rows], yerr=[[r["ours"] - r["ci"][0] for r in rows],
-                                                       [r["ci"][1] - r["ours"] for r in rows]], fmt="o-", label="ours")
-    ax.set_ylabel("token accuracy" if res["measure"] == "robust" else "words valid (ours)")
-    ax.set_xlabel(STUDIES[res["study"]].xlabel)
-    if res["measure"] == "quality" and not all(isinstance(r["x"], (int, float)) and r["label"][0].isdigit() for r in rows):
-        ax.set_xticks(xs, [r["label"] for r in rows], rotation=30, ha="right", fontsize=7)
-    paper = [(r["x"], r["paper"]) for r in rows if r["paper"] is not None]
+    series = {}
+    for r in res["rows"]:
+        series.setdefault(r["run"] if res["measure"] == "robust" else "ours", []).append(r)
+    for name, rows in series.items():
+        ax.errorbar([r["x"] for r in rows], [r["ours"] for r in rows], fmt="o" if study.xscale == "cat" else "o-", label=name,
+                    yerr=[[r["ours"] - r["ci"][0] for r in rows], [r["ci"][1] - r["ours"] for r in rows]])
+    paper = sorted({(r["x"], r["paper"]) for r in res["rows"] if r["paper"] is not None})
     if paper:
         other = ax if res["measure"] == "robust" else ax.twinx()
-        other.plot(*zip(*paper), "s--", color="gray", label="paper")
-        if other is not ax:
-            other.set_ylabel(f"paper: {res['paper_unit']}")
+        other.plot(*zip(*paper), "s" if study.xscale == "cat" else "s--", color="gray", label="paper")
+        other.set_ylabel(f"paper: {res['paper_unit']}")
+    ax.set_ylabel("token accuracy" if res["measure"] == "robust" else "words valid (ours)")
+    ax.set_xlabel(study.xlabel)
+    if study.xscale == "cat":
+        ax.set_xticks([r["x"] for r in res["rows"]], [r["label"] for r in res["rows"]], rotation=30, ha="right",
+                      fontsize=7)
+    elif study.xscale == "log":
+        ax.set_xscale("log", base=2)
+    if res["measure"] == "robust":
+        ax.legend(fontsize=8)
     ax.set_title(f"{res['study']}: {res['title']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 

@@ -42,6 +42,11 @@ def test_every_study_runs_and_writes_its_table(all_quick):
     assert all(f"| {name} |" in summary for name in repro.STUDIES)
 
 
+def test_plots_where_matplotlib_is_installed(all_quick):
+    pytest.importorskip("matplotlib")  # optional: not in requirements.txt
+    assert all((all_quick / f"{name}.png").stat().st_size > 1000 for name in repro.STUDIES)
+
+
 def test_a_finished_study_only_re_reports(all_quick, corpora, monkeypatch):
     before = json.load(open(all_quick / "cfg.json"))
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained: {argv}"))
