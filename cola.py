@@ -17,7 +17,8 @@ commit its latents to the DiT cache with t = 0.
 
 The first block has three other modes, the baselines of the paper's Table 5 (first_block=): partial
 repaint ("repaint:R:M", flow.euler_repaint: the prompt's tail noised to the current t and re-imposed
-during the first fraction M of the steps, each such step run R times), and padding the prompt with
+during the first fraction M of the steps, each such step run R times; the prompt's own latents then
+enter the history, so only the continuation's latents differ), and padding the prompt with
 <|endoftext|> to a whole number of blocks, on its left ("left_pad") or between it and the
 continuation ("right_pad"), so that no block is shared by prompt and continuation.
 """
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block
+from layers import PAD_POS, append_tokens, cat_kv, pick_tokens, sample_generators
+from vae import TextVAE, VAEConfig, gaussian_kl
 
 FIRST_BLOCK_MODES = ("clean", "repaint", "left_pad", "right_pad")
 
@@ -48,8 +51,6 @@ def parse_first_block(spec):
     if reps < 1 or not 0 < frac <= 1:
         raise ValueError(f"first_block {spec!r}: needs R >= 1 and 0 < M <= 1")
     return mode, reps, frac
-from layers import PAD_POS, append_tokens, cat_kv, pick_tokens, sample_generators
-from vae import TextVAE, VAEConfig, gaussian_kl
 
 
 class Cola(nn.Module):
@@ -261,13 +262,13 @@ class Cola(nn.Module):
             pos = start[:, None] + offs  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
             z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
+            history = dict(past=dit_cache) if use_cache else dict(past_z=hist_z)
+            z = sample_block(self.dit, z, pos, keep, past_pos=hist_pos, steps=steps, cfg_scale=cfg_scale, shift=shift,
+                             repaint=repaint, **history)
+            z = torch.where(keep[..., None], tail, z)  # the prompt's own latents stand (partial repaint moved them)
             if use_cache:
-                z = sample_block(self.dit, z, pos, keep, past=dit_cache, past_pos=hist_pos, steps=steps,
-                                 cfg_scale=cfg_scale, shift=shift, repaint=repaint)
                 logits, dec_kv = self.vae.decode(z, pos, dec_cache, hist_pos)  # (B, bs, V)
             else:
-                z = sample_block(self.dit, z, pos, keep, past_z=hist_z, past_pos=hist_pos, steps=steps,
-                                 cfg_scale=cfg_scale, shift=shift, repaint=repaint)
                 logits = self.vae.decode(torch.cat([hist_z, z], 1), torch.cat([hist_pos, pos], 1))[0][:, -bs:]
             if trace is not None:
                 trace.append((z.clone(), logits.clone()))
