@@ -237,9 +237,14 @@ def quality(model, ckpt, args):
     if context - args.new_tokens < 1:
         raise UserError(f"--new_tokens={args.new_tokens} leaves no room for a prompt in the {context}-token context")
     pairs = tq.quality_prompts(data_dir, args.prompts, args.prompt_chars, tok, args.new_tokens)
+    room = context - args.new_tokens  # prompt tokens that fit; padded prompts must fit with their padding
+    if args.first_block.endswith("_pad"):
+        room = room // model.block_size * model.block_size
+        if room < 1:
+            raise UserError(f"--new_tokens={args.new_tokens} leaves no whole block for a padded prompt")
     gens = []
     for i in tqdm(range(0, len(pairs), args.batch_size), desc="quality", leave=False):
-        prompts = [tok.encode(p)[-(context - args.new_tokens):] for p, _ in pairs[i:i + args.batch_size]]
+        prompts = [tok.encode(p)[-room:] for p, _ in pairs[i:i + args.batch_size]]
         gens += [tok.decode(o) for o in model.generate(prompts, args.new_tokens, steps=args.steps, cfg_scale=args.cfg,
                                                        shift=args.shift, temperature=args.temperature, top_k=args.top_k,
                                                        top_p=args.top_p, seed=args.seed, first_block=args.first_block)]

@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -80,8 +81,8 @@ RUNS = {
     "joint0.01": ["--stage=joint", "@base", "--vae_lr_ratio=0.01"],
     "scratch": ["--stage=joint", "--init_vae=scratch", "--vae_lr_ratio=1", "--lambda_ref=0"],  # no stage 1 to refer to
     "vae_nomask": ["--stage=vae", "--vae.lambda_mask=0"],
-    "nomask_joint1": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=1"],
-    "nomask_joint0.01": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=0.01"],
+    "nomask_joint1": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=1", "--vae.lambda_mask=0"],
+    "nomask_joint0.01": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=0.01", "--vae.lambda_mask=0"],
     "vae_d64": ["--stage=vae", "--vae.latent_dim=64"],
     **{f"d64_loc{v:g}": ["--stage=joint", "@vae_d64", "--vae.latent_dim=64", f"--flow.t_loc={v}"] for v in (1.0, 1.7)},
     "vae_gpt2": ["--stage=vae", "--vae.tokenizer=gpt2", "@gpt2_data", "--vae_iters=300"],
@@ -97,7 +98,8 @@ STUDIES = {
         Setting(f"w = {w}", "base", dict(cfg=w), p, x=w) for w, p in PAPER_CFG.items()], "w = 7",
         cpu="~10 min + base", xlabel="guidance scale w"),
     "steps": Study("Euler steps per block saturate", "Fig. 9, §4.4.2", "4-task avg %", [
-        Setting(f"{s} steps", "base", dict(steps=s), p, x=s) for s, p in PAPER_STEPS.items()], "16 steps",
+        Setting(f"{s} step{'s' if s > 1 else ''}", "base", dict(steps=s), p, x=s) for s, p in PAPER_STEPS.items()],
+        "16 steps",
         cpu="~6 min + base", xlabel="Euler steps per block", xscale="log"),
     "first_block": Study("First-block conditioning: clean repaint wins", "Table 5, §5.2, App. I.1",
                          "task avg %", [
@@ -154,7 +156,7 @@ SAMPLER_DEFAULTS = dict(cfg=7, steps=16, first_block="clean")  # eval.py quality
 
 class Ctx:
     def __init__(self, args):
-        self.args, self.out = args, args.out or ("results/quick" if args.quick else "results")
+        self.args, self.out = args, os.path.normpath(args.out or ("results/quick" if args.quick else "results"))
 
     def path(self, *parts):
         p = os.path.join(self.out, *parts)
@@ -162,18 +164,25 @@ class Ctx:
         return p
 
 
+def run_dir(ctx, name, seed):
+    return ctx.path("runs", f"{name}_s{seed}" if seed else name, "")
+
+
+def depends_on(name):
+    return [a[1:] for a in RUNS[name] if a.startswith("@") and a[1:] in RUNS]
+
+
 def train_argv(ctx, name, seed):
     """train.py's arguments for run `name` with seed index `seed`, and its out_dir."""
-    out = ctx.path("runs", f"{name}_s{seed}" if seed else name, "")
+    out = run_dir(ctx, name, seed)
     argv = [f"--config={ctx.args.config}", f"--out_dir={out}", f"--seed={1337 + seed}"]
     if ctx.args.dataset and "@gpt2_data" not in RUNS[name]:
         argv.append(f"--dataset={ctx.args.dataset}")
     for a in RUNS[name]:
         if a == "@gpt2_data":
             a = f"--dataset={ctx.args.gpt2_dataset}"
-        elif a.startswith("@"):  # start from another run's stage-1 VAE
-            dep = ensure_run(ctx, a[1:], seed)
-            a = f"--init_vae={os.path.join(os.path.dirname(dep), 'vae.pt' if a[1:] == 'base' else 'ckpt.pt')}"
+        elif a.startswith("@"):  # start from another run's stage-1 VAE (base: the one it kept as vae.pt)
+            a = f"--init_vae={os.path.join(run_dir(ctx, a[1:], seed), 'vae.pt' if a[1:] == 'base' else 'ckpt.pt')}"
         argv.append(a)
     if ctx.args.quick:
         argv = argv[:1] + QUICK_TRAIN + argv[1:] + QUICK_ITERS
@@ -184,7 +193,7 @@ def finished(ckpt_path):
     """Whether a train.py checkpoint is the end of its run."""
     if not os.path.isfile(ckpt_path):
         return False
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     tc = ck["config"]["train"]
     want = tc["max_iters"] or {"vae": tc["vae_iters"], "joint": tc["joint_iters"], "ar": tc["ar_iters"]}[ck["stage"]]
     final = ck["stage"] == ("ar" if tc["model"] == "ar" else "vae" if tc["stage"] == "vae" else "joint")
@@ -217,12 +226,17 @@ def ensure_run(ctx, name, seed=0):
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             cfgs = train.build_configs(argv)
         try:  # a finished run is reused only if it is this very run (whoever trained it)
-            check_resume(torch.load(ckpt, map_location="cpu", weights_only=False), cfgs, train.RESUME_FREE | {"init_vae"})
+            check_resume(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True), cfgs,
+                         train.RESUME_FREE | {"init_vae"})
         except UserError as e:
             raise UserError(f"{out} holds another run: {e}; move it away or pick another --out") from None
         return ckpt
     if started and meta is None:
         raise UserError(f"{out} holds a run that repro.py did not start; move it away or pick another --out")
+    for dep in depends_on(name):
+        ensure_run(ctx, dep, seed)
+    if not started:  # measurements of an earlier run under this name are stale
+        shutil.rmtree(ctx.path("evals", os.path.basename(os.path.normpath(out)), ""), ignore_errors=True)
     print(f"[train] {name} (seed {seed}){' resumed' if started else ''}: python train.py {' '.join(argv)}", flush=True)
     meta = meta or dict(argv=argv, seconds=0.0)
     with open(meta_path, "w") as f:
@@ -231,8 +245,9 @@ def ensure_run(ctx, name, seed=0):
     with own_signals(), open(os.path.join(out, "train.log"), "a") as log, contextlib.redirect_stdout(log):
         try:
             train.main(argv + (["--resume"] if started else []))
-        except SystemExit:  # SIGINT / SIGTERM: train.py saved a checkpoint; reported below
-            pass
+        except SystemExit as e:  # SIGINT / SIGTERM: train.py saved a checkpoint (reported below); else an error
+            if e.code:
+                raise
         finally:
             meta["seconds"] += time.time() - t0
             with open(meta_path, "w") as f:
@@ -243,16 +258,21 @@ def ensure_run(ctx, name, seed=0):
     return ckpt
 
 
-def run_seconds(ctx, name, seed):
-    """Training seconds of a run and of the runs it starts from, and the names of those repro.py did not
-    time (reused from elsewhere)."""
-    out = train_argv(ctx, name, seed)[1]
-    meta_path = os.path.join(out, "repro.json")
-    seconds, untimed = (json.load(open(meta_path))["seconds"], set()) if os.path.isfile(meta_path) else (0.0, {name})
-    for a in RUNS[name]:
-        if a.startswith("@") and a[1:] in RUNS:
-            s, u = run_seconds(ctx, a[1:], seed)
-            seconds, untimed = seconds + s, untimed | u
+def run_seconds(ctx, runs):
+    """Training seconds of the (run, seed) pairs `runs` and of the runs they start from, each counted once,
+    and the names of those repro.py did not time (reused from elsewhere)."""
+    todo, seen, seconds, untimed = list(runs), set(), 0.0, set()
+    while todo:
+        name, seed = todo.pop()
+        if (name, seed) in seen:
+            continue
+        seen.add((name, seed))
+        meta_path = os.path.join(run_dir(ctx, name, seed), "repro.json")
+        if os.path.isfile(meta_path):
+            seconds += json.load(open(meta_path))["seconds"]
+        else:
+            untimed.add(name)
+        todo += [(dep, seed) for dep in depends_on(name)]
     return seconds, untimed
 
 
@@ -273,12 +293,17 @@ def measure(ctx, study, s, seed):
     key = "_".join(x.lstrip("-").replace("=", "").replace("/", "-").replace(":", "-") for x in argv
                    if not x.startswith("--judge"))
     out = ctx.path("evals", os.path.basename(os.path.dirname(ckpt)), key + ".json")
+    if os.path.isfile(out) and (json.load(open(out)).get("settings", {}).get("judge") or "") != (
+            a.judge if study.measure == "quality" else ""):
+        os.remove(out)  # measured with another judge (or none): measure again
     if not os.path.isfile(out):
         print(f"[eval] {s.label} (seed {seed}): python eval.py {' '.join(argv)} --ckpt={ckpt}", flush=True)
         with open(out + ".log", "w") as log, contextlib.redirect_stdout(log):
             evaluate.main(argv + [f"--ckpt={ckpt}", f"--out={out}.part"])
         os.replace(out + ".part", out)  # only a finished measurement counts as one
-    return json.load(open(out))
+    res = json.load(open(out))
+    res["path"] = out
+    return res
 
 
 def per_unit(study, s, r):
@@ -294,12 +319,19 @@ def per_unit(study, s, r):
 
 # ----------------------------------------------------------------------------- statistics
 
+def t975(df):
+    """The 97.5% quantile of Student's t with df degrees of freedom (a series approximation: within 0.12
+    of the exact value at df = 3, within 0.004 from df = 10)."""
+    return 1.96 + 2.37 / df + 2.8 / df ** 2
+
+
 def mean_ci(v):
-    """Mean and 95% normal-approximation interval of the mean of v."""
+    """Mean and 95% t-interval of the mean of v."""
     n = len(v)
     m = sum(v) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1)) if n > 1 else float("inf")
-    h = 1.96 * sd / math.sqrt(n)
+    if n < 2:
+        return m, float("-inf"), float("inf")
+    h = t975(n - 1) * math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n)
     return m, m - h, m + h
 
 
@@ -331,16 +363,17 @@ def analyse(ctx, name, study):
     vals, extra = {}, {}
     for s in study.settings:
         rs = [measure(ctx, study, s, k) for k in seeds]
-        vals[s.label] = [x for r in rs for x in per_unit(study, s, r)]
+        units = [per_unit(study, s, r) for r in rs]  # the same prompts (windows) under every seed
+        vals[s.label] = [sum(u) / len(u) for u in zip(*units)]  # each prompt's mean over the seeds
         if study.measure == "quality":
             bits = [sum(smp["scores"].get("bits", 0.0) for smp in r["samples"]) for r in rs]
             nbytes = [sum(smp["scores"].get("bytes", 0) for smp in r["samples"]) for r in rs]
             extra[s.label] = dict(judge_bpb=sum(bits) / sum(nbytes) if ctx.args.judge and sum(nbytes) else None,
                                   words_true=sum(r["word_valid_true"] for r in rs) / len(rs),
-                                  eval_seconds=sum(r["wall_seconds"] for r in rs))
+                                  evals={r["path"]: r["wall_seconds"] for r in rs})
         else:
             extra[s.label] = dict(token_acc=sum(r["token_acc"] for r in rs) / len(rs),
-                                  eval_seconds=sum(r["wall_seconds"] for r in rs))
+                                  evals={r["path"]: r["wall_seconds"] for r in rs})
     rows, by_label = [], {s.label: s for s in study.settings}
     for s in study.settings:
         m, lo, hi = mean_ci(vals[s.label])
@@ -348,8 +381,7 @@ def analyse(ctx, name, study):
                    n=len(vals[s.label]), **extra[s.label])
         ref = by_label.get(s.ref or study.reference)
         if study.measure == "robust":
-            row["verdict"] = "-" if s.paper is None else (
-                "agrees" if lo <= s.paper + ROBUST_TOL and hi >= s.paper - ROBUST_TOL else "disagrees")
+            row["verdict"] = "-" if s.paper is None else verdict("~", lo - s.paper, hi - s.paper, ROBUST_TOL)
         elif ref is None or ref is s:
             row["verdict"] = "reference"
         else:
@@ -359,11 +391,9 @@ def analyse(ctx, name, study):
             row.update(ref=ref.label, paper_direction=direction, diff=dm, diff_ci=[dlo, dhi],
                        verdict="-" if direction is None else verdict(direction, dlo, dhi))
         rows.append(row)
-    seconds, untimed = sum(r["eval_seconds"] for r in rows), set()
-    for run in {s.run for s in study.settings}:
-        for k in (seeds if study.trains else [0]):
-            s_, u = run_seconds(ctx, run, k)
-            seconds, untimed = seconds + s_, untimed | u
+    seconds, untimed = run_seconds(ctx, {(s.run, k) for s in study.settings for k in (seeds if study.trains else [0])})
+    evals = {p: sec for r in rows for p, sec in r.pop("evals").items()}  # rows may share a measurement
+    seconds += sum(evals.values())
     return dict(study=name, title=study.title, where=study.where, paper_unit=study.paper_unit, measure=study.measure,
                 config=ctx.args.config, quick=ctx.args.quick, seeds=ctx.args.seeds, judge=ctx.args.judge,
                 prompts=None if study.measure == "robust" else (QUICK_EVAL["prompts"] if ctx.args.quick else ctx.args.prompts),
@@ -383,7 +413,8 @@ def markdown(res):
              f"Paper: {res['where']} ({res['paper_unit']}). Ours: {ours}, config `{res['config']}`"
              f"{' (--quick: toy size, numbers mean nothing)' if res['quick'] else ''}, {res['seeds']} seed(s)"
              + (f", {res['prompts']} prompts" if res["prompts"] else "")
-             + f"; {res['cpu_seconds'] / 60:.1f} CPU min in all (training runs shared with other studies included"
+             + f"; {res['cpu_seconds'] / 60:.1f} min of wall time on the CPU in all (training runs shared with "
+             f"other studies included"
              + (f"; not timed here: {', '.join(res['untimed_runs'])}" if res["untimed_runs"] else "") + ").", ""]
     if res["measure"] == "robust":
         lines += [f"| setting | paper | ours | 95% CI | verdict (within +-{ROBUST_TOL:.2f}) |", "|---|---|---|---|---|"]
@@ -402,8 +433,11 @@ def markdown(res):
             cmp_ = "- | - | -"
         lines.append(f"| {r['label']} | {paper} | {r['ours']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {cmp_} | "
                      f"{r['verdict']} | {fmt(r['judge_bpb'], '.2f')} |")
-    lines += ["", f"Verdicts: paper '<' / '>' (paper numbers {TIE:g} point or more apart) agree when the whole "
-              f"interval of our paired difference has that sign; '~' agrees when it lies within +-{MARGIN:g}."]
+    lines += ["", f"Intervals: 95% t-intervals over the prompts (each prompt's mean over the seeds); they cover the "
+              f"choice of prompts and the sampler's noise, not the variation between training seeds unless "
+              f"--seeds > 1. Verdicts: paper '<' / '>' (paper numbers {TIE:g} point or more apart) agree when the "
+              f"whole interval of our paired difference has that sign and disagree when it has the other; '~' "
+              f"agrees when it lies within +-{MARGIN:g}; anything else is inconclusive."]
     return "\n".join(lines) + "\n"
 
 

@@ -93,7 +93,21 @@ def test_paper_direction_and_intervals():
     assert repro.paper_direction(repro.Setting("32 steps", "base", paper=32.2), ref) == "~"  # within a point
     assert repro.paper_direction(repro.Setting("x", "base"), ref) is None
     m, lo, hi = repro.mean_ci([0.0, 1.0] * 50)
-    assert m == 0.5 and hi - lo == pytest.approx(2 * 1.96 * 0.5025 / 10, rel=1e-3)
+    assert m == 0.5 and hi - lo == pytest.approx(2 * 1.984 * 0.5025 / 10, rel=1e-3)  # t(99) = 1.984
+    assert repro.t975(3) == pytest.approx(3.182, abs=0.13) and repro.t975(10) == pytest.approx(2.228, abs=0.004)
+
+
+def test_measurements_follow_the_judge(all_quick, corpora, monkeypatch):
+    ctx = repro.Ctx(repro.argparse.Namespace(out=str(all_quick), quick=True, config="tiny", dataset=corpora[0][10:],
+                                              gpt2_dataset=corpora[1][15:]))
+    judge = repro.ensure_run(ctx, "ar")
+    calls = []
+    real = repro.evaluate.main
+    monkeypatch.setattr(repro.evaluate, "main", lambda argv: (calls.append(argv), real(argv))[1])
+    repro.main(["steps", "--quick", f"--out={all_quick}", f"--judge={judge}"] + corpora)
+    assert len(calls) == 6  # measured again: the earlier ones had no judge
+    res = json.load(open(all_quick / "steps.json"))
+    assert all(r["judge_bpb"] > 0 for r in res["rows"])
 
 
 def test_list_names_every_study(capsys):
