@@ -41,6 +41,7 @@ from common import UserError, check_resume, run_main
 TIE = 1.0     # paper points: settings closer than this count as a tie in the paper ("~")
 MARGIN = 0.02  # our scale (share of words): a difference inside +-MARGIN counts as a tie
 ROBUST_TOL = 0.10  # robustness rows compare absolute token accuracies: agree within +-ROBUST_TOL
+BPB_MARGIN = 0.1  # judge bits per byte: a difference inside +-BPB_MARGIN counts as a tie
 
 
 @dataclass
@@ -360,7 +361,7 @@ def verdict(direction, lo, hi, margin=MARGIN):
 
 def analyse(ctx, name, study):
     seeds = range(ctx.args.seeds)
-    vals, extra = {}, {}
+    vals, bpb, extra = {}, {}, {}
     for s in study.settings:
         rs = [measure(ctx, study, s, k) for k in seeds]
         units = [per_unit(study, s, r) for r in rs]  # the same prompts (windows) under every seed
@@ -371,6 +372,9 @@ def analyse(ctx, name, study):
             extra[s.label] = dict(judge_bpb=sum(bits) / sum(nbytes) if ctx.args.judge and sum(nbytes) else None,
                                   words_true=sum(r["word_valid_true"] for r in rs) / len(rs),
                                   evals={r["path"]: r["wall_seconds"] for r in rs})
+            if ctx.args.judge:  # each prompt's judge bits per byte, its mean over the seeds
+                per = [[smp["scores"]["bits"] / max(smp["scores"]["bytes"], 1) for smp in r["samples"]] for r in rs]
+                bpb[s.label] = [sum(u) / len(u) for u in zip(*per)]
         else:
             extra[s.label] = dict(token_acc=sum(r["token_acc"] for r in rs) / len(rs),
                                   evals={r["path"]: r["wall_seconds"] for r in rs})
@@ -390,6 +394,11 @@ def analyse(ctx, name, study):
             direction = paper_direction(s, ref)
             row.update(ref=ref.label, paper_direction=direction, diff=dm, diff_ci=[dlo, dhi],
                        verdict="-" if direction is None else verdict(direction, dlo, dhi))
+            if bpb:  # the judge's view: lower bits per byte is better, so the paper's '<' means a higher bpb
+                bm, blo, bhi = mean_ci([a - b for a, b in zip(bpb[s.label], bpb[ref.label])])
+                flipped = {"<": ">", ">": "<"}.get(direction, direction)
+                row.update(bpb_diff=bm, bpb_diff_ci=[blo, bhi],
+                           bpb_verdict="-" if direction is None else verdict(flipped, blo, bhi, margin=BPB_MARGIN))
         rows.append(row)
     seconds, untimed = run_seconds(ctx, {(s.run, k) for s in study.settings for k in (seeds if study.trains else [0])})
     evals = {p: sec for r in rows for p, sec in r.pop("evals").items()}  # rows may share a measurement
@@ -422,22 +431,26 @@ def markdown(res):
             lines.append(f"| {r['label']} | {fmt(r['paper'], '.2f')} | {r['ours']:.3f} | "
                          f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['verdict']} |")
         return "\n".join(lines) + "\n"
-    lines += ["| setting | paper | words valid | 95% CI | vs | paper says | ours: difference [95% CI] | verdict | judge bpb |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    judged = any("bpb_diff" in r for r in res["rows"])
+    lines += ["| setting | paper | words valid [95% CI] | vs | paper says | ours: difference [95% CI] | verdict |"
+              + (" judge bpb | bpb difference [95% CI] | verdict (bpb) |" if judged else ""),
+              "|---|---|---|---|---|---|---|" + ("---|---|---|" if judged else "")]
     for r in res["rows"]:
         paper = fmt(r["paper"], ".1f") + (f" ({r['note']})" if r["note"] else "")
-        if "diff" in r:
-            cmp_ = (f"{r['ref']} | {r['paper_direction'] or '-'} | {r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, "
-                    f"{r['diff_ci'][1]:+.3f}]")
-        else:
-            cmp_ = "- | - | -"
-        lines.append(f"| {r['label']} | {paper} | {r['ours']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {cmp_} | "
-                     f"{r['verdict']} | {fmt(r['judge_bpb'], '.2f')} |")
+        cmp_ = (f"{r['ref']} | {r['paper_direction'] or '-'} | {r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, "
+                f"{r['diff_ci'][1]:+.3f}]") if "diff" in r else "- | - | -"
+        line = f"| {r['label']} | {paper} | {r['ours']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {cmp_} | {r['verdict']} |"
+        if judged:
+            line += f" {fmt(r['judge_bpb'], '.2f')} | " + (
+                f"{r['bpb_diff']:+.2f} [{r['bpb_diff_ci'][0]:+.2f}, {r['bpb_diff_ci'][1]:+.2f}] | {r['bpb_verdict']} |"
+                if "bpb_diff" in r else "- | - |")
+        lines.append(line)
     lines += ["", f"Intervals: 95% t-intervals over the prompts (each prompt's mean over the seeds); they cover the "
               f"choice of prompts and the sampler's noise, not the variation between training seeds unless "
               f"--seeds > 1. Verdicts: paper '<' / '>' (paper numbers {TIE:g} point or more apart) agree when the "
               f"whole interval of our paired difference has that sign and disagree when it has the other; '~' "
-              f"agrees when it lies within +-{MARGIN:g}; anything else is inconclusive."]
+              f"agrees when it lies within +-{MARGIN:g}; anything else is inconclusive. The judge's bits per byte "
+              f"(an AR model scoring the text; lower is better) get the same test, ties within +-{BPB_MARGIN:g}."]
     return "\n".join(lines) + "\n"
 
 
