@@ -23,6 +23,7 @@ our 95% interval agrees with the direction of the paper's numbers (see verdict()
 """
 import argparse
 import contextlib
+import filecmp
 import json
 import math
 import os
@@ -294,8 +295,8 @@ def measure(ctx, study, s, seed):
     key = "_".join(x.lstrip("-").replace("=", "").replace("/", "-").replace(":", "-") for x in argv
                    if not x.startswith("--judge"))
     out = ctx.path("evals", os.path.basename(os.path.dirname(ckpt)), key + ".json")
-    if os.path.isfile(out) and (json.load(open(out)).get("settings", {}).get("judge") or "") != (
-            a.judge if study.measure == "quality" else ""):
+    if os.path.isfile(out) and not same_judge(json.load(open(out)).get("settings", {}).get("judge") or "",
+                                              a.judge if study.measure == "quality" else ""):
         os.remove(out)  # measured with another judge (or none): measure again
     if not os.path.isfile(out):
         print(f"[eval] {s.label} (seed {seed}): python eval.py {' '.join(argv)} --ckpt={ckpt}", flush=True)
@@ -305,6 +306,11 @@ def measure(ctx, study, s, seed):
     res = json.load(open(out))
     res["path"] = out
     return res
+
+
+def same_judge(a, b):
+    """Whether two judge checkpoints are one: the same path, or files with the same bytes."""
+    return a == b or (bool(a) and bool(b) and os.path.isfile(a) and os.path.isfile(b) and filecmp.cmp(a, b, shallow=False))
 
 
 def per_unit(study, s, r):
@@ -531,7 +537,8 @@ def main(argv=None):
     ap.add_argument("--config", default="tiny", help="train.py preset of every run")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds (sampling studies: sampler seeds)")
     ap.add_argument("--prompts", type=int, default=48, help="held-out prompts per measurement")
-    ap.add_argument("--judge", default="", help="an AR checkpoint (train.py --model=ar): adds the judge's bits/byte")
+    ap.add_argument("--judge", default="", help="an AR checkpoint (train.py --model=ar) to score the text with its "
+                                                "bits per byte; `ar`: train.py's AR baseline, trained here once")
     ap.add_argument("--dataset", default="", help="a prepared dataset for every run (default: the preset's)")
     ap.add_argument("--gpt2_dataset", default="austen_gpt2", help="the GPT-2-token dataset of the robustness study")
     ap.add_argument("--out", default="", help="results folder (default results, or results/quick with --quick)")
@@ -539,9 +546,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.prompts < 2:
         ap.error("--seeds must be >= 1 and --prompts >= 2")
+    ctx = Ctx(args)
+    if args.judge == "ar" and args.study not in ("list", "summary"):
+        args.judge = ensure_run(ctx, "ar")  # the AR baseline (train.py --model=ar), trained once and reused
     if args.judge and not os.path.isfile(args.judge):
         raise UserError(f"--judge {args.judge}: no such checkpoint")
-    ctx = Ctx(args)
     if args.study == "list":
         for name, st in STUDIES.items():
             print(f"{name:12s} {st.title} [{st.where}]: {len(st.settings)} settings, CPU {st.cpu}")

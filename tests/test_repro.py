@@ -1,6 +1,7 @@
 """repro.py: every study at --quick size, reuse, continuing after an interruption, the verdicts."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -98,16 +99,17 @@ def test_paper_direction_and_intervals():
 
 
 def test_measurements_follow_the_judge(all_quick, corpora, monkeypatch):
-    ctx = repro.Ctx(repro.argparse.Namespace(out=str(all_quick), quick=True, config="tiny", dataset=corpora[0][10:],
-                                              gpt2_dataset=corpora[1][15:]))
-    judge = repro.ensure_run(ctx, "ar")
     calls = []
     real = repro.evaluate.main
     monkeypatch.setattr(repro.evaluate, "main", lambda argv: (calls.append(argv), real(argv))[1])
-    repro.main(["steps", "--quick", f"--out={all_quick}", f"--judge={judge}"] + corpora)
+    repro.main(["steps", "--quick", f"--out={all_quick}", "--judge=ar"] + corpora)  # trains the AR baseline
     assert len(calls) == 6  # measured again: the earlier ones had no judge
     res = json.load(open(all_quick / "steps.json"))
-    assert all(r["judge_bpb"] > 0 for r in res["rows"])
+    assert all(r["judge_bpb"] > 0 for r in res["rows"]) and "bpb_diff_ci" in res["rows"][0]
+    copy = all_quick / "judge_copy.pt"
+    shutil.copy(all_quick / "runs" / "ar" / "ckpt.pt", copy)
+    repro.main(["steps", "--quick", f"--out={all_quick}", f"--judge={copy}"] + corpora)
+    assert len(calls) == 6  # the same judge under another name: nothing to measure again
 
 
 def test_list_names_every_study(capsys):
