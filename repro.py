@@ -92,7 +92,7 @@ RUNS = {
 
 PAPER_CFG = {0: 0.2, 1: 13.7, 3: 26.0, 5: 29.8, 7: 31.3, 10: 29.3, 20: 17.6}
 PAPER_STEPS = {1: 9.0, 2: None, 4: 22.1, 8: 28.1, 16: 31.3, 32: 32.2}
-PAPER_ROBUST = {0.1: 1.00, 0.15: 1.00, 0.2: None, 0.3: 0.79, 0.4: 0.44, 0.5: 0.20, 0.6: None}
+PAPER_ROBUST = {t: evaluate.PAPER_ROBUST.get(t) for t in evaluate.ROBUST_T}  # None: not in the paper
 REPAINT = [(r, m) for r in (1, 3) for m in (1.0, 0.7, 0.3)]
 
 STUDIES = {
