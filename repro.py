@@ -66,7 +66,7 @@ class Study:
     reference: str = None      # label of the row the others are compared with
     measure: str = "quality"   # quality: words valid per prompt; robust: token accuracy per held-out window
     trains: bool = False       # seeds are training seeds (else: sampler seeds on one checkpoint)
-    cpu: str = ""              # measured cost at tiny on our 2-core CPU (README)
+    cpu: str = ""              # measured wall time at tiny on our 2-core CPU (README); base: 9 min
     xlabel: str = ""
     xscale: str = "linear"     # of the plot: linear, log or cat (the rows' labels as ticks)
 
@@ -98,11 +98,11 @@ REPAINT = [(r, m) for r in (1, 3) for m in (1.0, 0.7, 0.3)]
 STUDIES = {
     "cfg": Study("CFG is essential: guidance scale w", "Fig. 9, §4.4.2", "4-task avg %", [
         Setting(f"w = {w}", "base", dict(cfg=w), p, x=w) for w, p in PAPER_CFG.items()], "w = 7",
-        cpu="~10 min + base", xlabel="guidance scale w"),
+        cpu="7 min + base", xlabel="guidance scale w"),
     "steps": Study("Euler steps per block saturate", "Fig. 9, §4.4.2", "4-task avg %", [
         Setting(f"{s} step{'s' if s > 1 else ''}", "base", dict(steps=s), p, x=s) for s, p in PAPER_STEPS.items()],
         "16 steps",
-        cpu="~6 min + base", xlabel="Euler steps per block", xscale="log"),
+        cpu="5 min + base", xlabel="Euler steps per block", xscale="log"),
     "first_block": Study("First-block conditioning: clean repaint wins", "Table 5, §5.2, App. I.1",
                          "task avg %", [
         Setting("clean", "block16", dict(first_block="clean"), 24.6, x=0),
@@ -110,11 +110,12 @@ STUDIES = {
                   expect="<", note="paper: 7.5-9.3 over its repaint settings") for i, (r, m) in enumerate(REPAINT)],
         Setting("left padding", "block16", dict(first_block="left_pad"), None, x=7, expect="<", note="paper: 16.0-16.7"),
         Setting("right padding", "block16", dict(first_block="right_pad"), None, x=8, expect="<",
-                note="paper: 16.0-16.7")], "clean", cpu="~6 min + block16", xlabel="first-block mode", xscale="cat"),
+                note="paper: 16.0-16.7")], "clean", cpu="4 min + block16 (6 min) + base", xlabel="first-block mode",
+        xscale="cat"),
     "block_size": Study("Block size 16 is best", "Fig. 6, §4.4.1", "task avg % (40k steps)", [
         Setting("block 1", "base", {}, 19.3, x=1), Setting("block 4", "block4", {}, None, x=4, expect="<"),
         Setting("block 16", "block16", {}, 22.8, x=16), Setting("block 64", "block64", {}, 14.4, x=64)],
-        "block 16", trains=True, cpu="~30 min + base", xlabel="block size", xscale="log"),
+        "block 16", trains=True, cpu="20 min + base", xlabel="block size", xscale="log"),
     "loc": Study("Logit-normal loc = 1 is best at d = 16", "Fig. 8, §4.4.1", "task avg %", [
         Setting("loc 0.5", "loc0.5", {}, 14.4, x=0.5), Setting("loc 0.8", "loc0.8", {}, None, x=0.8, expect="<",
                                                                note="paper: 17.0 at loc 0.9"),
@@ -135,7 +136,7 @@ STUDIES = {
     "robustness": Study("Latent noise robustness of the VAE", "Fig. 13, §5.4", "token accuracy", [
         *[Setting(f"bytes t={t:g}", "base", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()],
         *[Setting(f"gpt2 t={t:g}", "vae_gpt2", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()]],
-        measure="robust", cpu="~10 min + base", xlabel="noise level t"),
+        measure="robust", cpu="16 min (the GPT-2 VAE: 15.5) + base", xlabel="noise level t"),
     "latent_dim": Study("The best loc moves with latent size: loc(d) = loc(16) + 0.5 ln(d/16)", "RQ1, Table 2, Fig. 2",
                         "task avg %", [
         Setting("d 16, loc 1.0", "base", {}, None, x=0), Setting("d 16, loc 1.7", "loc1.7", {}, None, x=1, expect="<"),
