@@ -4,7 +4,7 @@ with the paper's numbers beside ours.
 
     python repro.py list                          # the studies and what each costs on a CPU
     python repro.py cfg                           # -> results/cfg.json, results/cfg.md (+ cfg.png with matplotlib)
-    python repro.py block_size --seeds=2 --judge=out_ar/ckpt.pt
+    python repro.py block_size --seeds=2 --judge=ar   # a second seed; the AR baseline scores the text too
     python repro.py steps --quick                 # every study at a toy size in seconds (what the tests run)
     python repro.py summary                       # one table over every study finished so far
 
@@ -15,7 +15,7 @@ continued with --resume, so an interrupted study continues where it stopped and 
 re-reports. Studies share runs: `base` is the default `python train.py` run, its stage-1 VAE starts
 the other stage-2 runs.
 
-What is measured: the paper scores generation on benchmarks (SPEC's task average); a tiny byte-level
+What is measured: the paper scores generation on benchmarks (its task average, §4); a tiny byte-level
 model scores near zero on those, so we score generated text the way eval.py quality does: the share
 of generated words that are real words of the training text ("words"), per held-out prompt. Each row
 compares a setting with the study's reference setting on the same prompts (paired), and says whether
