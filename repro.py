@@ -121,12 +121,12 @@ STUDIES = {
                                                                note="paper: 17.0 at loc 0.9"),
         Setting("loc 1.0", "base", {}, 20.0, x=1.0), Setting("loc 1.1", "loc1.1", {}, 15.3, x=1.1),
         Setting("uniform t", "uniform_t", {}, None, x=1.4, note="not in the paper")], "loc 1.0",
-        trains=True, cpu="~35 min + base", xlabel="logit-normal loc (uniform t at 1.4)"),
+        trains=True, cpu="32 min + base", xlabel="logit-normal loc (uniform t at 1.4)"),
     "vae_regime": Study("Joint VAE training beats a frozen VAE (late); all-from-scratch collapses", "Fig. 3, §4.3",
                         "task avg %", [
         Setting("frozen", "base", {}, 22.2, x=0), Setting("joint x1", "joint1", {}, 24.8, x=1),
         Setting("joint x0.01", "joint0.01", {}, None, x=2, expect="<"),
-        Setting("scratch", "scratch", {}, 12.8, x=3)], "joint x1", trains=True, cpu="~35 min + base",
+        Setting("scratch", "scratch", {}, 12.8, x=3)], "joint x1", trains=True, cpu="33 min + base",
         xlabel="VAE regime", xscale="cat"),
     "bert": Study("BERT mask loss helps when the VAE trains at full lr", "Fig. 5, §4.3", "task avg %", [
         Setting("mask, x1", "joint1", {}, 26.4, x=0), Setting("no mask, x1", "nomask_joint1", {}, 24.0, x=1),
