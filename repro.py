@@ -132,7 +132,7 @@ STUDIES = {
         Setting("mask, x1", "joint1", {}, 26.4, x=0), Setting("no mask, x1", "nomask_joint1", {}, 24.0, x=1),
         Setting("mask, x0.01", "joint0.01", {}, None, x=2),
         Setting("no mask, x0.01", "nomask_joint0.01", {}, None, x=3, ref="mask, x0.01", note="paper: no number")],
-        "mask, x1", trains=True, cpu="~40 min + base", xlabel="stage-1 mask loss, VAE lr ratio", xscale="cat"),
+        "mask, x1", trains=True, cpu="19 min + vae_regime's joint runs + base", xlabel="stage-1 mask loss, VAE lr ratio", xscale="cat"),
     "robustness": Study("Latent noise robustness of the VAE", "Fig. 13, §5.4", "token accuracy", [
         *[Setting(f"bytes t={t:g}", "base", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()],
         *[Setting(f"gpt2 t={t:g}", "vae_gpt2", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()]],
