@@ -142,7 +142,7 @@ STUDIES = {
         Setting("d 16, loc 1.0", "base", {}, None, x=0), Setting("d 16, loc 1.7", "loc1.7", {}, None, x=1, expect="<"),
         Setting("d 64, loc 1.0", "d64_loc1", {}, None, x=2, ref="d 64, loc 1.7", expect="<"),
         Setting("d 64, loc 1.7", "d64_loc1.7", {}, None, x=3, note="the predicted loc at d = 64")], "d 16, loc 1.0",
-        trains=True, cpu="~35 min + base", xlabel="latent size, loc", xscale="cat"),
+        trains=True, cpu="22 min + base", xlabel="latent size, loc", xscale="cat"),
 }
 
 # --quick: a toy model and a few prompts, so a study runs in seconds (tests use it)
