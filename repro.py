@@ -193,14 +193,14 @@ def train_argv(ctx, name, seed):
 
 
 def finished(ckpt_path):
-    """Whether a train.py checkpoint is the end of its run."""
+    """The train.py checkpoint at ckpt_path if it is the end of its run (loaded lazily), else None."""
     if not os.path.isfile(ckpt_path):
-        return False
+        return None
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     tc = ck["config"]["train"]
     want = tc["max_iters"] or {"vae": tc["vae_iters"], "joint": tc["joint_iters"], "ar": tc["ar_iters"]}[ck["stage"]]
     final = ck["stage"] == ("ar" if tc["model"] == "ar" else "vae" if tc["stage"] == "vae" else "joint")
-    return final and ck["step"] >= want
+    return ck if final and ck["step"] >= want else None
 
 
 @contextlib.contextmanager
@@ -225,12 +225,12 @@ def ensure_run(ctx, name, seed=0):
     elif meta is not None and meta["argv"] != argv:
         raise UserError(f"{out} was trained with other options ({' '.join(meta['argv'])}); "
                         f"move it away or pick another --out")
-    if finished(ckpt):
+    done = finished(ckpt)
+    if done is not None:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             cfgs = train.build_configs(argv)
         try:  # a finished run is reused only if it is this very run (whoever trained it)
-            check_resume(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True), cfgs,
-                         train.RESUME_FREE | {"init_vae"})
+            check_resume(done, cfgs, train.RESUME_FREE | {"init_vae"})
         except UserError as e:
             raise UserError(f"{out} holds another run: {e}; move it away or pick another --out") from None
         return ckpt
@@ -255,7 +255,7 @@ def ensure_run(ctx, name, seed=0):
             meta["seconds"] += time.time() - t0
             with open(meta_path, "w") as f:
                 json.dump(meta, f)
-    if not finished(ckpt):
+    if finished(ckpt) is None:
         raise UserError(f"run {name} stopped before its end (interrupted?); run the study again to continue it")
     print(f"[train] {name} done in {meta['seconds'] / 60:.1f} min", flush=True)
     return ckpt
