@@ -193,6 +193,17 @@ def evaluate(model, x_val, device, batch_size):
 
 # ----------------------------------------------------------------------------- run-level helpers
 
+def warn_repeats(stage, tc, max_iters, train_tokens, threshold=10):
+    """How many times a stage sees each training token (iters x global batch x seq_len over the
+    train split); one warning line above threshold: a corpus that small is memorised, not learned."""
+    repeats = max_iters * tc.batch_size * tc.seq_len / train_tokens
+    if repeats > threshold:
+        print0(f"warning: stage {stage} would see each of the {train_tokens:,} training tokens of {tc.dataset} "
+               f"~{repeats:,.0f} times ({max_iters} iters x {tc.batch_size} x {tc.seq_len} tokens); prepare a "
+               f"bigger corpus (README.md, 'A real corpus for small')")
+    return repeats
+
+
 def check_out_dir(tc, env):
     """Never lose a run by accident: a fresh run into an out_dir that holds one is refused unless
     --overwrite says so (then its old metrics log goes too)."""
@@ -260,6 +271,7 @@ def train_stage(stage, cfgs, env, stop):
            f"({sum(p.numel() for g in opt.param_groups for p in g['params']) / 1e6:.2f}M trained), {max_iters} iters, "
            f"batch {tc.batch_size} x {tc.seq_len} tokens (micro {micro} x accum {accum} x world {env.world}), "
            f"device {env.device}, {flops['train'] / 1e6:.1f} MFLOPs per training token")
+    warn_repeats(stage, tc, max_iters, loader.n_tokens)
     wrapped = torch.compile(model) if tc.compile else model
     if env.world > 1:
         wrapped = DDP(wrapped, device_ids=[env.local_rank] if str(env.device).startswith("cuda") else None)

@@ -1,5 +1,6 @@
 """
-Batches of token windows from the flat uint16 files that data/prepare.py writes.
+Batches of token windows from the flat token files that data/prepare.py writes (uint16, or uint32
+for a vocabulary over 65,536 ids: meta.json's "dtype"; a dataset without one is uint16).
 
     from data.loader import BatchLoader, resolve_data_dir, val_windows
     data_dir = resolve_data_dir("austen_bytes")            # or a path to any prepared folder
@@ -48,16 +49,26 @@ def load_meta(data_dir):
             raise UserError(f"{path} is not valid JSON ({e}); run `python data/prepare.py` again") from None
 
 
+def token_dtype(data_dir):
+    """The dtype of the dataset's token files: meta.json's "dtype", uint16 where it has none (datasets
+    prepared before uint32 existed)."""
+    name = load_meta(data_dir).get("dtype", "uint16")
+    if name not in ("uint16", "uint32"):
+        raise UserError(f"{os.path.join(data_dir, 'meta.json')}: unknown dtype {name!r} (expected uint16 or uint32)")
+    return np.dtype(name)
+
+
 def open_split(data_dir, split, min_tokens):
     """Memory-map <split>.bin read-only, checking it holds at least min_tokens tokens."""
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; run `python data/prepare.py`")
-    n = os.path.getsize(path) // 2  # uint16
+    dtype = token_dtype(data_dir)
+    n = os.path.getsize(path) // dtype.itemsize
     if n < min_tokens:
         raise UserError(f"{path} has {n} tokens, fewer than the {min_tokens} needed (seq_len "
                         f"too long for this dataset?)")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def split_texts(data_dir, split):
@@ -74,6 +85,7 @@ class BatchLoader:
         self.data_dir, self.split = data_dir, split
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.n_tokens = len(open_split(data_dir, split, seq_len + 1))  # fail early, not at step 1
+        self.dtype = token_dtype(data_dir)
 
     def get(self, step, start=0, count=None):
         """Rows start..start+count of step's global batch -> (count, seq_len) int64."""
@@ -82,7 +94,7 @@ class BatchLoader:
         rng = np.random.default_rng([self.seed, step])
         offsets = rng.integers(0, self.n_tokens - self.seq_len + 1, size=self.batch_size)[start:start + count]
         # re-open the memmap for every batch (cheap; avoids a memory leak, as in nanoGPT)
-        data = np.memmap(os.path.join(self.data_dir, f"{self.split}.bin"), dtype=np.uint16, mode="r")
+        data = np.memmap(os.path.join(self.data_dir, f"{self.split}.bin"), dtype=self.dtype, mode="r")
         x = np.stack([data[i:i + self.seq_len] for i in offsets]).astype(np.int64)  # (count, T)
         return torch.from_numpy(x)
 

@@ -1,27 +1,43 @@
 """
-Prepare token datasets: text -> flat np.uint16 token files that data/loader.py memory-maps.
+Prepare token datasets: text -> flat token files that data/loader.py memory-maps (np.uint16 ids, or
+np.uint32 for a vocabulary over 65,536 ids; meta.json says which).
 
 The bundled corpus (public domain): Jane Austen's six novels and Moby-Dick, data/austen_moby.txt.gz
     python data/prepare.py                      # writes data/austen_bytes/ and data/austen_gpt2/
     python data/prepare.py --tokenizer=bytes    # only data/austen_bytes/
-Your own text: .txt files, .jsonl files (a JSON object with a string "text" per line), or folders
-of them (searched recursively, in sorted order):
-    python data/prepare.py --input notes/ more.jsonl --name=mine   # writes data/mine/ (GPT-2 tokens)
+Your own text: .txt files, .jsonl files (a JSON object with a string "text" per line), gzip'd or not
+(.txt.gz, .jsonl.gz), or folders of them (searched recursively, in sorted order):
+    python data/prepare.py --input notes/ more.jsonl.gz --name=mine   # writes data/mine/ (GPT-2 tokens)
 
 Every dataset folder holds train.bin and val.bin (token ids, <|endoftext|> after every document)
-and meta.json (tokenizer, special ids, token counts per source, the split rule).
+and meta.json (tokenizer, dtype, special ids, token counts per source, the split rule).
 The split: the last ~val_fraction of every document (every book) is validation, cut at a paragraph
-boundary; no random windows, so no validation text is ever seen in training.
-Works from any working directory; needs no network.
+boundary; no random windows, so no validation text is ever seen in training. A document longer than
+DOC_CHARS characters is first cut at paragraph breaks into pieces of at most that length, and every
+piece is split like a document (its validation text is then spread through it).
+
+Your text is streamed: memory stays bounded (a piece of DOC_CHARS characters, a few tokenization
+tasks per worker) whatever the corpus size; only a .jsonl line is read whole. Tokenization runs on
+--workers processes (default: every core) and the output does not depend on how many. Files are
+written as *.tmp and renamed into place at the end, so a failed or interrupted run leaves an
+existing dataset as it was. Works from any working directory; needs no network.
 """
 
 import argparse
 import codecs
+import collections
+import contextlib
 import gzip
+import io
 import json
+import math
+import multiprocessing
 import os
 import re
+import signal
 import sys
+import time
+import zlib
 
 import numpy as np
 from tqdm import tqdm
@@ -45,15 +61,26 @@ BOOKS = [
     ("SENSE AND SENSIBILITY", "Sense and Sensibility"),
     ("MOBY DICK; OR THE WHALE", "Moby-Dick"),
 ]
+EXTENSIONS = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 # where a document may be cut, best first (each eats the whitespace around it)
 PARAGRAPH_BREAK = re.compile(r"\s*\n[ \t]*\n\s*")
 LINE_BREAK = re.compile(r"\s*\n\s*")
 WHITESPACE = re.compile(r"\s+")
+# a non-space character followed by a space: the GPT-2 pre-tokenizer (both tokenizers use it) always
+# ends a piece there, so text cut at such points encodes to exactly the ids of the whole
+TOKEN_BOUNDARY = re.compile(r"\S(?=\s)")
 # transcriber lines left over from Project Gutenberg, dropped as whole paragraphs
 BOILERPLATE = ("Produced by ", "End of Project Gutenberg")
+DOC_CHARS = 4_000_000   # longer documents are cut in pieces (a piece takes up to 4 bytes per character)
+TASK_CHARS = 1_000_000  # text per tokenization task; at most 2 tasks per worker are in flight
+READ_CHARS = 1_000_000  # a .txt file is read this much at a time
 SPLIT_RULE = ("validation = the last ~{pct:g}% of every {unit}, cut at the paragraph break nearest "
               "that point (else a line break); {fallback}"
               "<|endoftext|> follows every {unit} in each split")
+USER_FALLBACK = ("documents longer than {doc_chars:,} characters are first cut at paragraph breaks (else "
+                 "line breaks, else spaces) into pieces of at most that length, each split as a document; "
+                 "documents with no break near their end go whole to train; if no document can be cut, "
+                 "the last whole documents are validation (a lone document is cut at a space); ")
 
 
 # -----------------------------------------------------------------------------
@@ -89,141 +116,316 @@ def read_books(path=DEFAULT_CORPUS):
     return [(name, unwrap(lines[a:b])) for (_, name), a, b in zip(BOOKS, starts, ends)]
 
 
-def decode_utf8(data, path):
-    """bytes -> str, naming the file and byte offset of the first invalid byte."""
-    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        text = data[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: invalid UTF-8 at byte offset {skip + e.start}") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def json_lines(text, path):
-    """(line number, value) of every non-blank line of a JSONL text; bad JSON is an error naming the line.
-    Lines end at "\n" only: U+2028 and friends may sit inside JSON strings."""
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if line.strip():
+def invalid_utf8_offset(path):
+    """Byte offset (in the uncompressed text) of the first invalid UTF-8 in a file, read in blocks."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            held = decoder.getstate()[0]  # the start of a character cut by the last block
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                return offset - len(held) + e.start
+            if not block:
+                return None
+            offset += len(block)
 
 
-def read_file(path):
-    """One .txt file (one document) or .jsonl file (one document per line) -> [text]."""
-    with open(path, "rb") as f:
-        text = decode_utf8(f.read(), path)
-    if path.endswith(".txt"):
-        return [text]
-    docs = []
-    for lineno, row in json_lines(text, path):
+def json_texts(lines, path):
+    """The "text" of every non-blank line of a JSONL stream; a bad line is an error naming it.
+    Lines end at "\n" only: U+2028 and friends may sit inside JSON strings."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise UserError(f'{path}, line {lineno}: expected an object with a string "text" field')
-        docs.append(row["text"].replace("\r\n", "\n"))
-    return docs
+        yield row["text"].replace("\r\n", "\n")
+
+
+def piece_end(text, limit):
+    """Where to end a piece of a long text: the last paragraph break (else line break, else
+    space) in text[limit // 2:limit]. Returns (end of the piece, start of the rest)."""
+    for pattern in (PARAGRAPH_BREAK, LINE_BREAK, WHITESPACE):
+        last = None
+        for last in pattern.finditer(text, limit // 2, limit):
+            pass
+        if last:
+            return last.start(), pattern.match(text, last.start()).end()  # the whole break
+    return limit, limit
+
+
+def cut_long(blocks, limit):
+    """The text blocks of one document -> the document, whole if it has at most `limit` characters,
+    else in pieces of at most `limit` (see piece_end), holding at most ~limit characters at a time."""
+    parts, n = [], 0
+    for block in blocks:
+        parts.append(block)
+        n += len(block)
+        if n > limit:
+            text = "".join(parts)
+            parts.clear()
+            while len(text) > limit:
+                end, start = piece_end(text, limit)
+                piece, text = text[:end], text[start:]  # not text and piece at once
+                yield piece
+            parts, n = [text], len(text)
+    yield "".join(parts)
+
+
+def read_file(path, limit=None):
+    """One .txt file (one document) or .jsonl file (a document per line), gzip'd or not, streamed ->
+    (piece, first piece of its document?, bytes of the file read since the last piece) for every
+    document in pieces of at most `limit` characters (default DOC_CHARS). Decoded as UTF-8 (a BOM
+    dropped), every \\r\\n and \\r read as \\n."""
+    limit = limit or DOC_CHARS
+    with open(path, "rb") as raw, io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw,
+                                                   encoding="utf-8-sig", newline=None) as f:
+        done = 0
+        try:
+            if path.endswith((".txt", ".txt.gz")):
+                docs = [iter(lambda: f.read(READ_CHARS), "")]
+            else:
+                docs = ([text] for text in json_texts(f, path))
+            for blocks in docs:
+                for i, piece in enumerate(cut_long(blocks, limit)):
+                    read, done = raw.tell() - done, raw.tell()
+                    yield piece, i == 0, read
+        except UnicodeDecodeError:  # a second pass finds the offset: the stream does not know it
+            raise UserError(f"{path}: invalid UTF-8 at byte offset {invalid_utf8_offset(path)}") from None
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a truncated or corrupt .gz
+            raise UserError(f"{path}: {e}") from None
 
 
 def list_files(path):
-    """A path given on the command line -> the .txt/.jsonl files it stands for."""
+    """A path given on the command line -> the text files it stands for."""
     if os.path.isdir(path):
         found = []
         for folder, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip .git and friends
-            found += [os.path.join(folder, f) for f in sorted(files) if f.endswith((".txt", ".jsonl"))]
+            found += [os.path.join(folder, f) for f in sorted(files) if f.endswith(EXTENSIONS)]
         return found
     if not os.path.exists(path):
         raise UserError(f"path not found: {path}")
-    if not path.endswith((".txt", ".jsonl")):
-        raise UserError(f"{path}: unknown file type (expected .txt, .jsonl or a folder of them)")
+    if not path.endswith(EXTENSIONS):
+        raise UserError(f"{path}: unknown file type (expected .txt, .jsonl, either gzip'd, or a folder of them)")
     return [path]
 
 
 def read_inputs(paths):
-    """Command-line paths -> [(source path, document text)] with empty documents left out."""
-    docs = []
-    for path in paths:
-        files = list_files(path)  # check every path before reading any file
-        docs += [(path, f) for f in files]
-    out = [(src, text) for src, f in docs for text in read_file(f) if text.strip()]
-    if not out:
-        raise UserError(f"no text found in {', '.join(paths)} (empty corpus)")
-    return out
+    """Command-line paths -> (total bytes, a stream of (source path, piece, first piece of its
+    document?, bytes read)). Every path is checked before any file is read."""
+    files = [(path, f) for path in paths for f in list_files(path)]
+
+    def stream():
+        found = False
+        for source, f in files:
+            for piece, first, read in read_file(f):
+                found = found or bool(piece.strip())
+                yield source, piece, first, read
+        if not found:
+            raise UserError(f"no text found in {', '.join(paths)} (empty corpus)")
+    return sum(os.path.getsize(f) for _, f in files), stream()
 
 
 # -----------------------------------------------------------------------------
 # the train/val split
 
-def split_text(text, val_fraction, breaks=(PARAGRAPH_BREAK, LINE_BREAK)):
-    """Cut one document into (train, val), val being about its last val_fraction: at the paragraph
-    break nearest that point, else the nearest line break, looked for only in the last
-    2*val_fraction of the text. Returns (text, "") when there is none (document too short)."""
+def split_point(text, val_fraction, breaks=(PARAGRAPH_BREAK, LINE_BREAK)):
+    """Where to cut one document into train and val, val being about its last val_fraction: at the
+    paragraph break nearest that point, else the nearest line break, looked for only in the last
+    2*val_fraction of the text. Returns (end of train, start of val); (len, len) when there is no
+    break (document too short)."""
     target = len(text) * (1 - val_fraction)
     start = max(1, int(len(text) * (1 - 2 * val_fraction)))
     for pattern in breaks:
         cuts = [m for m in pattern.finditer(text, start) if m.end() < len(text)]
         if cuts:
             m = min(cuts, key=lambda m: abs(m.start() - target))
-            return text[:m.start()], text[m.end():]
-    return text, ""
+            return m.start(), m.end()
+    return len(text), len(text)
 
 
-def split_documents(docs, val_fraction):
-    """[(source, text)] -> [(source, train, val)]. If no document could be split (all tiny), whole
-    documents from the end go to val instead, so val is never empty."""
-    parts = [(src, *split_text(text, val_fraction)) for src, text in docs]
-    if any(val for _, _, val in parts):
-        return parts
-    if len(parts) == 1:  # a single document without line breaks: cut at a space, else anywhere
-        src, text, _ = parts[0]
-        train, val = split_text(text, val_fraction, breaks=(WHITESPACE,))
-        if not val:
-            cut = min(max(1, round(len(text) * (1 - val_fraction))), len(text) - 1)
-            train, val = text[:cut], text[cut:]
-        if not train.strip() or not val.strip():
-            raise UserError("corpus too small to hold out a validation part")
-        return [(src, train, val)]
-    total, held = sum(len(t) for _, t, _ in parts), 0
-    k = len(parts)
-    while k > 1 and (held == 0 or held < val_fraction * total):  # keep at least one doc in train
-        k -= 1
-        held += len(parts[k][1])
-    return parts[:k] + [(src, "", text) for src, text, _ in parts[k:]]
+def split_text(text, val_fraction, breaks=(PARAGRAPH_BREAK, LINE_BREAK)):
+    """One document -> (train, val) cut at split_point; (text, "") when it cannot be cut."""
+    end, start = split_point(text, val_fraction, breaks)
+    return text[:end], text[start:]
+
+
+def split_lone(text, val_fraction):
+    """A lone document no break could cut: (train, val) cut at a space, else anywhere."""
+    train, val = split_text(text, val_fraction, breaks=(WHITESPACE,))
+    if not val:
+        cut = min(max(1, round(len(text) * (1 - val_fraction))), len(text) - 1)
+        train, val = text[:cut], text[cut:]
+    if not train.strip() or not val.strip():
+        raise UserError("corpus too small to hold out a validation part")
+    return train, val
+
+
+def last_documents(ids, eot, n_docs, total_chars, val_fraction, decode):
+    """When no document could be cut: how many tokens (a count per document, last first) of whole
+    documents at the end of ids (train, <|endoftext|> after each) go to validation: enough to hold
+    val_fraction of the characters, leaving at least one document in train. Reads ids backwards a
+    block and a document at a time, decoding to count characters, so memory stays bounded."""
+    end, held, moved = len(ids), 0, []
+    while len(moved) < n_docs - 1 and (held == 0 or held < val_fraction * total_chars):
+        start, hi = 0, end - 1  # ids[end - 1] is the document's <|endoftext|>; find the one before
+        while hi > 0:
+            lo = max(0, hi - 2**20)
+            hits = np.flatnonzero(ids[lo:hi] == eot)
+            if len(hits):
+                start = lo + int(hits[-1]) + 1
+                break
+            hi = lo
+        held += len(decode(ids[start:end]))
+        moved.append(end - start)
+        end = start
+    return moved
+
+
+# -----------------------------------------------------------------------------
+# text -> token ids, on every core
+
+def token_chunks(text, start=0, end=None, size=None):
+    """text[start:end] -> (chunk, last?) for chunks of about `size` characters (default TASK_CHARS),
+    cut only at TOKEN_BOUNDARY: their encodings, joined, are exactly the encoding of text[start:end]."""
+    end, size = len(text) if end is None else end, size or TASK_CHARS
+    while end - start > size and (m := TOKEN_BOUNDARY.search(text, start + size, end)):
+        yield text[start:m.end()], False
+        start = m.end()
+    yield text[start:end], True
+
+
+def encode_task(tok, dtype, task):
+    """[(text, append <|endoftext|>?)] -> [ids as a dtype array] for each."""
+    return [np.array(tok.encode(text) + [tok.eot] * eot, dtype=dtype) for text, eot in task]
+
+
+_worker = {}
+
+
+def init_worker(tok, dtype):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
+    _worker.update(tok=tok, dtype=dtype)
+
+
+def encode_in_worker(task):
+    return encode_task(_worker["tok"], _worker["dtype"], task)
+
+
+def encode_stream(segments, tok, dtype, pool=None, workers=1):
+    """(key, text, append <|endoftext|>?) -> (key, ids) for every segment, in order, on a pool of
+    `workers` processes (or here). Segments go in tasks of about TASK_CHARS characters, at most 2
+    tasks per worker in flight: the input is pulled only as fast as it is encoded, so memory stays
+    bounded."""
+    def tasks():
+        keys, task, n = [], [], 0
+        for key, text, eot in segments:
+            keys.append(key)
+            task.append((text, eot))
+            n += len(text)
+            if n >= TASK_CHARS:
+                yield keys, task
+                keys, task, n = [], [], 0
+        if task:
+            yield keys, task
+
+    pending = collections.deque()
+    for keys, task in tasks():
+        if pool is None:
+            yield from zip(keys, encode_task(tok, dtype, task))
+            continue
+        pending.append((keys, pool.apply_async(encode_in_worker, (task,))))
+        while len(pending) >= 2 * workers or (pending and pending[0][1].ready()):
+            keys, result = pending.popleft()
+            yield from zip(keys, result.get())
+    for keys, result in pending:
+        yield from zip(keys, result.get())
 
 
 # -----------------------------------------------------------------------------
 # documents -> token files
 
-def write_dataset(out_dir, tok, parts, info):
-    """Tokenize [(source, train_text, val_text)], append <|endoftext|> after every non-empty part,
-    and write train.bin, val.bin, meta.json atomically (*.tmp, then os.replace). Returns meta."""
-    assert tok.n_vocab <= 2**16, "token ids must fit in uint16"
+def write_dataset(out_dir, tok, docs, info, val_fraction, workers=1, total_bytes=None):
+    """Split every document of docs, a stream of (source, text, first piece of a document?, bytes
+    read), tokenize on `workers` processes, append <|endoftext|> after every non-empty part, and
+    write train.bin, val.bin, meta.json as *.tmp files renamed into place at the end (meta.json
+    last). If no document could be cut, whole documents at the end (a lone one: cut at a space) are
+    validation. Returns meta."""
+    dtype = np.dtype(np.uint16 if tok.n_vocab <= 2**16 else np.uint32)
     os.makedirs(out_dir, exist_ok=True)
     names = ("train.bin", "val.bin", "meta.json")
     final = {n: os.path.join(out_dir, n) for n in names}
     tmp = {n: p + ".tmp" for n, p in final.items()}
-    counts = {}  # source -> counts
+    counts, pieces = {}, collections.Counter()  # source -> token counts; source -> pieces of text
+    total_chars, lone, t0 = 0, None, time.time()  # lone: the text of the only piece while there is one
+
+    def split_all(bar):  # -> ((source, split), text, append <|endoftext|>?) in file order
+        nonlocal total_chars, lone
+        for source, text, first, read in docs:
+            bar.update(read)
+            if not text.strip():
+                continue
+            c = counts.setdefault(source, {"source": source, "documents": 0, "train_tokens": 0, "val_tokens": 0})
+            c["documents"] += first
+            pieces[source] += 1
+            total_chars += len(text)
+            lone = text if pieces.total() == 1 else None
+            end, start = split_point(text, val_fraction)  # slices of text, not copies of its parts
+            for split, (a, b) in (("train", (0, end)), ("val", (start, len(text)))):
+                if b > a:
+                    yield from (((source, split), chunk, last) for chunk, last in token_chunks(text, a, b))
+
+    # forked where possible: the workers share what this process has loaded instead of importing it again
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
     try:
-        with open(tmp["train.bin"], "wb") as ftrain, open(tmp["val.bin"], "wb") as fval, \
-                tqdm(total=sum(len(a) + len(b) for _, a, b in parts), unit="char", unit_scale=True,
-                     desc=os.path.basename(out_dir)) as bar:
-            for source, train, val in parts:
-                c = counts.setdefault(source, {"source": source, "documents": 0,
-                                               "train_tokens": 0, "val_tokens": 0})
-                c["documents"] += 1
-                for split, text, f in (("train", train, ftrain), ("val", val, fval)):
-                    if text:
-                        ids = np.array(tok.encode(text) + [tok.eot], dtype=np.uint16)
-                        f.write(ids.tobytes())
-                        c[f"{split}_tokens"] += len(ids)
-                    bar.update(len(text))
+        with (ctx.Pool(workers, init_worker, (tok, dtype)) if workers > 1 else contextlib.nullcontext()) as pool, \
+                open(tmp["train.bin"], "wb") as ftrain, open(tmp["val.bin"], "wb") as fval, \
+                tqdm(total=total_bytes, unit="B", unit_scale=True, desc=os.path.basename(out_dir)) as bar:
+            files = {"train": ftrain, "val": fval}
+            try:
+                for (source, split), ids in encode_stream(split_all(bar), tok, dtype, pool, workers):
+                    files[split].write(ids.tobytes())
+                    counts[source][f"{split}_tokens"] += len(ids)
+            except BaseException:
+                bar.leave = False  # bad input found on the way: the error line alone stays on screen
+                raise
+        sources = list(counts.values())
+        if lone is not None and not sources[0]["val_tokens"]:  # a lone document no break could cut
+            for split, part in zip(("train", "val"), split_lone(lone, val_fraction)):
+                ids = np.concatenate([ids for _, ids in encode_stream(
+                    ((split, chunk, last) for chunk, last in token_chunks(part)), tok, dtype)])
+                ids.tofile(tmp[f"{split}.bin"])
+                sources[0][f"{split}_tokens"] = len(ids)
+        elif not any(c["val_tokens"] for c in sources):  # no document could be cut: move the last ones
+            ids = np.memmap(tmp["train.bin"], dtype=dtype, mode="r")
+            moved = last_documents(ids, tok.eot, pieces.total(), total_chars, val_fraction, tok.decode)
+            keep = len(ids) - sum(moved)
+            with open(tmp["val.bin"], "wb") as f:
+                for i in range(keep, len(ids), 2**24):
+                    f.write(ids[i:i + 2**24].tobytes())
+            del ids
+            os.truncate(tmp["train.bin"], keep * dtype.itemsize)
+            i, left = len(sources), 0
+            for n in moved:  # last document first: charge each to its source
+                while left == 0:
+                    i -= 1
+                    left = pieces[sources[i]["source"]]
+                sources[i]["train_tokens"] -= n
+                sources[i]["val_tokens"] += n
+                left -= 1
         meta = {
             "tokenizer": tok.name, "vocab_size": tok.vocab_size, "n_vocab": tok.n_vocab,
-            "eot": tok.eot, "mask": tok.mask, "pad": tok.pad, "dtype": "uint16",
-            "train_tokens": sum(c["train_tokens"] for c in counts.values()),
-            "val_tokens": sum(c["val_tokens"] for c in counts.values()),
+            "eot": tok.eot, "mask": tok.mask, "pad": tok.pad, "dtype": dtype.name,
+            "train_tokens": sum(c["train_tokens"] for c in sources),
+            "val_tokens": sum(c["val_tokens"] for c in sources),
             **info,
-            "sources": list(counts.values()),
+            "sources": sources,
         }
         with open(tmp["meta.json"], "w") as f:
             json.dump(meta, f, indent=2)
@@ -233,8 +435,10 @@ def write_dataset(out_dir, tok, parts, info):
         for p in tmp.values():
             if os.path.exists(p):
                 os.remove(p)
-    print(f"{out_dir}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
-          f"({tok.name})")
+    dt = time.time() - t0
+    print(f"{out_dir}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens ({tok.name})")
+    print(f"{out_dir}: {total_bytes / 1e6:.1f} MB in {dt:.1f} s, {total_bytes / 1e6 / dt:.1f} MB/s "
+          f"({workers} worker{'s' * (workers > 1)}, {dtype.name})")
     return meta
 
 
@@ -245,14 +449,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def cpu_count():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def parse_args(argv):
     p = ArgumentParser(allow_abbrev=False, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="Output: OUT_DIR/NAME/{train.bin,val.bin,meta.json}. "
                               "Bad input prints one `error:` line and exits with status 2.")
     p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="your own text: .txt files, .jsonl files (string field \"text\" per line) or "
-                        "folders of them; default: the bundled Austen + Moby-Dick corpus")
+                   help="your own text: .txt files, .jsonl files (string field \"text\" per line), either "
+                        "gzip'd (.txt.gz, .jsonl.gz), or folders of them; default: the bundled Austen + "
+                        "Moby-Dick corpus")
     p.add_argument("--name", help="dataset name for --input (required with it); the bundled corpus "
                                   "is always written as austen_<tokenizer>")
     p.add_argument("--tokenizer", choices=NAMES + ("all",),
@@ -261,9 +470,14 @@ def parse_args(argv):
                    help="share of every document held out for validation (default 0.05)")
     p.add_argument("--out_dir", default=DATA_DIR, help="folder that receives the dataset folder(s) "
                                                         "(default: data/ in this repo)")
+    p.add_argument("--workers", type=int, default=cpu_count(),
+                   help=f"tokenizing processes (default: every core, here {cpu_count()}); the output "
+                        f"is the same for any number")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 0.5:
         p.error(f"--val_fraction must be in (0, 0.5), got {args.val_fraction}")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     if args.input is None and args.name is not None:
         p.error("--name goes with --input (the bundled corpus is written as austen_<tokenizer>)")
     if args.input is not None:
@@ -276,33 +490,32 @@ def parse_args(argv):
 
 def main(argv=None):
     """Write the dataset(s) argv asks for. Bad input raises UserError (run_main prints it as one
-    `error:` line, exit status 2) before anything is written; a failed write leaves no partial files."""
+    `error:` line, exit status 2); a failed run leaves no partial files and any old dataset intact."""
     args = parse_args(argv)
     pct = 100 * args.val_fraction
     try:
         if args.input is None:  # the bundled corpus, both tokenizers by default
-            books = read_books()
-            parts = [(name, *split_text(text, args.val_fraction)) for name, text in books]
+            books = [(name, text, True, len(text.encode())) for name, text in read_books()]
+            total = sum(b[3] for b in books)
             info = {"corpus": "Jane Austen's six novels + Moby-Dick (data/austen_moby.txt.gz), "
                               "paragraphs unwrapped to one line each",
                     "val_fraction": args.val_fraction,
                     "split": SPLIT_RULE.format(pct=pct, unit="book", fallback="")}
-            for name in (NAMES if args.tokenizer in (None, "all") else (args.tokenizer,)):
-                out = os.path.join(args.out_dir, f"austen_{name}")
-                write_dataset(out, get_tokenizer(name), parts, info)
+            jobs = [(f"austen_{name}", name, iter(books))
+                    for name in (NAMES if args.tokenizer in (None, "all") else (args.tokenizer,))]
         else:
-            parts = split_documents(read_inputs(args.input), args.val_fraction)
+            total, docs = read_inputs(args.input)
             info = {"corpus": "user text: " + ", ".join(args.input),
                     "val_fraction": args.val_fraction,
-                    "split": SPLIT_RULE.format(pct=pct, unit="document", fallback=(
-                        "documents with no break near their end go whole to train; if no document "
-                        "can be cut, the last whole documents are validation (a lone document is "
-                        "cut at a space); "))}
-            tok = get_tokenizer(args.tokenizer or "gpt2")
-            write_dataset(os.path.join(args.out_dir, args.name), tok, parts, info)
-    except OSError as e:  # an unreadable input, a corrupt .gz, an out_dir we cannot write to
+                    "split": SPLIT_RULE.format(pct=pct, unit="document",
+                                               fallback=USER_FALLBACK.format(doc_chars=DOC_CHARS))}
+            jobs = [(args.name, args.tokenizer or "gpt2", docs)]
+        workers = max(1, min(args.workers, math.ceil(total / TASK_CHARS)))  # small input: no pool
+        for name, tokenizer, docs in jobs:
+            write_dataset(os.path.join(args.out_dir, name), get_tokenizer(tokenizer), docs, info,
+                          args.val_fraction, workers, total)
+    except OSError as e:  # an unreadable input, an out_dir we cannot write to
         raise UserError(str(e)) from None
-
 
 if __name__ == "__main__":
     run_main(main)

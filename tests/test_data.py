@@ -1,11 +1,16 @@
 """
-Tests for data/: the tokenizers, data/prepare.py on good and bad input, and the batch loader.
+Tests for data/: the tokenizers, data/prepare.py on good and bad input (streamed output against the
+in-memory rule, any number of workers, bounded memory), the batch loader (uint16 and uint32), and
+train.py's warning for a corpus too small for its run.
 User mistakes raise common.UserError, which the scripts report as one `error:` line (exit status 2).
 Hermetic and fast: tiny synthetic text in tmp_path, no network, never the prepared corpus.
     python -m pytest -q tests/test_data.py
 """
 
 import glob
+import gzip
+import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -15,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 
+import data.loader
+import data.prepare
 from common import UserError, run_main
-from data.loader import BatchLoader, load_meta, resolve_data_dir, val_windows
-from data.prepare import BOOKS, main as prepare, read_books, split_text
-from data.tokenizer import EXTRA_TOKENS, get_tokenizer
+from data.loader import BatchLoader, load_meta, resolve_data_dir, split_texts, val_windows
+from data.prepare import BOOKS, main as prepare, read_books, split_lone, split_text
+from data.tokenizer import EXTRA_TOKENS, Tokenizer, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["bytes", "gpt2"]
@@ -102,7 +109,7 @@ def read_dataset(out):
     splits = {}
     for split in ("train", "val"):
         path = os.path.join(out, f"{split}.bin")
-        assert os.path.getsize(path) == 2 * meta[f"{split}_tokens"]
+        assert os.path.getsize(path) == 2 * meta[f"{split}_tokens"] and meta["dtype"] == "uint16"
         ids = np.fromfile(path, dtype=np.uint16)
         assert ids.max() < tok.n_vocab and ids[-1] == tok.eot  # every part ends with eot
         cuts = np.flatnonzero(ids == tok.eot)
@@ -183,13 +190,27 @@ def test_split_text():
     assert train + "\n\n" + val == text and 0.03 < len(val) / len(text) < 0.07
 
 
+# sha256 of the files the in-memory prepare.py wrote for the bundled corpus (before it streamed)
+BUNDLED_SHA256 = {
+    "austen_bytes/meta.json": "9b0d732d27b0af6ed7f45ecc22ad20f1ee3214fe0dd6c38c2e729530f1000f6f",
+    "austen_bytes/train.bin": "fd1e3b8a7a413d5ecaa7dadeaa937c2fffe1b4961a3886aff0915b7c2e00995a",
+    "austen_bytes/val.bin": "5e383b268677ca881c1fa265657b517c56a4929efcfcfc73240e1578b3760317",
+    "austen_gpt2/meta.json": "bc0fdb179b244b26975ef30f8e73d2bb5c751e5d4dad2864f11e203f851f254f",
+    "austen_gpt2/train.bin": "4da8cfcd458c501a5a7a12309bb4699e29fc0adf39fb9c801e6f9ddf4179dd52",
+    "austen_gpt2/val.bin": "24e83059f8ec2154a53b3f8df28fb72ef4a0faff09e1d365e947027f820b99fa",
+}
+
+
 def test_bundled_corpus_books(tmp_path):
     books = read_books()
     assert [name for name, _ in books] == [name for _, name in BOOKS]
     for (title, _), (name, text) in zip(BOOKS, books):
         assert text.startswith(title + "\n\n") and len(text) > 300_000 and "\n\n\n" not in text
-    # default run (bundled corpus) into a temporary folder, bytes only for speed
-    prepare([f"--out_dir={tmp_path}", "--tokenizer=bytes"])
+    # the default run (bundled corpus) into a temporary folder: byte for byte what it always wrote
+    for workers in (1, 2):
+        prepare([f"--out_dir={tmp_path}", f"--workers={workers}"])
+        for rel, sha in BUNDLED_SHA256.items():
+            assert hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() == sha, (rel, workers)
     meta, splits = read_dataset(str(tmp_path / "austen_bytes"))
     assert len(splits["val"]) == 7 and 0.04 < meta["val_tokens"] / meta["train_tokens"] < 0.06
     for (name, text), train, val in zip(books, splits["train"], splits["val"]):
@@ -206,6 +227,183 @@ def test_prepare_runs_as_script_from_any_cwd(tmp_path):
     assert os.path.isfile(tmp_path / "ds" / "train.bin")
     bad = run("--input", "missing.txt", "--name=ds2", "--out_dir=.")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+# -----------------------------------------------------------------------------
+# prepare.py streams: the same output as the in-memory rule, any number of workers, bounded memory
+
+def reference(paths, tok, val_fraction=0.05):
+    """What prepare.py writes for these files (each its own source), computed in memory by the rule
+    it had before it streamed: -> (train ids, val ids, {source: [documents, train tokens, val tokens]})."""
+    docs = []  # (source, text)
+    for path in paths:
+        raw = open(path, "rb").read()
+        text = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("utf-8")
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        docs += [(path, text)] if ".txt" in path else [
+            (path, json.loads(line)["text"].replace("\r\n", "\n")) for line in text.split("\n") if line.strip()]
+    docs = [(src, d) for src, d in docs if d.strip()]
+    parts = [split_text(d, val_fraction) for _, d in docs]
+    if not any(val for _, val in parts):  # no document could be cut
+        if len(docs) == 1:
+            parts = [split_lone(docs[0][1], val_fraction)]
+        else:  # whole documents from the end, at least one kept in train
+            total, held, k = sum(len(d) for _, d in docs), 0, len(docs)
+            while k > 1 and (held == 0 or held < val_fraction * total):
+                k -= 1
+                held += len(docs[k][1])
+            parts = [(d, "") for _, d in docs[:k]] + [("", d) for _, d in docs[k:]]
+    train, val, sources = [], [], {}
+    for (src, _), texts in zip(docs, parts):
+        c = sources.setdefault(src, [0, 0, 0])
+        c[0] += 1
+        for i, (text, out) in enumerate(zip(texts, (train, val))):
+            if text:
+                ids = tok.encode(text) + [tok.eot]
+                out += ids
+                c[1 + i] += len(ids)
+    return train, val, sources
+
+
+def unicode_doc(n=12):
+    """Paragraphs of awkward text: emoji, CJK, NUL, tabs, literal special tokens, trailing spaces."""
+    return "\n\n".join(f"{i}: {UNICODE[1 + i % (len(UNICODE) - 2)]}  " for i in range(n * len(UNICODE)))
+
+
+def jsonl(*texts):
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts)
+
+
+CORPORA = {  # case -> {file: text}; .gz files are compressed, \n is written as \r\n where asked
+    "txt": {"a.txt": make_doc(0), "b.txt": "\ufeff" + make_doc(1, 50), "u.txt": unicode_doc()},
+    "crlf and lone cr": {"a.txt": make_doc(2).replace("\n", "\r\n"), "b.txt": make_doc(3).replace("\n", "\r")},
+    "jsonl": {"d.jsonl": jsonl(make_doc(4), "", "x\u2028y " * 50, make_doc(5).replace("\n", "\r\n"), unicode_doc(3))},
+    "gzip": {"a.txt.gz": make_doc(6), "d.jsonl.gz": jsonl(make_doc(7), make_doc(8)), "e.txt": make_doc(9)},
+    "tiny documents": {"d.jsonl": jsonl(*(f"short document {i} " * (1 + i % 3) for i in range(60)))},
+    "tiny documents in two files": {"a.jsonl": jsonl(*(f"doc {i}" for i in range(30))), "b.txt": "one more"},
+    "lone line": {"one.txt": " ".join(f"word{i}" for i in range(400))},
+}
+
+
+def write_corpus(root, files):
+    paths = []
+    for name, text in files.items():
+        data = text.encode("utf-8")
+        (root / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+        paths.append(str(root / name))
+    return paths
+
+
+@pytest.fixture
+def small_tasks(monkeypatch):
+    """Tasks and reads of a few hundred characters, so small inputs take every path (many tasks, a
+    pool of workers, \r\n across reads) that only big ones would take otherwise."""
+    monkeypatch.setattr(data.prepare, "TASK_CHARS", 300)
+    monkeypatch.setattr(data.prepare, "READ_CHARS", 257)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("case", list(CORPORA))
+def test_streamed_equals_in_memory(tmp_path, small_tasks, case, workers):
+    paths = write_corpus(tmp_path, CORPORA[case])
+    for name in NAMES:
+        prepare(["--input", *paths, f"--name={name}", f"--out_dir={tmp_path}", f"--tokenizer={name}",
+                 f"--workers={workers}"])
+        train, val, sources = reference(paths, get_tokenizer(name))
+        out = tmp_path / name
+        assert np.fromfile(out / "train.bin", np.uint16).tolist() == train
+        assert np.fromfile(out / "val.bin", np.uint16).tolist() == val
+        meta, _ = read_dataset(str(out))
+        assert {s["source"]: [s["documents"], s["train_tokens"], s["val_tokens"]] for s in meta["sources"]} == sources
+
+
+TRICKY = UNICODE + ["  leading spaces", "word\n\n  \tword  ", "it's, we've 12345 678!!! ??", "日本語の文章中文句子",
+                    "trailing   ", "\n\n\n", "a  b   c\t\td", " ".join(f"w{i}" for i in range(50))]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_token_chunks_encode_like_the_whole(name):
+    tok = get_tokenizer(name)
+    text = "".join(TRICKY) + " ".join(TRICKY)
+    for size in (1, 2, 3, 7, 50):
+        chunks = list(data.prepare.token_chunks(text, size=size))
+        assert "".join(c for c, _ in chunks) == text
+        assert [last for _, last in chunks] == [False] * (len(chunks) - 1) + [True]
+        assert len(chunks) > len(text) / (10 * size)  # really cut
+        assert [i for c, _ in chunks for i in tok.encode(c)] == tok.encode(text)
+
+
+def test_long_document_in_pieces(tmp_path, monkeypatch):
+    # a document longer than DOC_CHARS: pieces of at most that length, cut at paragraph breaks, each
+    # split like a document; nothing lost but the breaks
+    monkeypatch.setattr(data.prepare, "DOC_CHARS", 3000)
+    monkeypatch.setattr(data.prepare, "READ_CHARS", 500)
+    doc = make_doc(0, 200)
+    (tmp_path / "long.txt").write_text(doc)
+    pieces = [p for p, _, _ in data.prepare.read_file(str(tmp_path / "long.txt"))]
+    assert len(pieces) > len(doc) / 3000 and max(map(len, pieces)) <= 3000
+    assert "\n\n".join(pieces) == doc  # every cut at a paragraph break
+    prepare(["--input", str(tmp_path / "long.txt"), "--name=ds", f"--out_dir={tmp_path}", "--tokenizer=bytes"])
+    meta, splits = read_dataset(str(tmp_path / "ds"))
+    assert meta["sources"][0]["documents"] == 1 and "3,000 characters" in meta["split"]
+    assert len(splits["train"]) == len(splits["val"]) == len(pieces)
+    for piece, train, val in zip(pieces, splits["train"], splits["val"]):
+        check_split(piece, train, val)
+    # no paragraph break at all: line breaks, then spaces, then anywhere
+    for text, sep in (("line\n" * 2000, "\n"), ("word " * 2000, " "), ("x" * 7000, "")):
+        (tmp_path / "t.txt").write_text(text)
+        pieces = [p for p, _, _ in data.prepare.read_file(str(tmp_path / "t.txt"))]
+        assert max(map(len, pieces)) <= 3000 and sep.join(pieces) == text
+
+
+def test_reading_holds_a_piece_at_a_time(tmp_path, monkeypatch):
+    # a 2 MB document read in blocks of 1,000 characters never gathers more than a piece
+    monkeypatch.setattr(data.prepare, "READ_CHARS", 1000)
+    (tmp_path / "big.txt").write_text(make_doc(0, 200) * 50)
+    blocks = []
+    real_cut_long = data.prepare.cut_long
+    monkeypatch.setattr(data.prepare, "cut_long", lambda b, limit: real_cut_long(
+        (blocks.append(len(x)) or x for x in b), limit))
+    n = 0
+    for piece, first, read in data.prepare.read_file(str(tmp_path / "big.txt"), limit=20_000):
+        assert len(piece) <= 20_000 and len(blocks) * 1000 <= n + len(piece) + 20_000 + 1000
+        n += len(piece)
+    assert len(blocks) > 2000 and max(blocks) <= 1000
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_encoding_pulls_input_only_as_fast_as_it_encodes(monkeypatch, workers):
+    # an endless input: the first results come back, and only a few tasks were read ahead of them
+    monkeypatch.setattr(data.prepare, "TASK_CHARS", 100)
+    tok, pulled = get_tokenizer("bytes"), []
+    endless = ((i, f"segment {i} ".ljust(100), True) for i in itertools.count() if not pulled.append(i))
+    pool = data.prepare.multiprocessing.get_context().Pool(workers, data.prepare.init_worker, (tok, np.uint16)) \
+        if workers > 1 else None
+    try:
+        stream = data.prepare.encode_stream(endless, tok, np.uint16, pool, workers)
+        for i, (key, ids) in enumerate(itertools.islice(stream, 50)):
+            assert key == i and tok.decode(ids) == f"segment {i} ".ljust(100)
+            assert len(pulled) <= i + 1 + 2 * workers
+    finally:
+        if pool:
+            pool.terminate()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads peak memory from getrusage in kB")
+def test_memory_does_not_grow_with_the_input(tmp_path):
+    # a 16 MB text file, one worker, pieces of 1M characters: peak memory over what the imports take
+    # stays far below what holding the text would need (the in-memory version took ~17 bytes per byte)
+    (tmp_path / "big.txt").write_text(make_doc(0, 200) * 400)
+    size = os.path.getsize(tmp_path / "big.txt")
+    code = ("import resource, sys; from data import prepare; prepare.DOC_CHARS = 1_000_000; "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; prepare.main(sys.argv[1:]); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+    p = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "big.txt"), "--name=ds",
+                        f"--out_dir={tmp_path}", "--tokenizer=bytes", "--workers=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    grown = int(p.stdout.split()[-1])
+    assert size > 15e6 and grown < 100e6, f"{grown / 1e6:.0f} MB more for {size / 1e6:.0f} MB of text"
 
 
 # -----------------------------------------------------------------------------
@@ -234,6 +432,12 @@ BAD_INPUTS = {  # case -> (files to create, extra args, text the message must co
                          "val_fraction"),
     "unknown option": ({}, ["--inptu=x"], "--inptu"),
     "one char corpus": ({"a.txt": b"x"}, ["--input", "{d}/a.txt"], "too small"),
+    "not gzip": ({"a.txt.gz": b"plain text"}, ["--input", "{d}/a.txt.gz"], "a.txt.gz: Not a gzipped file"),
+    "truncated gzip": ({"a.jsonl.gz": gzip.compress(jsonl(make_doc(0)).encode())[:-30]},
+                       ["--input", "{d}/a.jsonl.gz"], "a.jsonl.gz: Compressed file ended"),
+    "invalid utf-8 far in, gzip'd": ({"b.txt.gz": gzip.compress(b"a" + "\u00e9".encode() * 10**6 + b"\xc3(")},
+                                     ["--input", "{d}/b.txt.gz"], "b.txt.gz: invalid UTF-8 at byte offset 2000001"),
+    "no workers": ({"a.txt": b"text"}, ["--input", "{d}/a.txt", "--workers=0"], "--workers"),
 }
 
 
@@ -241,9 +445,9 @@ BAD_INPUTS = {  # case -> (files to create, extra args, text the message must co
 def test_prepare_bad_input(tmp_path, capsys, case):
     files, args, expected = BAD_INPUTS[case]
     src = tmp_path / "src"
-    for rel, data in files.items():
+    for rel, content in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
+        (src / rel).write_bytes(content)
     args = [a.format(d=src) for a in args]
     if not any(a.startswith("--name") for a in args):
         args.append("--name=ds")
@@ -254,8 +458,10 @@ def test_prepare_bad_input(tmp_path, capsys, case):
     with pytest.raises(SystemExit) as e:  # what `python data/prepare.py ...` does with it
         run_main(lambda: prepare(args + [f"--out_dir={out}"]))
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
+    # one `error:` line, last; before it at most the progress bar, if the error was found on the way
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("error:") and expected in err[-1], err
+    assert all(line.startswith("ds:") for line in err[:-1]) and "Traceback" not in "".join(err), err
     assert not glob.glob(str(out / "**" / "*.bin*"), recursive=True)
 
 
@@ -265,46 +471,51 @@ def test_prepare_os_error_is_a_user_error(tmp_path):
         prepare(["--input", str(tmp_path / "a.txt"), "--name=ds", f"--out_dir={tmp_path / 'a.txt'}"])
 
 
-def test_prepare_failure_leaves_no_partial_files(tmp_path, monkeypatch):
-    import data.prepare
+class Crashing:
+    """The bytes tokenizer, crashing on the second document (in whichever process encodes it)."""
+
+    def __getattr__(self, name):
+        return getattr(get_tokenizer("bytes"), name)
+
+    def encode(self, text):
+        if "doc1" in text:
+            raise RuntimeError("crash")
+        return get_tokenizer("bytes").encode(text)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepare_failure_leaves_no_partial_files(tmp_path, monkeypatch, small_tasks, workers):
     (tmp_path / "a.txt").write_text(make_doc(0))
     (tmp_path / "b.txt").write_text(make_doc(1))
     args = ["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--name=ds",
-            f"--out_dir={tmp_path}", "--tokenizer=bytes"]
+            f"--out_dir={tmp_path}", "--tokenizer=bytes", f"--workers={workers}"]
     prepare(args)
     before = {f: (tmp_path / "ds" / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")}
     # a crash half-way through tokenizing: the *.tmp files go, the complete old dataset stays
-    tok = get_tokenizer("bytes")
-
-    class Crashing:  # the bytes tokenizer, crashing on the third piece of text
-        n_calls = 0
-
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-        def encode(self, text):
-            Crashing.n_calls += 1
-            if Crashing.n_calls > 2:
-                raise RuntimeError("crash")
-            return tok.encode(text)
-
     monkeypatch.setattr(data.prepare, "get_tokenizer", lambda name: Crashing())
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="crash"):
         prepare(args)
     assert sorted(os.listdir(tmp_path / "ds")) == ["meta.json", "train.bin", "val.bin"]
+    assert all((tmp_path / "ds" / f).read_bytes() == b for f, b in before.items())
+    # so does bad input found half-way, after a first file was tokenized
+    (tmp_path / "b.txt").write_bytes(make_doc(1).encode() + b"\xff")
+    monkeypatch.setattr(data.prepare, "get_tokenizer", get_tokenizer)
+    with pytest.raises(UserError, match="b.txt: invalid UTF-8"):
+        prepare(args)
     assert all((tmp_path / "ds" / f).read_bytes() == b for f, b in before.items())
 
 
 # -----------------------------------------------------------------------------
 # loader
 
-def make_dataset(root, n_train=5000, n_val=1000):
-    """A fake prepared dataset whose token at position i is i (mod 2**16): windows are checkable."""
+def make_dataset(root, n_train=5000, n_val=1000, dtype=None, first=0):
+    """A fake prepared dataset whose token at position i is first + i: windows are checkable. No
+    dtype: meta.json has none, as datasets prepared before uint32 existed."""
     root.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
-        (np.arange(n) % 2**16).astype(np.uint16).tofile(root / f"{split}.bin")
-    (root / "meta.json").write_text(json.dumps({"tokenizer": "bytes", "train_tokens": n_train,
-                                                "val_tokens": n_val}))
+        (first + np.arange(n)).astype(dtype or np.uint16).tofile(root / f"{split}.bin")
+    meta = {"tokenizer": "bytes", "train_tokens": n_train, "val_tokens": n_val}
+    (root / "meta.json").write_text(json.dumps({**meta, **({"dtype": dtype} if dtype else {})}))
     return str(root)
 
 
@@ -378,3 +589,75 @@ def test_loader_on_prepared_dataset(tmp_path):
     x = BatchLoader(d, "train", batch_size=2, seq_len=64, seed=0).get(0)
     assert x.shape == (2, 64) and tok.decode(x[0]) in make_doc(0, 200)
     assert val_windows(d, seq_len=64, n_windows=3).shape == (3, 64)
+
+
+@pytest.mark.parametrize("dtype", [None, "uint16", "uint32"])
+def test_loader_token_dtypes(tmp_path, dtype):
+    first = 70_000 if dtype == "uint32" else 0  # ids that only uint32 holds
+    d = make_dataset(tmp_path / "ds", dtype=dtype, first=first)
+    x = BatchLoader(d, "train", batch_size=4, seq_len=16).get(0)
+    assert torch.all(x[:, 1:] - x[:, :-1] == 1) and first <= x.min() and x.max() < first + 5000
+    v = val_windows(d, seq_len=32, n_windows=10)
+    assert v[0, 0] == first and v[-1, -1] == first + 999
+    with pytest.raises(UserError, match="fewer than"):  # counted in tokens, not bytes
+        val_windows(d, seq_len=1001, n_windows=4)
+    meta = load_meta(d)
+    (tmp_path / "ds" / "meta.json").write_text(json.dumps({**meta, "dtype": "float32"}))
+    with pytest.raises(UserError, match="unknown dtype 'float32'"):
+        BatchLoader(d, "train", batch_size=4, seq_len=16)
+
+
+def pairs_tokenizer():
+    """A real BPE tokenizer with too many ids for uint16 (65,795 with the specials): every byte, then
+    every pair of bytes, pairs of lowercase letters last, so that words get ids above 65,535."""
+    letters = range(97, 123)
+    pairs = sorted(itertools.product(range(256), repeat=2), key=lambda p: (p[0] in letters and p[1] in letters, p))
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks.update({bytes(p): 256 + i for i, p in enumerate(pairs)})
+    return Tokenizer("pairs", ranks)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_uint32_round_trip(tmp_path, monkeypatch, small_tasks, workers):
+    tok = pairs_tokenizer()
+    monkeypatch.setattr(data.prepare, "get_tokenizer", lambda name: tok)
+    monkeypatch.setattr(data.loader, "get_tokenizer", lambda name: tok)
+    paths = write_corpus(tmp_path, CORPORA["txt"])
+    prepare(["--input", *paths, "--name=ds", f"--out_dir={tmp_path}", f"--workers={workers}"])
+    d = str(tmp_path / "ds")
+    train, val, _ = reference(paths, tok)
+    meta = load_meta(d)
+    assert (meta["dtype"], meta["n_vocab"], meta["train_tokens"], meta["val_tokens"]) == \
+        ("uint32", 65795, len(train), len(val))
+    assert max(train) >= 2**16 and os.path.getsize(os.path.join(d, "train.bin")) == 4 * len(train)
+    assert np.fromfile(os.path.join(d, "train.bin"), np.uint32).tolist() == train
+    # the loader reads uint32: windows of the token stream, and the documents back as text
+    x = BatchLoader(d, "train", batch_size=4, seq_len=64, seed=0).get(0)
+    offsets = np.random.default_rng([0, 0]).integers(0, len(train) - 64 + 1, size=4)
+    assert x.tolist() == [train[o:o + 64] for o in offsets]
+    assert val_windows(d, seq_len=64, n_windows=2).tolist() == [val[:64], val[-64:]]
+    docs = [make_doc(0), make_doc(1, 50), unicode_doc().replace("\r\n", "\n")]
+    assert split_texts(d, "val") == [split_text(doc, 0.05)[1] for doc in docs]
+
+
+# -----------------------------------------------------------------------------
+# train.py: a run that would cycle its corpus many times says so
+
+def test_train_warns_when_a_run_repeats_its_data(tmp_path, capsys):
+    import train
+    tc = train.build_configs(["--config=small"])["train"]
+    capsys.readouterr()
+    # small on the bundled corpus: each of its 1,156,705 GPT-2 training tokens ~567 times in stage 2
+    assert round(train.warn_repeats("joint", tc, tc.joint_iters, 1_156_705)) == 567
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("warning: stage joint would see each of the 1,156,705 "
+                                               "training tokens of austen_gpt2 ~567 times") and "README" in out[0]
+    tc = train.build_configs([])["train"]  # tiny on austen_bytes (4,975,159 tokens): well under once
+    assert train.warn_repeats("joint", tc, tc.joint_iters, 4_975_159) < 1 and not capsys.readouterr().out
+    # a run says it as it starts: 1 step x 32 x 16 tokens over 40 tokens
+    d = make_dataset(tmp_path / "ds", n_train=40, n_val=40)
+    train.main(["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1", "--seq_len=16",
+                "--batch_size=32", "--eval_windows=2", "--stage=vae", "--max_iters=1", f"--dataset={d}",
+                f"--out_dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert "warning: stage vae would see each of the 40 training tokens" in out and "~13 times" in out
