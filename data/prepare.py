@@ -351,13 +351,14 @@ def encode_stream(segments, tok, dtype, pool=None, workers=1):
 # -----------------------------------------------------------------------------
 # documents -> token files
 
-def write_dataset(out_dir, tok, docs, info, val_fraction, workers=1, total_bytes=None):
+def write_dataset(out_dir, tok, docs, info, val_fraction, workers, total_bytes):
     """Split every document of docs, a stream of (source, text, first piece of a document?, bytes
-    read), tokenize on `workers` processes, append <|endoftext|> after every non-empty part, and
-    write train.bin, val.bin, meta.json as *.tmp files renamed into place at the end (meta.json
-    last). If no document could be cut, whole documents at the end (a lone one: cut at a space) are
-    validation. Returns meta."""
+    read) over total_bytes, tokenize on `workers` processes, append <|endoftext|> after every
+    non-empty part, and write train.bin, val.bin, meta.json as *.tmp files renamed into place at the
+    end (meta.json last). If no document could be cut, whole documents at the end (a lone one: cut
+    at a space) are validation. Returns meta."""
     dtype = np.dtype(np.uint16 if tok.n_vocab <= 2**16 else np.uint32)
+    new_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     names = ("train.bin", "val.bin", "meta.json")
     final = {n: os.path.join(out_dir, n) for n in names}
@@ -435,7 +436,9 @@ def write_dataset(out_dir, tok, docs, info, val_fraction, workers=1, total_bytes
         for p in tmp.values():
             if os.path.exists(p):
                 os.remove(p)
-    dt = time.time() - t0
+        if new_dir and not os.listdir(out_dir):  # a failed first run leaves no empty folder either
+            os.rmdir(out_dir)
+    dt = max(time.time() - t0, 1e-6)
     print(f"{out_dir}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens ({tok.name})")
     print(f"{out_dir}: {total_bytes / 1e6:.1f} MB in {dt:.1f} s, {total_bytes / 1e6 / dt:.1f} MB/s "
           f"({workers} worker{'s' * (workers > 1)}, {dtype.name})")

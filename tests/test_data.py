@@ -462,7 +462,7 @@ def test_prepare_bad_input(tmp_path, capsys, case):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err[-1].startswith("error:") and expected in err[-1], err
     assert all(line.startswith("ds:") for line in err[:-1]) and "Traceback" not in "".join(err), err
-    assert not glob.glob(str(out / "**" / "*.bin*"), recursive=True)
+    assert not glob.glob(str(out / "**" / "*.bin*"), recursive=True) and not (out / "ds").exists()
 
 
 def test_prepare_os_error_is_a_user_error(tmp_path):
