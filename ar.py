@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from layers import (PAD_POS, Transformer, append_tokens, causal_mask, cat_kv, init_weights, pick_tokens,
+from layers import (PAD_POS, Transformer, append_tokens, causal_mask, init_weights, pick_tokens,
                     sample_generators, transformer_flops)
 
 
@@ -59,16 +59,21 @@ class ARLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def logits(self, x, pos, past=None, past_pos=None):
-        """x (B, L) at positions pos (B, L), optional KV cache at past_pos -> logits (B, L, V), new KV."""
-        pos_k = pos if past is None else torch.cat([past_pos, pos], 1)
-        h, kvs = self.transformer(self.tok_emb(x), pos, causal_mask(pos, pos_k), past)
-        return h @ self.tok_emb.weight.t(), kvs  # tied head
+    def logits(self, x, pos, cache=None, past_pos=None, window=None):
+        """x (B, L) at positions pos (B, L) -> logits (B, L, V). cache: a layers.KVCache whose slots
+        [0, Lp) hold earlier tokens at positions past_pos (B, Lp); window: each token sees the last
+        `window` tokens (itself included)."""
+        pos_k = pos
+        if cache is not None:
+            pos_k = torch.cat([past_pos, pos], 1)
+            cache.span(past_pos.shape[1], pos_k.shape[1])
+        h = self.transformer(self.tok_emb(x), pos, causal_mask(pos, pos_k, window=window), cache)
+        return h @ self.tok_emb.weight.t()  # tied head
 
     def forward(self, x):
         """Next-token CE on windows x (B, L): predict x[:, 1:] from x[:, :-1]."""
         pos = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
-        logits, _ = self.logits(x[:, :-1], pos)
+        logits = self.logits(x[:, :-1], pos)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         return loss, dict(loss=loss.detach())
 
@@ -76,7 +81,7 @@ class ARLM(nn.Module):
     def token_logprobs(self, x):
         """log p(x[:, i] | x[:, :i]) for i = 1..L-1: (B, L-1)."""
         pos = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
-        logp = self.logits(x[:, :-1], pos)[0].float().log_softmax(-1)
+        logp = self.logits(x[:, :-1], pos).float().log_softmax(-1)
         return logp.gather(-1, x[:, 1:, None]).squeeze(-1)
 
     @torch.no_grad()
@@ -92,10 +97,12 @@ class ARLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_at_eot=True,
-                 on_block=None, **sampler):
+                 on_block=None, window=None, use_cache=True, **sampler):
         """KV-cached sampling for a batch of token-id prompts of any lengths (left-padded at PAD_POS,
-        which the causal rule hides): new ids per prompt, as Cola.generate. `sampler` takes the diffusion
-        sampler's options (steps, cfg_scale, use_cache): they do not apply to an AR model."""
+        which the causal rule hides): new ids per prompt, as Cola.generate. window: the most tokens any
+        position sees (the training seq_len; None = all), past which the oldest leave the cache.
+        use_cache=False recomputes every position at every token (the reference). `sampler` takes the
+        diffusion sampler's options (steps, cfg_scale, ...): they do not apply to an AR model."""
         tok, dev, B = self.tok, self.tok_emb.weight.device, len(prompts)
         gens = sample_generators(prompts, seed, dev)
         prompts = [p if len(p) else [tok.eot] for p in prompts]  # an empty prompt starts a new document
@@ -105,20 +112,33 @@ class ARLM(nn.Module):
         for i, p in enumerate(prompts):
             x[i, width - len(p):] = torch.tensor(p, device=dev)
             pos[i, width - len(p):] = torch.arange(len(p), device=dev)
-        logits, cache = self.logits(x, pos)
-        last = logits[:, -1:]  # (B, 1, V)
-        nxt = torch.tensor([len(p) for p in prompts], device=dev)[:, None]  # (B, 1) next positions
+        cache = None
+        if use_cache:  # allocated once: the prompt and every new token, or the window's worth
+            size = width + max_new_tokens if window is None else min(width + max_new_tokens, max(width, window))
+            cache = self.transformer.new_cache(B, size, dev)
+        last = self.logits(x, pos, cache, pos[:, :0], window)[:, -1:]  # (B, 1, V)
+        if use_cache and window is not None and width >= window:  # a prompt longer than the window
+            cache.evict(width - window + 1)
+            pos = pos[:, width - window + 1:]
+        nxt = pos[:, -1:] + 1  # (B, 1) next positions
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         while not all(done):
             ids = pick_tokens(last, temperature, top_k, top_p, gens, tok)  # (B, 1)
-            for i in range(B):
-                done[i] = done[i] or append_tokens(out[i], ids[i].tolist(), max_new_tokens, tok.eot if stop_at_eot else None)
+            for i, new in enumerate(ids.tolist()):
+                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, tok.eot if stop_at_eot else None)
                 if on_block is not None:
                     on_block(i, out[i])
             if all(done):
                 break
-            last, kv = self.logits(ids, nxt, cache, pos)
-            cache, pos, nxt = cat_kv(cache, kv), torch.cat([pos, nxt], 1), nxt + 1
+            if use_cache:
+                last = self.logits(ids, nxt, cache, pos, window)  # (B, 1, V)
+                pos, nxt = torch.cat([pos, nxt], 1), nxt + 1
+                if window is not None and pos.shape[1] >= window:  # the window is full: the oldest token leaves
+                    cache.evict(1)
+                    pos = pos[:, 1:]
+            else:
+                x, pos, nxt = torch.cat([x, ids], 1), torch.cat([pos, nxt], 1), nxt + 1
+                last = self.logits(x, pos, window=window)[:, -1:]
         return out
 
     def flops(self, seq_len, **_):

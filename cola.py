@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block
-from layers import PAD_POS, append_tokens, cat_kv, pick_tokens, sample_generators
+from layers import PAD_POS, append_tokens, pick_tokens, sample_generators
 from vae import TextVAE, VAEConfig, gaussian_kl
 
 FIRST_BLOCK_MODES = ("clean", "repaint", "left_pad", "right_pad")
@@ -200,12 +200,12 @@ class Cola(nn.Module):
 
     # ------------------------------------------------------------------------- generation
 
-    def prompt_layout(self, prompts):
+    def prompt_layout(self, prompts, window=None):
         """Lay a batch of prompts out for the sampler. Each prompt's complete blocks become history,
         left-padded to a common length H (padding at PAD_POS, which no real query sees); the rest, its
         tail, is pinned inside the first generated block. Returns hist_z (B, H, d), hist_pos (B, H),
         tail (B, bs, d) with keep (B, bs) marking the pinned positions, and start (B,), the position of
-        the first generated block."""
+        the first generated block. window: the encoder's, for prompts longer than the context."""
         tok, bs, B = self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         lens = torch.tensor([len(p) for p in prompts], device=dev)
@@ -214,7 +214,7 @@ class Cola(nn.Module):
         x = torch.full((B, max(1, int(lens.max()) if B else 1)), tok.pad, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
             x[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
-        mu, _ = self.vae.encode(x)  # (B, W, d); causal, so the right padding changes nothing
+        mu, _ = self.vae.encode(x, window)  # (B, W, d); causal, so the right padding changes nothing
         d = mu.shape[-1]
         hist_z, hist_pos = torch.zeros(B, H, d, device=dev), torch.full((B, H), PAD_POS, dtype=torch.long, device=dev)
         tail = torch.zeros(B, bs, d, device=dev)
@@ -227,12 +227,17 @@ class Cola(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=0, stop_at_eot=True, on_block=None, use_cache=True, trace=None, shift=1.0, first_block="clean"):
+                 seed=0, stop_at_eot=True, on_block=None, use_cache=True, trace=None, shift=1.0, first_block="clean",
+                 window=None):
         """New token ids for each prompt of a batch (lists of ints, any lengths), ending before the
         first <|endoftext|> (stop_at_eot=False: always max_new_tokens). steps: Euler steps per block;
         cfg_scale: guidance w (1 = off); shift > 1: more steps at high noise (flow.euler); temperature 0
         decodes greedily, else top-k / top-p sampling. first_block: how the prompt's tail enters the first
         block (parse_first_block; "clean" is the paper's clean-condition repaint).
+        window: the most tokens any position sees (the training seq_len; None = all). Past it the
+        oldest whole blocks leave the history, so generation runs on past the training context: the DiT
+        sees the last window / bs - 1 blocks before its own, the decoder (and the prompt's encoder)
+        the tokens within that span.
         Each sample draws its noise from its own seed (prompt, repeat index), so its output does not
         depend on the rest of the batch. on_block(i, ids) streams sample i after every block.
         use_cache=False recomputes the history at every step (the reference the caches must match);
@@ -241,54 +246,70 @@ class Cola(nn.Module):
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, seed, dev)
         mode, reps, frac = parse_first_block(first_block)
+        wb = None if window is None else window // bs - 1  # history blocks the DiT sees
+        if wb is not None and wb < 1:
+            raise ValueError(f"window {window} leaves no history: it must span at least 2 blocks of {bs} tokens")
+        dec_window = None if wb is None else wb * bs + 1  # the decoder: a block's first token sees wb blocks
         if mode.endswith("_pad"):  # whole prompt blocks: <|endoftext|> on the prompt's left or right
             pads = [[tok.eot] * (-len(p) % bs) for p in prompts]
             prompts = [q + p if mode == "left_pad" else p + q for p, q in zip(prompts, pads)]
-        hist_z, hist_pos, tail, keep, start = self.prompt_layout(prompts)
+        hist_z, hist_pos, tail, keep, start = self.prompt_layout(prompts, window)
         repaint = None
         if mode == "repaint":  # its noise from streams of its own, so every later block draws as with "clean"
             r_gens = sample_generators(prompts, -1 - seed, dev)
             repaint = (reps, frac, lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=dev)
                                                              for g in r_gens]))
-        dit_cache = dec_cache = None
-        if use_cache and hist_pos.shape[1] > 0:  # prefill both caches with the prompt's full blocks
-            H, clean = hist_pos.shape[1], torch.zeros_like(hist_pos, dtype=torch.bool)
-            blk = hist_pos // bs
-            _, dit_cache = self.dit(hist_z, torch.zeros(B, H, device=dev), hist_pos, block_mask(blk, clean, blk, clean))
-            _, dec_cache = self.vae.decode(hist_z, hist_pos)
+        zero_t, H = torch.zeros(1, device=dev), hist_pos.shape[1]  # prefill and commit: every token at t = 0
+        if use_cache:  # KV caches for the whole run, allocated once; prefilled with the prompt's full blocks
+            n_blocks = -(-(bs + max_new_tokens) // bs)  # generated blocks, at most
+            size = H + n_blocks * bs if wb is None else min(H + n_blocks * bs, max(H, wb * bs) + bs)
+            dit_cache = self.dit.new_cache((2 if cfg_scale != 1 else 1) * B, size, dev)  # guided: [cond | uncond]
+            dec_cache = self.vae.decoder.new_cache(B, size, dev)
+            if H:
+                blk, clean = hist_pos // bs, torch.zeros_like(hist_pos, dtype=torch.bool)
+                self.dit(hist_z, zero_t, torch.zeros_like(hist_pos), hist_pos, block_mask(blk, clean, blk, clean, window=wb),
+                         dit_cache.span(0, H))
+                self.vae.decode_hidden(hist_z, hist_pos, dec_cache, hist_pos[:, :0], dec_window)
+                if wb is not None and H > wb * bs:  # a prompt longer than the window: keep its last blocks
+                    dit_cache.evict(H - wb * bs), dec_cache.evict(H - wb * bs)
+                    hist_pos = hist_pos[:, H - wb * bs:]
         offs = torch.arange(bs, device=dev)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         while not all(done):
             pos = start[:, None] + offs  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
             z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
-            history = dict(past=dit_cache) if use_cache else dict(past_z=hist_z)
-            z = sample_block(self.dit, z, pos, keep, past_pos=hist_pos, steps=steps, cfg_scale=cfg_scale, shift=shift,
-                             repaint=repaint, **history)
+            history = dict(cache=dit_cache) if use_cache else dict(hist_z=hist_z)
+            z = sample_block(self.dit, z, pos, keep, hist_pos, steps=steps, cfg_scale=cfg_scale, shift=shift,
+                             repaint=repaint, window=wb, **history)
             z = torch.where(keep[..., None], tail, z)  # the prompt's own latents stand (partial repaint moved them)
             if use_cache:
-                logits, dec_kv = self.vae.decode(z, pos, dec_cache, hist_pos)  # (B, bs, V)
+                logits = self.vae.decode(z, pos, dec_cache, hist_pos, dec_window)  # (B, bs, V)
             else:
-                logits = self.vae.decode(torch.cat([hist_z, z], 1), torch.cat([hist_pos, pos], 1))[0][:, -bs:]
+                logits = self.vae.decode(torch.cat([hist_z, z], 1), torch.cat([hist_pos, pos], 1), window=dec_window)
+                logits = logits[:, -bs:]
             if trace is not None:
                 trace.append((z.clone(), logits.clone()))
             ids = pick_tokens(logits, temperature, top_k, top_p, gens, tok)  # (B, bs)
-            for i in range(B):
-                new = [t for t, pinned in zip(ids[i].tolist(), keep[i].tolist()) if not pinned]  # prompt tokens stand
+            for i, (new, pinned) in enumerate(zip(ids.tolist(), keep.tolist())):  # the one wait per block
+                new = [t for t, p in zip(new, pinned) if not p]  # prompt tokens stand
                 done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, tok.eot if stop_at_eot else None)
                 if on_block is not None:
                     on_block(i, out[i])
             if all(done):
                 break
-            # commit: the finished block joins the history as clean latents (t = 0)
+            # commit: the finished block joins the history as clean latents (t = 0), in the slots it used
+            k_pos = torch.cat([hist_pos, pos], 1)
             if use_cache:
-                clean, k_pos = torch.zeros_like(pos, dtype=torch.bool), torch.cat([hist_pos, pos], 1)
-                mask = block_mask(pos // bs, clean, k_pos // bs, torch.zeros_like(k_pos, dtype=torch.bool))
-                _, kv = self.dit(z, torch.zeros(B, bs, device=dev), pos, mask, dit_cache)
-                dit_cache, dec_cache = cat_kv(dit_cache, kv), cat_kv(dec_cache, dec_kv)
-            else:  # the cache-free reference keeps the latents themselves
+                clean = torch.zeros_like(k_pos, dtype=torch.bool)
+                mask = block_mask(pos // bs, clean[:, -bs:], k_pos // bs, clean, window=wb)
+                self.dit(z, zero_t, torch.zeros_like(pos), pos, mask, dit_cache.span(hist_pos.shape[1], k_pos.shape[1]))
+                if wb is not None and k_pos.shape[1] > wb * bs:  # the window is full: the oldest block leaves
+                    dit_cache.evict(bs), dec_cache.evict(bs)
+                    k_pos = k_pos[:, bs:]
+            else:  # the cache-free reference keeps every latent and applies the window in its masks
                 hist_z = torch.cat([hist_z, z], 1)
-            hist_pos, start, keep = torch.cat([hist_pos, pos], 1), start + bs, torch.zeros_like(keep)
+            hist_pos, start, keep = k_pos, start + bs, torch.zeros_like(keep)
             repaint = None  # only the first block holds prompt tokens
         return out
 
@@ -304,7 +325,7 @@ class Cola(nn.Module):
         ws, parts = [], {"log_px": 0.0, "log_pz": 0.0, "log_q": 0.0}
         for _ in range(samples):
             z = self.vae.sample(mu, logvar)
-            logits = self.vae.decode(z)[0]
+            logits = self.vae.decode(z)
             log_px = -F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none").view(B, L).sum(1)
             log_q = (-0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi))).flatten(1).sum(1)
             log_pz = prior_logp(self.dit, z, ode_steps)

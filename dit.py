@@ -15,6 +15,9 @@ a block id, a clean/noisy flag and its own timestep t (clean tokens: t = 0). One
 Architecture as in DiT (Peebles & Xie): adaLN-Zero modulation from the timestep embedding (here per
 token), zero-initialised gates and output layer, so a fresh DiT outputs exactly zero. RoPE with
 explicit position ids (the clean and noisy copies of a block share positions) and QK-norm.
+A token's time takes few values (0 when clean, its block's t when noisy), so the caller passes a small
+table of times and each token's entry in it: the modulation runs once per entry and is gathered per
+token, with shapes that never depend on the data (torch.compile-friendly).
 
 Self-check (CPU, seconds): python dit.py
 """
@@ -23,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from layers import Attention, SwiGLU, init_weights, rope_angles, transformer_flops
+from layers import Attention, KVCache, SwiGLU, init_weights, rope_angles, transformer_flops
 
 
 @dataclass
@@ -37,17 +41,20 @@ class DiTConfig:
     self_cond: bool = False  # also read an estimate of the clean block (self-conditioning, Analog Bits)
 
 
-def block_mask(q_block, q_noisy, k_block, k_noisy, k_valid=None):
+def block_mask(q_block, q_noisy, k_block, k_noisy, k_valid=None, window=None):
     """Attention mask (B, 1, Lq, Lk) from block ids (B, L) and noisy flags (B, L) of queries and keys.
 
     clean key:  visible to clean queries of the same or later blocks, to noisy queries of later blocks
     noisy key:  visible only to noisy queries of the same block
     k_valid (B, Lk) hides keys per row (the unconditional CFG rows hide their history). Padding needs
     no flag: it gets a position (layers.PAD_POS) beyond any real one, so no real query ever sees it.
+    window: clean keys only from the last `window` blocks before the query's (long generation).
     """
     qb, qn = q_block[:, :, None], q_noisy[:, :, None]  # (B, Lq, 1)
     kb, kn = k_block[:, None, :], k_noisy[:, None, :]  # (B, 1, Lk)
     clean_key = ~kn & ((kb < qb) | ((kb == qb) & ~qn))
+    if window is not None:
+        clean_key = clean_key & (kb >= qb - window)
     noisy_key = kn & qn & (kb == qb)
     mask = clean_key | noisy_key
     if k_valid is not None:
@@ -66,7 +73,7 @@ def layout_2L(B, L, block_size, device):
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)  # x (1 + scale) + shift
 
 
 class TimestepEmbedder(nn.Module):
@@ -93,15 +100,11 @@ class DiTBlock(nn.Module):
         self.mlp = SwiGLU(width)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, c, rope, mask, past=None):
-        """x (B, L, W); c: embeddings (U, W) of the U distinct timesteps and the token -> row map (B, L)."""
-        c, inverse = c
-        mod = self.adaLN_modulation(c)[inverse]  # (U, 6W) -> (B, L, 6W): each distinct t once, gathered per token
+    def forward(self, x, mod, rope, mask, cache=None, layer=0):
+        """x (B, L, W); mod (B, L, 6W): this layer's modulation of every token."""
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, L, W)
-        a, kv = self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, past)  # (B, L, W), 2 x (B, H, L, W/H)
-        x = x + gate1 * a  # (B, L, W)
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, L, W)
-        return x, kv
+        x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer))
+        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))  # x + gate mlp: (B, L, W)
 
 
 class FinalLayer(nn.Module):
@@ -111,10 +114,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x, c):
-        """x (B, L, W), c as in DiTBlock.forward -> velocity (B, L, d)."""
-        c, inverse = c
-        shift, scale = self.adaLN_modulation(c)[inverse].chunk(2, dim=-1)  # (U, 2W) -> 2 x (B, L, W)
+    def forward(self, x, mod):
+        """x (B, L, W), mod (B, L, 2W) -> velocity (B, L, d)."""
+        shift, scale = mod.chunk(2, dim=-1)  # 2 x (B, L, W)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, L, d)
 
 
@@ -142,27 +144,37 @@ class DiT(nn.Module):
         c = self.cfg
         return transformer_flops(c.n_layer, c.width, attended) + 4 * c.latent_dim * c.width
 
-    def forward(self, z, t, pos, mask, past=None, sc=None):
-        """Velocity for latents z (B, L, d) at per-token times t (B, L), positions pos (B, L).
+    def condition(self, t):
+        """The adaLN modulations of times t (..., K): per block (..., K, 6W), then the final layer's
+        (..., K, 2W). They depend on t alone, so a caller that reuses its times (the sampler: the same
+        Euler times in every block) computes them once and passes them to forward in place of t."""
+        c = self.t_embedder(t)  # (..., K, W)
+        return [b.adaLN_modulation(c) for b in self.blocks] + [self.final_layer.adaLN_modulation(c)]
 
-        mask (B, 1, L, Lp + L) from block_mask; past: per-layer (k, v) of Lp cached tokens; sc (B, L, d):
-        the self-conditioning estimate of the clean latents (None = zeros; only with cfg.self_cond).
-        Returns v (B, L, d) and this call's per-layer (k, v) for the caller's cache.
+    def forward(self, z, t, t_index, pos, mask, cache=None, sc=None):
+        """Velocity (B, L, d) for latents z (B, L, d) at positions pos (B, L).
+
+        t: a table of times, (K,) shared by every row or (B, K), or its modulations (condition(t));
+        t_index (B, L): each token's entry in the table (a clean token: an entry with t = 0).
+        mask (B, 1, L, Lk) from block_mask, over this call's tokens or, with a layers.KVCache, over the
+        cache's slots [0, hi); sc (B, L, d): the self-conditioning estimate of the clean latents (None =
+        zeros; only with cfg.self_cond).
         """
+        B, L = t_index.shape
+        mods = t if isinstance(t, list) else self.condition(t)  # n_layer + 1 tables (K, C) or (B, K, C)
+        per_token = [F.embedding(t_index, m) if m.dim() == 2 else m.gather(1, t_index[..., None].expand(B, L, m.shape[-1]))
+                     for m in mods]  # each (B, L, C): every entry computed once, looked up per token
         x = self.x_embedder(z)  # (B, L, W)
         if sc is not None and self.sc_embedder is not None:
             x = x + self.sc_embedder(sc)  # (B, L, W)
-        # Per-token conditioning, but t takes few distinct values (one per block, 0 for clean tokens),
-        # so embed and modulate each distinct t once and gather: exact, and most of adaLN's cost saved.
-        t_unique, inverse = torch.unique(t, return_inverse=True)  # (U,), (B, L)
-        c = (self.t_embedder(t_unique), inverse)  # (U, W) and the token -> row map (B, L)
         rope = rope_angles(pos, self.cfg.width // self.cfg.n_head)  # 2 x (B, 1, L, W/H/2)
-        kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, c, rope, mask, None if past is None else past[i])  # (B, L, W), 2 x (B, H, L, W/H)
-            kvs.append(kv)
-        return self.final_layer(x, c), kvs  # (B, L, d), n_layer x 2 x (B, H, L, W/H)
+            x = block(x, per_token[i], rope, mask, cache, i)  # (B, L, W)
+        return self.final_layer(x, per_token[-1])  # (B, L, d)
 
+    def new_cache(self, batch, size, device):
+        c = self.cfg
+        return KVCache(c.n_layer, batch, c.n_head, c.width // c.n_head, size, device)
 
 if __name__ == "__main__":
     torch.manual_seed(0)
@@ -174,16 +186,19 @@ if __name__ == "__main__":
     print("2L mask (rows: queries [clean | noisy], cols: keys):")
     for row in mask[0, 0].int().tolist():
         print("".join(".#"[v] for v in row))
-    z, t = torch.randn(B, 2 * L, cfg.latent_dim), torch.rand(B, 2 * L) * noisy
-    v, _ = dit(z, t, pos, mask)
+    z, t = torch.randn(B, 2 * L, cfg.latent_dim), torch.rand(B, L // cfg.block_size)  # one t per noisy block
+    t_table = torch.cat([torch.zeros(B, 1), t], 1)  # entry 0: clean
+    t_index = torch.where(noisy, blk + 1, 0)  # (B, 2L)
+    v = dit(z, t_table, t_index, pos, mask)
     assert v.abs().max() == 0, "a fresh DiT must output exactly zero"
     for p in dit.parameters():  # perturb so the next check is not trivial
         p.data.add_(0.02 * torch.randn_like(p))
-    v, _ = dit(z, t, pos, mask)
+    v = dit(z, t_table, t_index, pos, mask)
     # the 2L trick: noisy block b in the 2L layout == a plain forward over [clean blocks < b, noisy block b]
     b, bs = 2, cfg.block_size
     sel = torch.cat([torch.arange(b * bs), L + torch.arange(b * bs, (b + 1) * bs)])
-    vb, _ = dit(z[:, sel], t[:, sel], pos[:, sel], block_mask(blk[:, sel], noisy[:, sel], blk[:, sel], noisy[:, sel]))
+    vb = dit(z[:, sel], t_table, t_index[:, sel], pos[:, sel],
+             block_mask(blk[:, sel], noisy[:, sel], blk[:, sel], noisy[:, sel]))
     err = (vb[:, -bs:] - v[:, L + b * bs:L + (b + 1) * bs]).abs().max().item()
     print(f"2L vs direct max abs diff: {err:.2e}")
     assert err < 1e-5

@@ -69,7 +69,7 @@ def recon(model, x, batch_size=16, seed=0):
             d = vae.diagnostics(xb, (mu, logvar))
             for t in ROBUST_T:
                 zt = interpolate(mu, torch.randn_like(mu), torch.full(mu.shape[:2], t, device=device))
-                robust[t] += (vae.decode(zt)[0].argmax(-1) == xb).float().mean(1).tolist()
+                robust[t] += (vae.decode(zt).argmax(-1) == xb).float().mean(1).tolist()
         for k, v in d.items():
             sums[k] = sums.get(k, 0.0) + v * len(xb)
     r = {k: v / len(x) for k, v in sums.items()}

@@ -55,8 +55,8 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     B, L, d = z0.shape
     bs = dit.cfg.block_size
     nb = math.ceil(L / bs)
-    t = sample_t((B, nb), cfg, z0.device) if t_block is None else t_block
-    t = t.repeat_interleave(bs, dim=1)[:, :L]  # (B, L), one t per block
+    t_blocks = sample_t((B, nb), cfg, z0.device) if t_block is None else t_block  # (B, nb)
+    t = t_blocks.repeat_interleave(bs, dim=1)[:, :L]  # (B, L), one t per block
     within = torch.arange(L, device=z0.device) % bs  # position inside its block
     # prompt-boundary simulation: some blocks keep a clean leading part (t = 0, no loss), as the
     # first generated block does at inference when the prompt ends mid-block
@@ -68,15 +68,18 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     eps = torch.randn_like(z0)
     zt = interpolate(z0 if z_src is None else z_src, eps, t)  # pinned positions: exactly the clean latent
     pos, blk, noisy = layout_2L(B, L, bs, z0.device)
-    inp, tt, mask = torch.cat([z0 if history is None else history, zt], 1), torch.cat([torch.zeros_like(t), t], 1), \
-        block_mask(blk, noisy, blk, noisy)  # (B, 2L, d), (B, 2L), (B, 1, 2L, 2L)
+    inp, mask = torch.cat([z0 if history is None else history, zt], 1), block_mask(blk, noisy, blk, noisy)
+    # the DiT's times: entry 0 is t = 0 (the clean copy, pinned positions), entry b + 1 block b's t
+    t_table = torch.cat([torch.zeros(B, 1, device=z0.device), t_blocks], 1)  # (B, 1 + nb)
+    t_index = torch.cat([torch.zeros_like(pinned, dtype=torch.long),
+                         torch.where(pinned, 0, torch.arange(L, device=z0.device) // bs + 1)], 1)  # (B, 2L)
     sc = None
     if dit.cfg.self_cond:  # Analog Bits (arXiv 2208.04202): half the rows see a first pass's clean estimate
         with torch.no_grad():
-            est = zt - t[..., None] * dit(inp, tt, pos, mask)[0][:, L:]  # (B, L, d): z_t - t v = estimate of z0
+            est = zt - t[..., None] * dit(inp, t_table, t_index, pos, mask)[:, L:]  # (B, L, d): z_t - t v ~ z0
         use = torch.rand(B, 1, 1, device=z0.device) < 0.5
         sc = torch.cat([torch.zeros_like(z0), torch.where(use, est, torch.zeros_like(est))], 1)  # clean copy: none
-    v, _ = dit(inp, tt, pos, mask, sc=sc)  # (B, 2L, d)
+    v = dit(inp, t_table, t_index, pos, mask, sc=sc)  # (B, 2L, d)
     per_token = (v[:, L:].float() - (eps - z0).float()).pow(2).mean(-1)  # (B, L), per channel
     w = (~pinned).float()
     loss = (per_token * w).sum() / w.sum().clamp(min=1)
@@ -150,62 +153,70 @@ def euler_repaint(velocity, z, known, keep, steps, reps=1, frac=1.0, noise=torch
 
 
 @torch.no_grad()
-def sample_block(dit, noise, pos, keep, past=None, past_pos=None, past_z=None, steps=16, cfg_scale=7.0,
-                 shift=1.0, repaint=None):
+def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, steps=16, cfg_scale=7.0, shift=1.0,
+                 repaint=None, window=None):
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
     noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
-    that stay pinned with t = 0 (repaint). pos (B, bs): the block's positions. History, at positions
-    past_pos (B, Lp) (padding at PAD_POS), comes either as the DiT's KV cache `past` (per layer
-    (k, v)) or, cache-free, as clean latents `past_z` (B, Lp, d) recomputed at every step.
+    that stay pinned with t = 0 (repaint). pos (B, bs): the block's positions. The history, clean
+    latents at positions hist_pos (B, Lp) (padding at PAD_POS), comes either as the DiT's KV cache
+    (a layers.KVCache whose slots [0, Lp) hold it; the block's keys go to slots [Lp, Lp + bs), and with
+    guidance it needs 2B rows: the first B hold the history) or, cache-free, as the latents hist_z
+    (B, Lp, d), recomputed at every step. window: the DiT sees only the last `window` history blocks.
     CFG (paper §3.2.3, App. B.1): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone
     at positions 0..bs-1. Both run in one batched forward; with no history the uncond pass is skipped.
-    bs is dit.cfg.block_size: one call generates one whole block. A self-conditioned DiT reads the
-    previous step's estimate of the clean block, z - t v (zero at the first step). shift: see euler.
+    Everything but the DiT forward itself (mask, times and their modulations) is computed once per
+    block, and the step loop never waits on the device. A self-conditioned DiT reads the previous
+    step's estimate of the clean block, z - t v (zero at the first step). shift: see euler.
     repaint = (reps, frac, noise_fn) replaces the clean pinning by partial repaint (euler_repaint): the
     positions `keep` then run at the block's t like the rest, and their clean latents are only re-imposed.
     """
     B, bs = noise.shape[0], dit.cfg.block_size
     assert noise.shape[1] == bs, f"noise holds {noise.shape[1]} positions, the DiT's blocks {bs}"
     dev = noise.device
-    has_hist = past_pos is not None and past_pos.shape[1] > 0
-    guided = has_hist and cfg_scale != 1.0
+    Lp = 0 if hist_pos is None else hist_pos.shape[1]
+    guided = Lp > 0 and cfg_scale != 1.0
     rows = 2 if guided else 1  # a guided batch stacks [cond | uncond]: rB = rows x B below
     q_pos = torch.cat([pos, torch.arange(bs, device=dev).expand(B, bs)]) if guided else pos  # (rB, bs)
     q_noisy = torch.ones_like(q_pos, dtype=torch.bool)  # (rB, bs)
     k_pos, k_noisy, k_valid = q_pos, q_noisy, None  # no history: the block attends to itself only
-    if has_hist:
-        h_pos = past_pos.repeat(rows, 1)  # (rB, Lp)
+    if Lp:
+        h_pos = hist_pos.repeat(rows, 1)  # (rB, Lp)
         h_valid = torch.ones_like(h_pos, dtype=torch.bool)  # (rB, Lp)
         if guided:
             h_valid[B:] = False  # the unconditional rows see no history
         k_pos = torch.cat([h_pos, q_pos], 1)  # (rB, Lp + bs)
         k_noisy = torch.cat([torch.zeros_like(h_valid), q_noisy], 1)  # (rB, Lp + bs)
         k_valid = torch.cat([h_valid, torch.ones_like(q_noisy)], 1)  # (rB, Lp + bs)
-        if past is not None:  # per layer 2 x (B, H, Lp, W/H) -> 2 x (rB, H, Lp, W/H)
-            past = [(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1)) for k, v in past]
-        else:  # cache-free: the history tokens are queries too
-            hist_z = past_z.repeat(rows, 1, 1)  # (rB, Lp, d)
+        if cache is None:  # cache-free: the history tokens are queries too
+            hist_z = hist_z.repeat(rows, 1, 1)  # (rB, Lp, d)
             q_pos, q_noisy = k_pos, k_noisy  # (rB, Lp + bs)
-    # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history)
-    mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid)
+    if cache is not None:
+        cache.span(Lp, Lp + bs)  # every step writes the block's keys/values to the same slots
+    # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history); additive
+    # (0 / -inf, what SDPA would make of a boolean mask at every call): built once for all the steps
+    mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid, window)
+    mask = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, float("-inf"))
 
-    estimate = torch.zeros_like(noise) if dit.cfg.self_cond else None  # (B, bs, d) self-conditioning input
+    # the DiT's times: entry 0 is t = 0 (pinned positions, history), entry i + 1 step i's t
+    ts, _ = time_grid(steps, shift)
+    step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}
+    t_table = dit.condition(torch.tensor([0.0] + ts[:-1], device=dev))  # modulations of every step, once
     pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the network's input
+    moving = torch.cat([torch.zeros_like(q_pos[:, :-bs]), (~pin).long().repeat(rows, 1)], 1)  # (rB, Lq): 1 = at t
+    estimate = torch.zeros_like(noise) if dit.cfg.self_cond else None  # (B, bs, d) self-conditioning input
 
     def velocity(z, t):
         nonlocal estimate
-        tt = torch.full((B, bs), t, device=dev).masked_fill(pin, 0.0).repeat(rows, 1)  # (rB, bs), pinned: t = 0
         zz = z.repeat(rows, 1, 1)  # (rB, bs, d)
         sc = None if estimate is None else estimate.repeat(rows, 1, 1)  # (rB, bs, d)
-        if has_hist and past is None:  # the clean history runs again at t = 0 in front of the block
+        if Lp and cache is None:  # the clean history runs again at t = 0 in front of the block
             zz = torch.cat([hist_z, zz], 1)  # (rB, Lp + bs, d)
-            tt = torch.cat([torch.zeros(hist_z.shape[:2], device=dev), tt], 1)  # (rB, Lp + bs)
             sc = None if sc is None else torch.cat([torch.zeros_like(hist_z), sc], 1)  # (rB, Lp + bs, d)
-        v = dit(zz, tt, q_pos, mask, past, sc=sc)[0][:, -bs:]  # (rB, bs, d)
+        v = dit(zz, t_table, moving * step_of[t], q_pos, mask, cache, sc=sc)[:, -bs:]  # (rB, bs, d)
         if guided:
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
-            v = v_u + cfg_scale * (v_c - v_u)  # (B, bs, d)
+            v = torch.lerp(v_u, v_c, cfg_scale)  # v_u + w (v_c - v_u): (B, bs, d)
         if estimate is not None:
             estimate = torch.where(pin[..., None], z, z - t * v)  # pinned positions: their clean latent
         return v  # (B, bs, d)
@@ -253,11 +264,10 @@ def prior_logp(dit, z0, steps=32):
     B, L, _ = z0.shape
     pos, blk, noisy = layout_2L(B, L, dit.cfg.block_size, z0.device)
     mask = block_mask(blk, noisy, blk, noisy)
-    clean_t = torch.zeros(B, L, device=z0.device)
+    t_index = noisy.long()  # (B, 2L): the clean copy at entry 0 (t = 0), the noisy one at entry 1
 
     def velocity(z, t):
-        tt = torch.cat([clean_t, torch.full_like(clean_t, t)], 1)
-        return dit(torch.cat([z0, z], 1), tt, pos, mask)[0][:, L:]
+        return dit(torch.cat([z0, z], 1), torch.tensor([0.0, t], device=z.device), t_index, pos, mask)[:, L:]
 
     probe = torch.randint(0, 2, z0.shape, device=z0.device).float() * 2 - 1  # Rademacher
     return cnf_logp(velocity, z0, steps, probe)

@@ -5,8 +5,8 @@ Transformer building blocks shared by the text VAE (vae.py), the DiT (dit.py) an
 Pre-norm blocks with RoPE on explicit position ids, QK-norm and SwiGLU. Attention always goes
 through F.scaled_dot_product_attention with a boolean mask (True = may attend), so one code path
 serves CPU and GPU, and every attention pattern in the project (causal, block-causal, the DiT's 2L
-layout, cached generation) is just a different mask. Keys/values of the current call are returned
-so callers can keep a KV cache: `past` is prepended to the keys, never modified in place.
+layout, cached generation, sliding windows) is just a different mask. Generation keeps keys and values
+in a KVCache: buffers allocated once, written in place, that every attention layer reads from.
 """
 import math
 import zlib
@@ -36,9 +36,41 @@ def apply_rope(x, rope):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-def causal_mask(pos_q, pos_k, block_size=1):
-    """Key j visible to query i iff block(j) <= block(i); block_size=1 is plain causal. (B, 1, Lq, Lk)."""
-    return ((pos_k // block_size)[:, None, None, :] <= (pos_q // block_size)[:, None, :, None])
+def causal_mask(pos_q, pos_k, block_size=1, window=None):
+    """Key j visible to query i iff block(j) <= block(i); block_size=1 is plain causal. (B, 1, Lq, Lk).
+    window: also block(j) > block(i) - window, the sliding window of long generation (in blocks)."""
+    qb, kb = (pos_q // block_size)[:, None, :, None], (pos_k // block_size)[:, None, None, :]
+    mask = kb <= qb
+    return mask if window is None else mask & (kb > qb - window)
+
+
+class KVCache:
+    """Keys and values of every attention layer for up to `size` tokens, (n_layer, B, H, size, hd),
+    allocated once and written in place. The owner picks the slots the next forwards fill with
+    `span(lo, hi)`; those forwards attend to slots [0, hi): what is already there and their own
+    tokens (a call with fewer rows than the cache uses its first rows). Keys are stored with RoPE
+    applied, so the caller's mask, built from the slots' positions, alone decides who sees what."""
+
+    def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=torch.float32):
+        self.k = torch.zeros(n_layer, batch, n_head, size, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)  # zeros, never garbage: a masked-out slot must not be NaN
+        self.lo = self.hi = 0
+
+    def span(self, lo, hi):
+        self.lo, self.hi = lo, hi
+        return self
+
+    def update(self, layer, k, v):
+        """Store this call's keys/values (b, H, hi - lo, hd) and return those to attend to (b, H, hi, hd)."""
+        b = k.shape[0]
+        self.k[layer, :b, :, self.lo:self.hi] = k
+        self.v[layer, :b, :, self.lo:self.hi] = v
+        return self.k[layer, :b, :, :self.hi], self.v[layer, :b, :, :self.hi]
+
+    def evict(self, n):
+        """Drop the oldest n slots, moving the rest to the front: a sliding window over the history."""
+        for buf in (self.k, self.v):
+            buf[:, :, :, :-n] = buf[:, :, :, n:].clone()
 
 
 class Attention(nn.Module):
@@ -52,15 +84,15 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim)
         self.k_norm = nn.RMSNorm(self.head_dim)
 
-    def forward(self, x, rope, mask, past=None):
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        """x (B, L, W) -> (B, L, W). mask (B, 1, L, Lk): Lk = L, or the cache's hi with a KVCache."""
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
         q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
-        kv = (k, v)  # this call's keys/values (RoPE applied), for the caller's cache
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, Lp + L, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, hi, hd): the cached tokens and this call's
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, L, C)), kv
+        return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
 class SwiGLU(nn.Module):
@@ -83,14 +115,13 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.RMSNorm(width), Attention(width, n_head)
         self.norm2, self.mlp = nn.RMSNorm(width), SwiGLU(width)
 
-    def forward(self, x, rope, mask, past=None):
-        a, kv = self.attn(self.norm1(x), rope, mask, past)
-        x = x + a
-        return x + self.mlp(self.norm2(x)), kv
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        x = x + self.attn(self.norm1(x), rope, mask, cache, layer)
+        return x + self.mlp(self.norm2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of Blocks and a final norm. forward returns (hidden, [kv per layer])."""
+    """A stack of Blocks and a final norm."""
 
     def __init__(self, n_layer, width, n_head):
         super().__init__()
@@ -98,13 +129,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, n_head) for _ in range(n_layer))
         self.norm = nn.RMSNorm(width)
 
-    def forward(self, x, pos, mask, past=None):
+    def forward(self, x, pos, mask, cache=None):
         rope = rope_angles(pos, self.head_dim)
-        kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, rope, mask, None if past is None else past[i])
-            kvs.append(kv)
-        return self.norm(x), kvs
+            x = block(x, rope, mask, cache, i)
+        return self.norm(x)
+
+    def new_cache(self, batch, size, device):
+        return KVCache(len(self.blocks), batch, self.blocks[0].attn.n_head, self.head_dim, size, device)
 
 
 def init_weights(module, n_layer):
@@ -122,13 +154,6 @@ def transformer_flops(n_layer, width, attended):
     scores and weighted sum over `attended` keys (the causal average, L/2, in training)."""
     hidden = swiglu_hidden(width)
     return n_layer * (2 * (4 * width * width + 3 * width * hidden) + 4 * attended * width)
-
-
-def cat_kv(cache, kvs):
-    """Append one call's per-layer (k, v) to a cache (None = empty) along the sequence axis."""
-    if cache is None:
-        return [(k, v) for k, v in kvs]
-    return [(torch.cat([ck, k], 2), torch.cat([cv, v], 2)) for (ck, cv), (k, v) in zip(cache, kvs)]
 
 
 # ----------------------------------------------------------------------------- decoding (cola.py and ar.py)

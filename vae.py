@@ -6,7 +6,7 @@ Text VAE of Cola DLM: tokens x (B, L) <-> continuous latents z (B, L, d), one la
   decoder p(x|z):  Linear(d -> width) -> causal transformer -> logits (head tied to the embedding)
 
 Both are causal, so latent i never sees tokens after i: the prompt's latents are the same whatever
-follows, and generation can decode block by block with a KV cache (decode(..., past=cache)).
+follows, and generation can decode block by block with a KV cache (decode(..., cache=KVCache)).
 Stage-1 loss (arXiv 2605.06548 §3.2.1, eq. 3.16):
     CE(x, dec(z)) + beta * KL(q || N(0, I)) + lambda_mask * L_mask,   z ~ q(z|x)
 where L_mask is the BERT-style loss: re-encode a copy of x with a fraction mask_ratio of tokens replaced
@@ -76,11 +76,12 @@ class TextVAE(nn.Module):
     def positions(B, L, device, start=0):
         return torch.arange(start, start + L, device=device).expand(B, L)  # (B, L)
 
-    def encode(self, x):
-        """q(z|x): x (B, L) -> mu, logvar (B, L, d). Causal: position i depends on x[:, :i+1] only."""
+    def encode(self, x, window=None):
+        """q(z|x): x (B, L) -> mu, logvar (B, L, d). Causal: position i depends on x[:, :i+1] only (with
+        a window, on the last `window` tokens: prompts longer than the training context)."""
         B, L = x.shape
         pos = self.positions(B, L, x.device)
-        h, _ = self.encoder(self.tok_emb(x), pos, causal_mask(pos, pos))  # (B, L, W)
+        h = self.encoder(self.tok_emb(x), pos, causal_mask(pos, pos, window=window))  # (B, L, W)
         mu = F.layer_norm(self.mean_head(h), (self.cfg.latent_dim,))  # non-affine LN: unit-scale latents
         logvar = self.logvar_head(h).clamp(self.cfg.logvar_min, self.cfg.logvar_max)
         return mu, logvar
@@ -89,23 +90,26 @@ class TextVAE(nn.Module):
     def sample(mu, logvar):
         return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
 
-    def decode_hidden(self, z, pos=None, past=None, past_pos=None):
-        """Decoder trunk: z (B, L, d) at positions pos (B, L) (default 0..L-1) -> final hidden (B, L, W)
-        and this call's per-layer KV. past: a KV cache of earlier latents at positions past_pos (B, Lp)."""
+    def decode_hidden(self, z, pos=None, cache=None, past_pos=None, window=None):
+        """Decoder trunk: z (B, L, d) at positions pos (B, L) (default 0..L-1) -> final hidden (B, L, W).
+        cache: a layers.KVCache whose slots [0, Lp) hold earlier latents at positions past_pos (B, Lp);
+        this call's go to slots [Lp, Lp + L). window: each token sees only the last `window` tokens."""
         B, L, _ = z.shape
         if pos is None:
             pos = self.positions(B, L, z.device)
-        pos_k = pos if past is None else torch.cat([past_pos, pos], 1)
+        pos_k = pos
+        if cache is not None:
+            pos_k = torch.cat([past_pos, pos], 1)
+            cache.span(past_pos.shape[1], pos_k.shape[1])
         bs = self.cfg.block_size if self.cfg.dec_block_causal else 1
-        return self.decoder(self.z_in(z), pos, causal_mask(pos, pos_k, bs), past)
+        return self.decoder(self.z_in(z), pos, causal_mask(pos, pos_k, bs, window), cache)
 
     def head(self, h):
         return h @ self.tok_emb.weight.t()  # tied output head: (..., W) -> (..., V)
 
-    def decode(self, z, pos=None, past=None, past_pos=None):
-        """p(x|z) logits (B, L, V) and this call's KV; with a cache it decodes incrementally."""
-        h, kvs = self.decode_hidden(z, pos, past, past_pos)
-        return self.head(h), kvs
+    def decode(self, z, pos=None, cache=None, past_pos=None, window=None):
+        """p(x|z) logits (B, L, V); with a cache it decodes incrementally (decode_hidden)."""
+        return self.head(self.decode_hidden(z, pos, cache, past_pos, window))
 
     def mask_tokens(self, x):
         m = torch.rand(x.shape, device=x.device) < self.cfg.mask_ratio  # (B, L) positions to hide
@@ -123,7 +127,7 @@ class TextVAE(nn.Module):
         cfg = self.cfg
         mu, logvar = self.encode(x)
         z = self.sample(mu, logvar)
-        h, _ = self.decode_hidden(z)
+        h = self.decode_hidden(z)
         ce = F.cross_entropy(self.head(h).flatten(0, 1).float(), x.flatten())
         kl = gaussian_kl(mu.float(), logvar.float()).mean()  # nats per token
         negent = neg_entropy(logvar.float()).mean()
@@ -131,7 +135,7 @@ class TextVAE(nn.Module):
         loss = ce + cfg.beta * (negent if joint else kl)
         if cfg.lambda_mask > 0 and cfg.mask_ratio > 0:
             xm, m = self.mask_tokens(x)
-            hm, _ = self.decode_hidden(self.sample(*self.encode(xm)))
+            hm = self.decode_hidden(self.sample(*self.encode(xm)))
             # score only masked positions: with a 50k vocab the head is the cost, so gather first
             out["mask_ce"] = F.cross_entropy(self.head(hm[m]).float(), x[m]) if m.any() else ce * 0
             loss = loss + cfg.lambda_mask * out["mask_ce"]
@@ -150,10 +154,10 @@ class TextVAE(nn.Module):
         """Token accuracy from the posterior mean, masked-position accuracy, logSNR, latent stats.
         posterior: (mu, logvar) of x if the caller has already encoded it."""
         mu, logvar = self.encode(x) if posterior is None else posterior
-        acc = (self.decode(mu)[0].argmax(-1) == x).float().mean()
+        acc = (self.decode(mu).argmax(-1) == x).float().mean()
         xm, m = self.mask_tokens(x)
         mu_m, _ = self.encode(xm)
-        pred_m = self.decode(mu_m)[0].argmax(-1)
+        pred_m = self.decode(mu_m).argmax(-1)
         masked_acc = (pred_m[m] == x[m]).float().mean() if m.any() else torch.tensor(float("nan"))
         var = logvar.float().exp()
         return dict(
@@ -179,10 +183,10 @@ if __name__ == "__main__":
     mu2, _ = vae.encode(x2)
     assert torch.allclose(mu[:, :20], mu2[:, :20], atol=1e-6) and not torch.allclose(mu[:, 20], mu2[:, 20])
     # cached decode == full decode
-    full, _ = vae.decode(mu)
-    pos = TextVAE.positions(2, 32, "cpu")
-    a, kv = vae.decode(mu[:, :16])
-    b, _ = vae.decode(mu[:, 16:], pos=pos[:, 16:], past=kv, past_pos=pos[:, :16])
+    full = vae.decode(mu)
+    pos, cache = TextVAE.positions(2, 32, "cpu"), vae.decoder.new_cache(2, 32, "cpu")
+    a = vae.decode(mu[:, :16], pos[:, :16], cache, pos[:, :0])
+    b = vae.decode(mu[:, 16:], pos[:, 16:], cache, pos[:, :16])
     assert torch.allclose(full, torch.cat([a, b], 1), atol=1e-5)
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
     for step in range(150):

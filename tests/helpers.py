@@ -12,6 +12,11 @@ def perturb(*modules, scale=0.05):
             p.data.add_(scale * torch.randn_like(p))
 
 
+def per_token(t):
+    """Arbitrary per-token times (B, L) as the DiT takes them: a table with each token its own entry."""
+    return t, torch.arange(t.shape[1]).expand_as(t)
+
+
 def random_dit(bs=4, width=32):
     """A 2-layer DiT with random (non-zero-initialised) weights, in eval mode."""
     torch.manual_seed(0)

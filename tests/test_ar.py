@@ -32,7 +32,7 @@ def test_cached_sampling_equals_recomputation_and_batching():
         seq = list(p)
         for _ in range(10):  # no cache: the whole sequence every token
             x = torch.tensor([seq])
-            seq.append(int(ar.logits(x, torch.arange(len(seq))[None])[0][0, -1].argmax()))
+            seq.append(int(ar.logits(x, torch.arange(len(seq))[None])[0, -1].argmax()))
         assert o == seq[len(p):]
         assert ar.generate([p], 10, stop_at_eot=False)[0] == o  # alone == in a batch
 
@@ -42,7 +42,7 @@ def test_score_is_the_exact_log_likelihood():
     x = torch.randint(0, 256, (2, 9))
     manual = torch.zeros(2)
     for i in range(1, 9):
-        logits = ar.logits(x[:, :i], torch.arange(i).expand(2, i))[0][:, -1]
+        logits = ar.logits(x[:, :i], torch.arange(i).expand(2, i))[:, -1]
         manual += logits.log_softmax(-1).gather(1, x[:, i:i + 1]).squeeze(1)
     assert torch.allclose(ar.score(x), manual, atol=1e-4)
 

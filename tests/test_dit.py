@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dit import DiT, DiTConfig, block_mask, layout_2L
-from tests.helpers import random_dit
+from layers import KVCache
+from tests.helpers import per_token, random_dit
 
 
 def allowed(q_pos, q_noisy, k_pos, k_noisy, bs):
@@ -48,7 +49,7 @@ def test_generation_mask_matches_reference(bs):
 def test_fresh_dit_outputs_exactly_zero():
     dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=4))
     pos, blk, noisy = layout_2L(2, 10, 4, "cpu")
-    v, _ = dit(torch.randn(2, 20, 16), torch.rand(2, 20), pos, block_mask(blk, noisy, blk, noisy))
+    v = dit(torch.randn(2, 20, 16), *per_token(torch.rand(2, 20)), pos, block_mask(blk, noisy, blk, noisy))
     assert torch.count_nonzero(v) == 0
 
 
@@ -60,11 +61,11 @@ def test_2L_layout_computes_factorised_prior(L):
     pos, blk, noisy = layout_2L(2, L, bs, "cpu")
     z = torch.randn(2, 2 * L, 16)
     t = torch.rand(2, 2 * L) * noisy  # clean copy at t = 0
-    v, _ = dit(z, t, pos, block_mask(blk, noisy, blk, noisy))
+    v = dit(z, *per_token(t), pos, block_mask(blk, noisy, blk, noisy))
     for b in range((L + bs - 1) // bs):
         lo, hi = b * bs, min(L, (b + 1) * bs)
         sel = torch.cat([torch.arange(lo), L + torch.arange(lo, hi)])
-        vb, _ = dit(z[:, sel], t[:, sel], pos[:, sel], block_mask(blk[:, sel], noisy[:, sel], blk[:, sel], noisy[:, sel]))
+        vb = dit(z[:, sel], *per_token(t[:, sel]), pos[:, sel], block_mask(blk[:, sel], noisy[:, sel], blk[:, sel], noisy[:, sel]))
         assert torch.allclose(vb[:, lo:], v[:, L + lo:L + hi], atol=1e-5), f"block {b}"
 
 
@@ -78,7 +79,41 @@ def test_cached_history_equals_full_forward():
     pos = torch.cat([torch.arange(L), L + torch.arange(bs)])[None]
     noisy = (torch.arange(L + bs) >= L)[None]
     blk = pos // bs
-    full, _ = dit(z, t, pos, block_mask(blk, noisy, blk, noisy))
-    _, cache = dit(z[:, :L], t[:, :L], pos[:, :L], block_mask(blk[:, :L], noisy[:, :L], blk[:, :L], noisy[:, :L]))
-    v, _ = dit(z[:, L:], t[:, L:], pos[:, L:], block_mask(blk[:, L:], noisy[:, L:], blk, noisy), past=cache)
+    full = dit(z, *per_token(t), pos, block_mask(blk, noisy, blk, noisy))
+    cache = dit.new_cache(1, L + bs, "cpu")
+    dit(z[:, :L], *per_token(t[:, :L]), pos[:, :L], block_mask(blk[:, :L], noisy[:, :L], blk[:, :L], noisy[:, :L]),
+        cache.span(0, L))
+    v = dit(z[:, L:], *per_token(t[:, L:]), pos[:, L:], block_mask(blk[:, L:], noisy[:, L:], blk, noisy),
+            cache.span(L, L + bs))
     assert torch.allclose(v, full[:, L:], atol=1e-5)
+    # the cache is written in place: the same block again, at other times, overwrites its own slots
+    v2 = dit(z[:, L:], *per_token(t[:, L:] * 0.5), pos[:, L:], block_mask(blk[:, L:], noisy[:, L:], blk, noisy),
+             cache.span(L, L + bs))
+    ref = dit(z, *per_token(torch.cat([t[:, :L], t[:, L:] * 0.5], 1)), pos, block_mask(blk, noisy, blk, noisy))
+    assert torch.allclose(v2, ref[:, L:], atol=1e-5)
+
+
+def test_per_block_times_equal_per_token_times():
+    """The compact table (t = 0 and one t per block, gathered per token) gives the per-token result,
+    prompt-boundary positions (t = 0 inside a noisy block) included."""
+    bs, L, B = 4, 14, 3
+    dit = random_dit(bs)
+    pos, blk, noisy = layout_2L(B, L, bs, "cpu")
+    nb = -(-L // bs)
+    t_blocks = torch.rand(B, nb)
+    pinned = torch.rand(B, 2 * L) < 0.2  # some noisy positions held at t = 0
+    t_index = torch.where(noisy & ~pinned, blk + 1, 0)  # entry 0: t = 0; entry b + 1: block b
+    t_tok = torch.cat([torch.zeros(B, 1), t_blocks], 1).gather(1, t_index)  # (B, 2L)
+    z, mask = torch.randn(B, 2 * L, 16), block_mask(blk, noisy, blk, noisy)
+    compact = dit(z, torch.cat([torch.zeros(B, 1), t_blocks], 1), t_index, pos, mask)
+    assert torch.allclose(compact, dit(z, *per_token(t_tok), pos, mask), atol=1e-6)
+    # precomputed modulations (the sampler's once-per-block path) are the same call
+    table = torch.cat([torch.zeros(B, 1), t_blocks], 1)
+    assert torch.equal(compact, dit(z, dit.condition(table), t_index, pos, mask))
+
+
+def test_kv_cache_evicts_oldest_slots():
+    cache = KVCache(1, 1, 1, 2, 5)
+    cache.span(0, 5).update(0, torch.arange(10.0).view(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))
+    cache.evict(2)
+    assert cache.k[0, 0, 0, :3].flatten().tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]

@@ -174,12 +174,12 @@ def test_history_gain_sees_a_prior_that_copies_its_history():
     class Copier(torch.nn.Module):  # v = eps - z0 estimated from z_t and the previous block of the clean copy
         cfg = dit.cfg
 
-        def forward(self, z_in, t, pos, mask, past=None, sc=None):
+        def forward(self, z_in, t, t_index, pos, mask, cache=None, sc=None):
             L = z_in.shape[1] // 2
-            clean, noisy, tt = z_in[:, :L], z_in[:, L:], t[:, L:, None]
+            clean, noisy, tt = z_in[:, :L], z_in[:, L:], t.gather(1, t_index)[:, L:, None]
             guess = clean.roll(4, 1)  # the previous block's clean latents
             v = (noisy - guess) / tt.clamp(min=1e-3)  # (z_t - z0) / t = eps - z0 when the guess is right
-            return torch.cat([torch.zeros_like(clean), v], 1), None
+            return torch.cat([torch.zeros_like(clean), v], 1)
 
     model.dit = Copier()
     r = cola_eval.history_gain(model, z)

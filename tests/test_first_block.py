@@ -88,7 +88,7 @@ def test_padding_puts_the_prompt_where_it_says(mode, monkeypatch):
     eot = model.tok.eot
     seen = []
     layout = model.prompt_layout
-    model.prompt_layout = lambda prompts: (seen.append(prompts), layout(prompts))[1]
+    model.prompt_layout = lambda prompts, window=None: (seen.append(prompts), layout(prompts, window))[1]
     out = model.generate(PROMPTS, max_new_tokens=6, steps=3, seed=4, first_block=mode, stop_at_eot=False)
     padded = seen[0]
     for p, q in zip(PROMPTS, padded):

@@ -4,7 +4,7 @@ import torch
 
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, cnf_logp, euler, fit_gmm, fm_loss, prior_logp, sample_block, sample_t
-from tests.helpers import random_dit
+from tests.helpers import per_token, random_dit
 
 
 def test_logit_normal_t():
@@ -63,7 +63,7 @@ def test_self_conditioning_trains_its_input_and_starts_as_a_no_op():
         if p is not dit.sc_embedder.weight:
             p.data.add_(0.05 * torch.randn_like(p))
     t = torch.full((8, 8), 0.7)
-    assert torch.equal(dit(z, t, pos, mask)[0], dit(z, t, pos, mask, sc=torch.randn_like(z))[0])  # zero-init
+    assert torch.equal(dit(z, *per_token(t), pos, mask), dit(z, *per_token(t), pos, mask, sc=torch.randn_like(z)))  # zero-init
     loss, _ = fm_loss(dit, z, FlowConfig())
     loss.backward()
     assert dit.sc_embedder.weight.grad.abs().sum() > 0  # the estimate reaches the loss
@@ -76,7 +76,8 @@ def history(dit, B, n_blocks):
     pos = torch.arange(L).expand(B, L)
     blk, clean = pos // bs, torch.zeros(B, L, dtype=torch.bool)
     z = torch.randn(B, L, 16)
-    _, cache = dit(z, torch.zeros(B, L), pos, block_mask(blk, clean, blk, clean))
+    cache = dit.new_cache(2 * B, L + bs, "cpu")  # 2B rows: room for the unconditional half of CFG
+    dit(z, *per_token(torch.zeros(B, L)), pos, block_mask(blk, clean, blk, clean), cache.span(0, L))
     return z, pos, cache
 
 
@@ -88,7 +89,7 @@ def test_cfg_one_equals_conditional_and_guidance_formula():
     keep = torch.zeros(2, 4, dtype=torch.bool)
     keep[0, :3] = True  # sample 0: three prompt latents inside the block
     args = dict(pos=pos, keep=keep, steps=4)
-    cond = sample_block(dit, noise.clone(), past=cache, past_pos=hist_pos, cfg_scale=1.0, **args)
+    cond = sample_block(dit, noise.clone(), hist_pos=hist_pos, cache=cache, cfg_scale=1.0, **args)
     # the conditional path by hand: one Euler loop over the DiT with history in the cache
     by_hand = noise.clone()
     blk = torch.cat([hist_pos, pos], 1) // 4
@@ -96,17 +97,17 @@ def test_cfg_one_equals_conditional_and_guidance_formula():
     mask = block_mask(pos // 4, torch.ones_like(keep), blk, noisy)
     for i in range(4):
         t = torch.full((2, 4), 1 - i / 4).masked_fill(keep, 0.0)
-        v = dit(by_hand, t, pos, mask, cache)[0].masked_fill(keep[..., None], 0.0)
+        v = dit(by_hand, *per_token(t), pos, mask, cache.span(8, 12)).masked_fill(keep[..., None], 0.0)
         by_hand = by_hand - 0.25 * v
     assert torch.allclose(cond, by_hand, atol=1e-6)
     # w = 0 is the unconditional model: the block alone
     alone = sample_block(dit, noise.clone(), cfg_scale=1.0, **{**args, "pos": torch.arange(4).expand(2, 4)})
-    w0 = sample_block(dit, noise.clone(), past=cache, past_pos=hist_pos, cfg_scale=0.0, **args)
+    w0 = sample_block(dit, noise.clone(), hist_pos=hist_pos, cache=cache, cfg_scale=0.0, **args)
     assert torch.allclose(w0, alone, atol=1e-5) and not torch.allclose(cond, alone)
     # cached == cache-free, and repaint keeps pinned latents bit-identical, for every guidance scale
     for w in (1.0, 7.0):
-        out = sample_block(dit, noise.clone(), past=cache, past_pos=hist_pos, cfg_scale=w, **args)
-        free = sample_block(dit, noise.clone(), past_z=z_hist, past_pos=hist_pos, cfg_scale=w, **args)
+        out = sample_block(dit, noise.clone(), hist_pos=hist_pos, cache=cache, cfg_scale=w, **args)
+        free = sample_block(dit, noise.clone(), hist_pos=hist_pos, hist_z=z_hist, cfg_scale=w, **args)
         assert torch.allclose(out, free, atol=1e-5)
         assert torch.equal(out[keep], noise[keep]) and not torch.equal(out[~keep], noise[~keep])
 
@@ -153,7 +154,7 @@ def test_prior_logp_is_the_sum_of_per_block_conditionals():
 
         def v(z, t):
             tt = torch.cat([torch.zeros(B, lo), torch.full((B, hi - lo), t)], 1)
-            return dit(torch.cat([hist, z], 1), tt, pos, mask)[0][:, lo:]
+            return dit(torch.cat([hist, z], 1), *per_token(tt), pos, mask)[:, lo:]
 
         lp = cnf_logp(v, z0[:, lo:hi], steps=5, probe=probe[:, lo:hi])
         # cnf_logp adds log N(z1) for this block's dims only, so the sum over blocks is the whole

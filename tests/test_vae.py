@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from layers import cat_kv, causal_mask
+from layers import causal_mask
 from vae import TextVAE, VAEConfig, gaussian_kl, neg_entropy
 from tests.helpers import perturb
 
@@ -21,8 +21,8 @@ def test_shapes_and_unit_scale_mean():
     mu, logvar = vae.encode(x)
     assert mu.shape == logvar.shape == (3, 20, 16)
     assert torch.allclose(mu.pow(2).mean(-1), torch.ones(3, 20), atol=5e-3)  # non-affine LayerNorm (eps)
-    logits, kvs = vae.decode(mu)
-    assert logits.shape == (3, 20, vae.tok_emb.num_embeddings) and len(kvs) == 1
+    logits = vae.decode(mu)
+    assert logits.shape == (3, 20, vae.tok_emb.num_embeddings)
     _, _, z, out = vae(x)
     assert z.shape == mu.shape and set(out) >= {"ce", "kl", "negent", "mask_ce", "loss"}
 
@@ -42,7 +42,7 @@ def test_causality(block_causal):
     z2 = mu.clone()
     z2[:, j] += 1.0
     first = (j // 4) * 4 if block_causal else j
-    a, b = vae.decode(mu)[0], vae.decode(z2)[0]
+    a, b = vae.decode(mu), vae.decode(z2)
     assert torch.equal(a[:, :first], b[:, :first])
     assert not torch.allclose(a[:, j], b[:, j])
 
@@ -117,12 +117,10 @@ def test_cached_decode_equals_full_decode():
     vae = tiny_vae()
     perturb(vae)
     z = torch.randn(2, 40, 16)
-    full, _ = vae.decode(z)
+    full = vae.decode(z)
     pos = TextVAE.positions(2, 40, "cpu")
-    cache, outs, start = None, [], 0
+    cache, outs, start = vae.decoder.new_cache(2, 40, "cpu"), [], 0
     for n in (16, 5, 16, 3):  # uneven chunks, including mid-block boundaries
-        logits, kvs = vae.decode(z[:, start:start + n], pos[:, start:start + n], cache, pos[:, :start])
-        cache = cat_kv(cache, kvs)
-        outs.append(logits)
+        outs.append(vae.decode(z[:, start:start + n], pos[:, start:start + n], cache, pos[:, :start]))
         start += n
     assert torch.allclose(full, torch.cat(outs, 1), atol=1e-5)
