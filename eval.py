@@ -19,10 +19,12 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
+from ar import ARLM
 from cola import Cola, parse_first_block
 from common import UserError, autocast, load_model, pick_device, run_main
 from data import benchmarks as bm
@@ -290,6 +292,9 @@ def quality(model, ckpt, args):
 
 # ----------------------------------------------------------------------------- speed
 
+SPEED_PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+
+
 def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=True):
     """Seconds to generate new_tokens for `batch` copies of prompt (never stopping early)."""
     device = next(model.parameters()).device
@@ -304,11 +309,11 @@ def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=
 
 
 @torch.no_grad()
-def speed(model, x, quick=False):
+def speed(model, prompt, quick=False):
     """Sampler tokens/s and latency per block over a grid, and (Cola) the KV-cache speedup measured
-    side by side: the same sampler recomputing the whole history at every step."""
+    side by side: the same sampler recomputing the whole history at every step. prompt: token ids
+    (20: with block 16, one full block in the cache and the tail pinned in the first block)."""
     cola = isinstance(model, Cola)
-    prompt = x[0, :20].tolist()  # 20 prompt tokens: one full block in the cache, the tail repainted
     bs, unit = model.block_size, "block" if cola else "token"
     grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((8, 16) if cola else (0,))
             for w in ((7.0, 1.0) if cola else (1.0,))]
@@ -322,14 +327,15 @@ def speed(model, x, quick=False):
                          block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
         print(f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
               f"{rows[-1]['block_ms']:7.1f} ms/{unit}", flush=True)
-    r = dict(device=str(x.device), threads=torch.get_num_threads(), rows=rows)
+    device = next(model.parameters()).device
+    r = dict(device=str(device), threads=torch.get_num_threads(), rows=rows)
     if cola:
         n = 64 if quick else 256
         cached, free = (time_generate(model, prompt, 1, n, 16, 7.0, use_cache=c) for c in (True, False))
         r.update(cache_speedup=free / cached, cache_speedup_setting=f"batch 1, {n} new tokens, 16 steps, cfg 7",
                  cached_seconds=cached, cache_free_seconds=free)
         print(f"cache_speedup {free / cached:.2f}x ({r['cache_speedup_setting']}: cache-free {free:.2f} s vs cached "
-              f"{cached:.2f} s) on {x.device}")
+              f"{cached:.2f} s) on {device}")
     return r
 
 
@@ -349,7 +355,7 @@ def run_all(args, model, ckpt):
         r["bench_cloze"] = bench(model, ckpt["config"]["train"]["seq_len"], args)
     else:
         print(f"(no {cloze}: run `python data/benchmarks.py --tasks=cloze` for the in-domain cloze task)")
-    r["speed"] = speed(model, x, quick=True)
+    r["speed"] = speed(model, x[0, :20].tolist(), quick=True)
     return r
 
 
@@ -367,7 +373,7 @@ def parse_args(argv):
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, help_ in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--ckpt", required=True)
+        p.add_argument("--ckpt", required=name != "speed", help="a checkpoint written by train.py")
         p.add_argument("--out", default=None, help="write the results as JSON here")
         p.add_argument("--limit", type=int, default=64, help="held-out windows (bench: items) to use")
         p.add_argument("--dataset", default=None, help="a prepared dataset (data/NAME or a path) to evaluate on; "
@@ -376,6 +382,9 @@ def parse_args(argv):
         p.add_argument("--seed", type=int, default=0)
         if name == "speed":
             p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
+            p.add_argument("--random_init", action="store_true",
+                           help="time a model with fresh weights instead of --ckpt, built from train.py's options "
+                                "given after it (e.g. --config=small, --dit.block_size=16): any size, no training")
         if name == "nll":
             p.add_argument("--samples", type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")
             p.add_argument("--ode_steps", type=int, default=32, help="midpoint steps of the CNF density")
@@ -399,7 +408,12 @@ def parse_args(argv):
             p.add_argument("--top_k", type=int, default=0)
             p.add_argument("--top_p", type=float, default=1.0)
             p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
-    args = ap.parse_args(argv)
+    args, model_options = ap.parse_known_args(argv)
+    args.model_options = model_options
+    if model_options and not (args.cmd == "speed" and args.random_init):
+        ap.error(f"unrecognized arguments: {' '.join(model_options)}")
+    if args.cmd == "speed" and (args.ckpt is None) == (not args.random_init):
+        ap.error("speed needs --ckpt or --random_init (one of them)")
     if args.limit < 1:
         ap.error("--limit must be >= 1")
     if args.cmd == "nll" and (args.samples < 1 or args.ode_steps < 1):
@@ -420,10 +434,21 @@ def parse_args(argv):
     return args
 
 
+def random_model(options, device):
+    """A model with fresh weights, built as train.py would from its options (preset and overrides);
+    the DiT's zero-initialised layers are the only thing that differs from a trained model's compute."""
+    import train  # train.py's configuration system, nothing of its loop
+    cfgs = train.build_configs(options)
+    model = ARLM(cfgs["ar"]) if cfgs["train"].model == "ar" else Cola.build(cfgs, "joint")
+    ckpt = dict(config={k: asdict(v) for k, v in cfgs.items()}, stage="random_init", step=0)
+    return model.to(device).eval(), ckpt
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, ckpt = load_model(args.ckpt, device)
+    model, ckpt = random_model(args.model_options, device) if getattr(args, "random_init", False) \
+        else load_model(args.ckpt, device)
     if not isinstance(model, Cola) and args.cmd in ("recon", "fm"):
         raise UserError(f"{args.ckpt} is an AR baseline: `{args.cmd}` needs a Cola checkpoint")
     if args.cmd != "recon" and not model.can_generate:
@@ -440,12 +465,13 @@ def main(argv=None):
     elif args.cmd == "quality":
         result = quality(model, ckpt, args)
     elif args.cmd == "speed":
-        result = speed(model, held_out(args, ckpt, model, 1), quick=args.quick)
+        prompt = model.tok.encode(SPEED_PROMPT)[:20] if args.random_init else held_out(args, ckpt, model, 1)[0, :20].tolist()
+        result = speed(model, prompt, quick=args.quick)
     elif args.cmd == "bench":
         result = bench(model, context, args)
     else:
         result = run_all(args, model, ckpt)
-    result.update(ckpt=args.ckpt, step=ckpt.get("step"), stage=ckpt.get("stage"), device=str(device),
+    result.update(ckpt=args.ckpt or "random_init " + " ".join(args.model_options), step=ckpt.get("step"), stage=ckpt.get("stage"), device=str(device),
                   wall_seconds=time.time() - t0)
     if args.out:
         with open(args.out, "w") as f:

@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--prompt", default=None, help='prompt text ("" = unconditional)')
     ap.add_argument("--prompts_file", default=None, help="one prompt per line (\\n inside a prompt: write \\\\n)")
     ap.add_argument("--max_new_tokens", type=int, default=None,
-                    help="default: 128, or what fits in the model's context after the longest prompt")
+                    help="default 128; any length: past the training context the oldest blocks leave the window")
     ap.add_argument("--steps", type=int, default=16, help="Euler steps per block (Cola)")
     ap.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale w, 1 = off (Cola)")
     ap.add_argument("--shift", type=float, default=1.0, help="time shift of the Euler steps, > 1: more at high noise (Cola)")
@@ -79,25 +79,19 @@ def main(argv=None):
             raise UserError(f"cannot read --prompts_file: {e}")
     if not texts:
         raise UserError(f"no prompts in {args.prompts_file}")
-    context = ckpt["config"]["train"]["seq_len"]
+    context = ckpt["config"]["train"]["seq_len"]  # past it, a sliding window (Cola.generate, ARLM.generate)
     if args.max_new_tokens is None:
-        args.max_new_tokens = max(0, min(128, context - max(len(tok.encode(t)) for t in texts)))
-    prompts = []
-    for text in texts:
-        ids = tok.encode(text)
-        pad = -len(ids) % model.block_size if args.first_block.endswith("_pad") else 0  # padded to whole blocks
-        if len(ids) + pad + args.max_new_tokens > context:
-            raise UserError(f"prompt of {len(ids)} tokens{f' (+{pad} padding)' if pad else ''} + max_new_tokens "
-                            f"{args.max_new_tokens} exceeds the model's context of {context} tokens (its training "
-                            f"seq_len); shorten one of them")
-        prompts += [ids] * args.num_samples
+        args.max_new_tokens = 128
+    if context < 2 * model.block_size:
+        raise UserError(f"the model's context ({context} tokens) holds less than two blocks of {model.block_size}")
+    prompts = [tok.encode(text) for text in texts for _ in range(args.num_samples)]
     torch.manual_seed(args.seed)
     stream = Streamer(tok) if len(prompts) == 1 else None
     if stream:
         print(texts[0], end="", flush=True)
     outs = model.generate(prompts, args.max_new_tokens, steps=args.steps, cfg_scale=args.cfg, shift=args.shift,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          on_block=stream, first_block=args.first_block)
+                          on_block=stream, first_block=args.first_block, window=context)
     if stream:
         print()
         return

@@ -81,6 +81,16 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     assert r["ppl"] == pytest.approx(math.exp(r["nll"]))
     r = cola_eval.main(["speed", f"--ckpt={path}", "--limit=1", "--quick"])
     assert len(r["rows"]) == 2 and r["cache_speedup"] == r["cache_free_seconds"] / r["cached_seconds"]
+    # any size without training: fresh weights from train.py's options
+    fresh = cola_eval.main(["speed", "--random_init", "--quick", "--dit.block_size=4", "--vae.width=32", "--vae.n_head=2",
+                            "--dit.width=32", "--dit.n_head=2", "--dit.n_layer=1"])
+    assert len(fresh["rows"]) == 2 and fresh["stage"] == "random_init" and "--dit.block_size=4" in fresh["ckpt"]
+    fresh = cola_eval.main(["speed", "--random_init", "--quick", "--model=ar", "--ar.width=32", "--ar.n_head=2",
+                            "--ar.n_layer=1"])
+    assert len(fresh["rows"]) == 2 and "cache_speedup" not in fresh
+    for bad in (["speed"], ["speed", f"--ckpt={path}", "--random_init"], ["speed", f"--ckpt={path}", "--dit.width=8"]):
+        with pytest.raises(SystemExit):
+            cola_eval.main(bad)
     for row in r["rows"]:  # 20-token prompt with blocks of 4: the tail is empty, every block is new tokens
         assert row["tok_s"] == pytest.approx(row["batch"] * row["new_tokens"] / row["seconds"])
         assert row["block_ms"] == pytest.approx(1000 * row["seconds"] / (row["new_tokens"] / 4))
