@@ -151,11 +151,12 @@ def piece_end(text, limit):
     """Where to end a piece of a long text: the last paragraph break (else line break, else
     space) in text[limit // 2:limit]. Returns (end of the piece, start of the rest)."""
     for pattern in (PARAGRAPH_BREAK, LINE_BREAK, WHITESPACE):
-        last = None
-        for last in pattern.finditer(text, limit // 2, limit):
-            pass
-        if last:
-            return last.start(), pattern.match(text, last.start()).end()  # the whole break
+        for start in (max(limit - 2**16, limit // 2), limit // 2):  # most text breaks often: look near the end first
+            last = None
+            for last in pattern.finditer(text, start, limit):
+                pass
+            if last:
+                return last.start(), pattern.match(text, last.start()).end()  # the whole break
     return limit, limit
 
 
