@@ -145,32 +145,34 @@ class DiT(nn.Module):
         return transformer_flops(c.n_layer, c.width, attended) + 4 * c.latent_dim * c.width
 
     def condition(self, t):
-        """The adaLN modulations of times t (..., K): per block (..., K, 6W), then the final layer's
-        (..., K, 2W). They depend on t alone, so a caller that reuses its times (the sampler: the same
-        Euler times in every block) computes them once and passes them to forward in place of t."""
+        """The adaLN modulations of times t (..., K), every layer's side by side: (..., K, C) with C =
+        n_layer x 6W + 2W. They depend on t alone, so a caller that reuses its times (the sampler: the
+        same Euler times in every block) computes them once and passes them to forward as `mod`."""
         c = self.t_embedder(t)  # (..., K, W)
-        return [b.adaLN_modulation(c) for b in self.blocks] + [self.final_layer.adaLN_modulation(c)]
+        return torch.cat([b.adaLN_modulation(c) for b in self.blocks] + [self.final_layer.adaLN_modulation(c)], -1)
 
-    def forward(self, z, t, t_index, pos, mask, cache=None, sc=None):
+    def forward(self, z, t, t_index, pos, mask, cache=None, sc=None, mod=None):
         """Velocity (B, L, d) for latents z (B, L, d) at positions pos (B, L).
 
-        t: a table of times, (K,) shared by every row or (B, K), or its modulations (condition(t));
-        t_index (B, L): each token's entry in the table (a clean token: an entry with t = 0).
+        t: a table of times, (K,) shared by every row or (B, K); t_index (B, L): each token's entry in
+        it (a clean token: an entry with t = 0); mod: condition(t) computed beforehand (t unused).
         mask (B, 1, L, Lk) from block_mask, over this call's tokens or, with a layers.KVCache, over the
         cache's slots [0, hi); sc (B, L, d): the self-conditioning estimate of the clean latents (None =
         zeros; only with cfg.self_cond).
         """
         B, L = t_index.shape
-        mods = t if isinstance(t, list) else self.condition(t)  # n_layer + 1 tables (K, C) or (B, K, C)
-        per_token = [F.embedding(t_index, m) if m.dim() == 2 else m.gather(1, t_index[..., None].expand(B, L, m.shape[-1]))
-                     for m in mods]  # each (B, L, C): every entry computed once, looked up per token
+        mod = self.condition(t) if mod is None else mod  # (K, C) or (B, K, C)
+        # every entry computed once, looked up per token: (B, L, C), then one slice per layer
+        mod = F.embedding(t_index, mod) if mod.dim() == 2 else mod.gather(1, t_index[..., None].expand(B, L, mod.shape[-1]))
+        W = self.cfg.width
+        mods = mod.split([6 * W] * len(self.blocks) + [2 * W], -1)
         x = self.x_embedder(z)  # (B, L, W)
         if sc is not None and self.sc_embedder is not None:
             x = x + self.sc_embedder(sc)  # (B, L, W)
-        rope = rope_angles(pos, self.cfg.width // self.cfg.n_head)  # 2 x (B, 1, L, W/H/2)
+        rope = rope_angles(pos, W // self.cfg.n_head)  # 2 x (B, L, 1, 1, W/H/2)
         for i, block in enumerate(self.blocks):
-            x = block(x, per_token[i], rope, mask, cache, i)  # (B, L, W)
-        return self.final_layer(x, per_token[-1])  # (B, L, d)
+            x = block(x, mods[i], rope, mask, cache, i)  # (B, L, W)
+        return self.final_layer(x, mods[-1])  # (B, L, d)
 
     def new_cache(self, batch, size, device):
         c = self.cfg

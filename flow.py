@@ -201,7 +201,7 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     # the DiT's times: entry 0 is t = 0 (pinned positions, history), entry i + 1 step i's t
     ts, _ = time_grid(steps, shift)
     step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}
-    t_table = dit.condition(torch.tensor([0.0] + ts[:-1], device=dev))  # modulations of every step, once
+    mod = dit.condition(torch.tensor([0.0] + ts[:-1], device=dev))  # the modulations of every step, once
     pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the network's input
     moving = torch.cat([torch.zeros_like(q_pos[:, :-bs]), (~pin).long().repeat(rows, 1)], 1)  # (rB, Lq): 1 = at t
     estimate = torch.zeros_like(noise) if dit.cfg.self_cond else None  # (B, bs, d) self-conditioning input
@@ -213,7 +213,7 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
         if Lp and cache is None:  # the clean history runs again at t = 0 in front of the block
             zz = torch.cat([hist_z, zz], 1)  # (rB, Lp + bs, d)
             sc = None if sc is None else torch.cat([torch.zeros_like(hist_z), sc], 1)  # (rB, Lp + bs, d)
-        v = dit(zz, t_table, moving * step_of[t], q_pos, mask, cache, sc=sc)[:, -bs:]  # (rB, bs, d)
+        v = dit(zz, None, moving * step_of[t], q_pos, mask, cache, sc=sc, mod=mod)[:, -bs:]  # (rB, bs, d)
         if guided:
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
             v = torch.lerp(v_u, v_c, cfg_scale)  # v_u + w (v_c - v_u): (B, bs, d)

@@ -24,9 +24,10 @@ def swiglu_hidden(width):
 
 
 def rope_angles(pos, head_dim, base=10000.0):
-    """cos/sin tables for rotary embeddings at integer positions pos (B, L) -> 2 x (B, 1, L, hd/2)."""
+    """cos/sin tables for rotary embeddings at integer positions pos (B, L) -> 2 x (B, L, 1, 1, hd/2),
+    broadcast over the (q, k) and head axes of Attention's (B, L, 2, H, hd) layout."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = pos.to(torch.float32)[:, None, :, None] * inv_freq  # (B, 1, L, hd/2)
+    ang = pos.to(torch.float32)[:, :, None, None, None] * inv_freq  # (B, L, 1, 1, hd/2)
     return ang.cos(), ang.sin()
 
 
@@ -87,8 +88,11 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache=None, layer=0):
         """x (B, L, W) -> (B, L, W). mask (B, 1, L, Lk): Lk = L, or the cache's hi with a KVCache."""
         B, L, C = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
-        q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
+        qkv = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim)  # (B, L, 3, H, hd)
+        # QK-norm and RoPE on q and k at once (two kernels fewer per layer: the sampler runs many tiny calls)
+        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, hd)
+        qk = apply_rope(F.rms_norm(qkv[:, :, :2], (self.head_dim,), eps=self.q_norm.eps) * weight, rope)
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, L, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, hi, hd): the cached tokens and this call's
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)

@@ -109,7 +109,7 @@ def test_per_block_times_equal_per_token_times():
     assert torch.allclose(compact, dit(z, *per_token(t_tok), pos, mask), atol=1e-6)
     # precomputed modulations (the sampler's once-per-block path) are the same call
     table = torch.cat([torch.zeros(B, 1), t_blocks], 1)
-    assert torch.equal(compact, dit(z, dit.condition(table), t_index, pos, mask))
+    assert torch.equal(compact, dit(z, None, t_index, pos, mask, mod=dit.condition(table)))
 
 
 def test_kv_cache_evicts_oldest_slots():
