@@ -132,16 +132,31 @@ def invalid_utf8_offset(path):
             offset += len(block)
 
 
+def decode_utf8(data, path):
+    """bytes -> str, naming the file and byte offset of the first invalid byte (data/benchmarks.py
+    reads its item files with it)."""
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: invalid UTF-8 at byte offset {skip + e.start}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def json_lines(lines, path):
+    """(line number, value) of every non-blank line of a JSONL text (or stream of lines); bad JSON is
+    an error naming the line. Lines end at "\n" only: U+2028 and friends may sit inside JSON strings."""
+    for lineno, line in enumerate(lines.split("\n") if isinstance(lines, str) else lines, 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+
+
 def json_texts(lines, path):
-    """The "text" of every non-blank line of a JSONL stream; a bad line is an error naming it.
-    Lines end at "\n" only: U+2028 and friends may sit inside JSON strings."""
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+    """The "text" of every row of a JSONL stream; a row without one is an error naming its line."""
+    for lineno, row in json_lines(lines, path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise UserError(f'{path}, line {lineno}: expected an object with a string "text" field')
         yield row["text"].replace("\r\n", "\n")
