@@ -258,12 +258,13 @@ def load_vae_state(path, vae_cfg):
 
 
 def check_resume(ckpt, cfgs, free=()):
-    """Refuse a resume whose configs differ from the checkpoint's (train options in `free` may change)."""
+    """Refuse a resume whose configs differ from the checkpoint's (options in `free` may change: train
+    options by name, others as "part.name")."""
     now = {k: dataclasses.asdict(v) for k, v in cfgs.items()}
     diff = []
     for part, values in ckpt["config"].items():
         for k, v in values.items():
-            if not (part == "train" and k in free) and now[part].get(k) != v:
+            if not ((part == "train" and k in free) or f"{part}.{k}" in free) and now[part].get(k) != v:
                 diff.append(f"{part}.{k}: checkpoint {v!r}, now {now[part].get(k)!r}")
     if diff:
         raise UserError("--resume with settings that differ from the checkpoint: " + "; ".join(diff))

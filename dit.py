@@ -21,12 +21,14 @@ token, with shapes that never depend on the data (torch.compile-friendly).
 
 Self-check (CPU, seconds): python dit.py
 """
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
 
 from layers import Attention, KVCache, SwiGLU, init_weights, rope_angles, transformer_flops
 
@@ -39,6 +41,17 @@ class DiTConfig:
     n_head: int = 4
     block_size: int = 1    # latent positions per block: 1 for byte latents (tiny; RESULTS.md), 16 in the paper
     self_cond: bool = False  # also read an estimate of the clean block (self-conditioning, Analog Bits)
+    attn: str = "sdpa"     # training attention: "sdpa" (boolean masks) or "flex" (FlexAttention skips masked
+                           # tiles; needs CUDA to train: torch has no FlexAttention backward on CPU)
+
+
+def visible(qb, qn, kb, kn, window=None):
+    """The rule behind every DiT mask: may a query (block qb, noisy flag qn) attend to a key (kb, kn)?
+    Broadcasting tensors, so block_mask and the FlexAttention mask (flex_mask_2L) share it."""
+    clean_key = ~kn & ((kb < qb) | ((kb == qb) & ~qn))
+    if window is not None:
+        clean_key = clean_key & (kb >= qb - window)
+    return clean_key | (kn & qn & (kb == qb))
 
 
 def block_mask(q_block, q_noisy, k_block, k_noisy, k_valid=None, window=None):
@@ -52,11 +65,7 @@ def block_mask(q_block, q_noisy, k_block, k_noisy, k_valid=None, window=None):
     """
     qb, qn = q_block[:, :, None], q_noisy[:, :, None]  # (B, Lq, 1)
     kb, kn = k_block[:, None, :], k_noisy[:, None, :]  # (B, 1, Lk)
-    clean_key = ~kn & ((kb < qb) | ((kb == qb) & ~qn))
-    if window is not None:
-        clean_key = clean_key & (kb >= qb - window)
-    noisy_key = kn & qn & (kb == qb)
-    mask = clean_key | noisy_key
+    mask = visible(qb, qn, kb, kn, window)  # (B, Lq, Lk)
     if k_valid is not None:
         mask = mask & k_valid[:, None, :]
     # a query row with no visible key (a history token of an unconditional row) would turn into NaN
@@ -70,6 +79,33 @@ def layout_2L(B, L, block_size, device):
     pos = torch.arange(L, device=device).repeat(2)  # both copies share RoPE positions
     noisy = torch.arange(2 * L, device=device) >= L
     return pos.expand(B, -1), (pos // block_size).expand(B, -1), noisy.expand(B, -1)
+
+
+@functools.lru_cache(maxsize=8)  # a training run asks for the same mask at every step
+def flex_mask_2L(L, block_size, device):
+    """block_mask of the 2L layout as a FlexAttention BlockMask, the same for every row and head.
+
+    Only ~1/4 of the (2L)^2 scores are visible (attention_sparsity), and FlexAttention skips the
+    128 x 128 tiles the mask leaves empty, where SDPA computes every score and masks it. The ids come
+    from the indices (token i < L: clean, position i; else noisy, position i - L); indices >= 2L
+    are the kernel's padding up to whole tiles, hidden. Generation keeps SDPA: there a block of a few
+    queries meets the cache, a small mask that changes every block, with nothing to gain from tiles."""
+    def mask_mod(b, h, q, k):
+        qn, kn = q >= L, k >= L
+        return visible((q - qn * L) // block_size, qn, (k - kn * L) // block_size, kn) & (q < 2 * L) & (k < 2 * L)
+    return create_block_mask(mask_mod, None, None, 2 * L, 2 * L, device=device)
+
+
+def attention_sparsity(L, block_size):
+    """The fraction of the 2L attention matrix, and so of its FLOPs, that a block-sparse kernel can
+    skip: exactly, from block_mask (3/4 - block_size / 4L when block_size divides L), and what
+    FlexAttention skips: the tiles of its BlockMask that no visible score touches."""
+    _, blk, noisy = layout_2L(1, L, block_size, "cpu")
+    exact = 1 - block_mask(blk, noisy, blk, noisy).float().mean().item()
+    bm = flex_mask_2L(L, block_size, "cpu")
+    tiles = math.ceil(2 * L / bm.BLOCK_SIZE[0]) * math.ceil(2 * L / bm.BLOCK_SIZE[1])
+    visited = bm.kv_num_blocks.sum() + (0 if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks.sum())
+    return dict(exact=exact, tiles=1 - visited.item() / tiles)
 
 
 def modulate(x, shift, scale):
@@ -204,4 +240,10 @@ if __name__ == "__main__":
     err = (vb[:, -bs:] - v[:, L + b * bs:L + (b + 1) * bs]).abs().max().item()
     print(f"2L vs direct max abs diff: {err:.2e}")
     assert err < 1e-5
+    # what a block-sparse kernel saves on the 2L layout (--dit.attn=flex): the small preset's block 16 and tiny's 1
+    for L in (512, 2048):
+        for bs in (16, 1):
+            sp = attention_sparsity(L, bs)
+            print(f"2L attention, seq_len {L}, block {bs:2d}: {sp['exact']:.2%} of the scores masked, "
+                  f"{sp['tiles']:.2%} of FlexAttention's 128 x 128 tiles skipped")
     print("dit.py self-check OK")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dit import block_mask, layout_2L
+from dit import block_mask, flex_mask_2L, layout_2L
 
 
 @dataclass
@@ -68,7 +68,9 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     eps = torch.randn_like(z0)
     zt = interpolate(z0 if z_src is None else z_src, eps, t)  # pinned positions: exactly the clean latent
     pos, blk, noisy = layout_2L(B, L, bs, z0.device)
-    inp, mask = torch.cat([z0 if history is None else history, zt], 1), block_mask(blk, noisy, blk, noisy)
+    inp = torch.cat([z0 if history is None else history, zt], 1)  # (B, 2L, d)
+    # one mask, two forms: SDPA computes every score and masks, FlexAttention skips the empty tiles
+    mask = flex_mask_2L(L, bs, z0.device) if dit.cfg.attn == "flex" else block_mask(blk, noisy, blk, noisy)
     # the DiT's times: entry 0 is t = 0 (the clean copy, pinned positions), entry b + 1 block b's t
     t_table = torch.cat([torch.zeros(B, 1, device=z0.device), t_blocks], 1)  # (B, 1 + nb)
     t_index = torch.cat([torch.zeros_like(pinned, dtype=torch.long),

@@ -2,18 +2,21 @@
 Transformer building blocks shared by the text VAE (vae.py), the DiT (dit.py) and the AR baseline
 (ar.py), and the token-level decoding both generators use (per-sample RNGs, top-k / top-p picking).
 
-Pre-norm blocks with RoPE on explicit position ids, QK-norm and SwiGLU. Attention always goes
-through F.scaled_dot_product_attention with a boolean mask (True = may attend), so one code path
-serves CPU and GPU, and every attention pattern in the project (causal, block-causal, the DiT's 2L
-layout, cached generation, sliding windows) is just a different mask. Generation keeps keys and values
-in a KVCache: buffers allocated once, written in place, that every attention layer reads from.
+Pre-norm blocks with RoPE on explicit position ids, QK-norm and SwiGLU. Attention goes through
+F.scaled_dot_product_attention with a boolean mask (True = may attend), so one code path serves CPU
+and GPU, and every attention pattern in the project (causal, block-causal, the DiT's 2L layout, cached
+generation, sliding windows) is just a different mask; the DiT's 2L training mask may also come as a
+FlexAttention BlockMask (dit.flex_mask_2L), whose empty tiles are skipped. Generation keeps keys and
+values in a KVCache: buffers allocated once, written in place, that every attention layer reads from.
 """
+import functools
 import math
 import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 PAD_POS = 1 << 20  # position of padding tokens: after every real position, so causal rules hide them
@@ -43,6 +46,13 @@ def causal_mask(pos_q, pos_k, block_size=1, window=None):
     qb, kb = (pos_q // block_size)[:, None, :, None], (pos_k // block_size)[:, None, None, :]
     mask = kb <= qb
     return mask if window is None else mask & (kb > qb - window)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once, on first use (compiling loads the compiler: seconds). Uncompiled it
+    computes every score, masked or not; inside a compiled model dynamo captures the plain call."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class KVCache:
@@ -86,7 +96,8 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim)
 
     def forward(self, x, rope, mask, cache=None, layer=0):
-        """x (B, L, W) -> (B, L, W). mask (B, 1, L, Lk): Lk = L, or the cache's hi with a KVCache."""
+        """x (B, L, W) -> (B, L, W). mask (B, 1, L, Lk): Lk = L, or the cache's hi with a KVCache; or a
+        FlexAttention BlockMask over this call's L tokens (no cache)."""
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim)  # (B, L, 3, H, hd)
         # QK-norm and RoPE on q and k at once (two kernels fewer per layer: the sampler runs many tiny calls)
@@ -95,7 +106,12 @@ class Attention(nn.Module):
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, L, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, hi, hd): the cached tokens and this call's
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
+        if isinstance(mask, BlockMask):
+            assert cache is None, "a BlockMask covers this call's tokens only"
+            flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+            y = flex(q, k, v, block_mask=mask)  # (B, H, L, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 

@@ -6,6 +6,7 @@ Train Cola DLM: stage 1 (text VAE), stage 2 (joint VAE + block-causal DiT), or b
     python train.py --stage=joint --init_vae=out_vae/ckpt.pt --out_dir=out_joint
     python train.py --model=ar --out_dir=out_ar      # the autoregressive baseline (ar.py)
     python train.py --config=small --out_dir=out_small                      # one GPU
+    python train.py --config=small --dit.attn=flex --compile --out_dir=out_small  # FlexAttention for the DiT (CUDA)
     torchrun --standalone --nproc_per_node=4 train.py --config=small --out_dir=out_small4
 
 Options are --key=value: train options by name (--lr=1e-3), component options with a prefix
@@ -14,6 +15,12 @@ Unknown keys are an error. The checkpoint out_dir/ckpt.pt carries every config, 
 eval.py need only --ckpt; --resume continues a run exactly from it, and an out_dir that already
 holds a run is never overwritten without --overwrite. The losses live with the models
 (cola.Cola.forward, ar.ARLM.forward); this file is the loop around them.
+
+Speed options (GPU): --compile compiles the whole training forward, loss included (and so its
+backward); validation runs eagerly. --dit.attn=flex runs the DiT's 2L training attention through
+FlexAttention, which skips the tiles of the score matrix the mask hides (~3/4 of it:
+dit.attention_sparsity) where SDPA computes every score and masks it; CUDA only (torch has no
+FlexAttention backward on CPU); sampling keeps SDPA.
 """
 import contextlib
 import math
@@ -94,7 +101,7 @@ PRESETS = {
 }
 # options that may differ on --resume without changing the training itself
 RESUME_FREE = {"resume", "overwrite", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile",
-               "stage", "stop_after"}
+               "stage", "stop_after", "dit.attn"}
 
 
 def build_configs(argv):
@@ -115,6 +122,8 @@ def build_configs(argv):
     for name in ("eval_interval", "log_interval", "ckpt_interval", "batch_size", "seq_len", "eval_windows"):
         if getattr(tc, name) < 1:
             raise UserError(f"--{name} must be >= 1")
+    if cfgs["dit"].attn not in ("sdpa", "flex"):
+        raise UserError(f"--dit.attn must be sdpa or flex, got {cfgs['dit'].attn!r}")
     if cfgs["flow"].t_dist not in ("logit_normal", "uniform"):
         raise UserError(f"--flow.t_dist must be logit_normal or uniform, got {cfgs['flow'].t_dist!r}")
     if cfgs["vae"].tokenizer not in ("bytes", "gpt2"):
@@ -354,6 +363,10 @@ def main(argv=None):
         return print_help()
     cfgs = build_configs(argv)
     env = setup(cfgs["train"].device)
+    cuda = str(env.device).startswith("cuda")
+    if "dit" in cfgs and cfgs["dit"].attn == "flex" and cfgs["train"].stage != "vae" and not cuda:
+        raise UserError(f"--dit.attn=flex trains on CUDA only (torch {torch.__version__} has no FlexAttention "
+                        f"backward on {env.device}); use --dit.attn=sdpa")
     check_out_dir(cfgs["train"], env)
     clean_exit = False
     try:

@@ -112,8 +112,13 @@ class TextVAE(nn.Module):
         return self.head(self.decode_hidden(z, pos, cache, past_pos, window))
 
     def mask_tokens(self, x):
-        m = torch.rand(x.shape, device=x.device) < self.cfg.mask_ratio  # (B, L) positions to hide
-        return torch.where(m, torch.full_like(x, self.mask_id), x), m
+        """x (B, L) -> (x with <|mask|> at k random positions of each row, those positions (B, k)).
+        k = round(mask_ratio L), at least 1, is fixed, as in BERT's data pipeline (num_to_predict), not
+        drawn per token: every shape is then static (no host sync, no graph break under torch.compile)."""
+        B, L = x.shape
+        k = max(1, round(self.cfg.mask_ratio * L)) if self.cfg.mask_ratio > 0 else 0
+        idx = torch.rand(B, L, device=x.device).topk(k, -1).indices  # (B, k): a uniform random subset per row
+        return x.scatter(1, idx, self.mask_id), idx
 
     def forward(self, x, joint=False):
         """All VAE loss terms for tokens x (B, L). Returns (posterior mean, logvar, sample, dict of scalars).
@@ -134,10 +139,11 @@ class TextVAE(nn.Module):
         out = dict(ce=ce, kl=kl, negent=negent)
         loss = ce + cfg.beta * (negent if joint else kl)
         if cfg.lambda_mask > 0 and cfg.mask_ratio > 0:
-            xm, m = self.mask_tokens(x)
-            hm = self.decode_hidden(self.sample(*self.encode(xm)))
+            xm, idx = self.mask_tokens(x)
+            hm = self.decode_hidden(self.sample(*self.encode(xm)))  # (B, L, W)
             # score only masked positions: with a 50k vocab the head is the cost, so gather first
-            out["mask_ce"] = F.cross_entropy(self.head(hm[m]).float(), x[m]) if m.any() else ce * 0
+            hm = hm.gather(1, idx[..., None].expand(-1, -1, hm.shape[-1]))  # (B, k, W)
+            out["mask_ce"] = F.cross_entropy(self.head(hm).flatten(0, 1).float(), x.gather(1, idx).flatten())
             loss = loss + cfg.lambda_mask * out["mask_ce"]
         out["loss"] = loss
         return mu, logvar, z, out
@@ -155,10 +161,10 @@ class TextVAE(nn.Module):
         posterior: (mu, logvar) of x if the caller has already encoded it."""
         mu, logvar = self.encode(x) if posterior is None else posterior
         acc = (self.decode(mu).argmax(-1) == x).float().mean()
-        xm, m = self.mask_tokens(x)
+        xm, idx = self.mask_tokens(x)
         mu_m, _ = self.encode(xm)
         pred_m = self.decode(mu_m).argmax(-1)
-        masked_acc = (pred_m[m] == x[m]).float().mean() if m.any() else torch.tensor(float("nan"))
+        masked_acc = (pred_m.gather(1, idx) == x.gather(1, idx)).float().mean()  # nan without masking
         var = logvar.float().exp()
         return dict(
             token_acc=acc.item(),

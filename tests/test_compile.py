@@ -1,0 +1,169 @@
+"""torch.compile and FlexAttention on CPU: the DiT and the VAE compile without graph breaks and give the
+eager results; train.py --compile compiles the whole training forward; the FlexAttention form of the
+2L mask (dit.flex_mask_2L) is block_mask's, and the DiT gives the SDPA results through it.
+
+Compiling is slow on 2 cores (a C++ build per graph), so the tests are few and tiny: inductor, the
+backend --compile uses, builds the DiT and the FlexAttention kernel; the rest goes through
+aot_eager, which runs dynamo's capture (what fullgraph=True checks) and AOTAutograd's backward
+without building kernels."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.attention.flex_attention as fa
+
+import layers
+import train
+from dit import DiT, DiTConfig, attention_sparsity, block_mask, flex_mask_2L, layout_2L
+from flow import FlowConfig, fm_loss
+from tests.helpers import perturb
+from vae import TextVAE, VAEConfig
+
+
+def dit_2L(bs, L, B=2, **kw):
+    """A random tiny DiT and the inputs of one 2L forward, as fm_loss makes them."""
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=bs, **kw))
+    perturb(dit)
+    pos, blk, noisy = layout_2L(B, L, bs, "cpu")
+    t_table = torch.cat([torch.zeros(B, 1), torch.rand(B, -(-L // bs))], 1)  # entry 0: clean; b + 1: block b
+    t_index = torch.where(noisy, blk + 1, 0)
+    return dit, (torch.randn(B, 2 * L, 16), t_table, t_index, pos), block_mask(blk, noisy, blk, noisy)
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2))
+    perturb(vae)
+    return vae
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def test_dit_compiles_fullgraph():
+    """The DiT's 2L forward (self-conditioning input included) in one graph, inductor = eager."""
+    dit, args, mask = dit_2L(4, 10, self_cond=True)
+    sc = torch.randn_like(args[0])
+    compiled = torch.compile(dit, fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(*args, mask, sc=sc), dit(*args, mask, sc=sc), atol=1e-5)
+
+
+def test_vae_compiles_fullgraph():
+    """encode, decode and both stages' losses in one graph each, backward included, = eager (same
+    noise and masks: aot_eager draws them as eager does)."""
+    vae = tiny_vae()
+    x = torch.randint(0, 256, (2, 12))
+    mu, logvar = torch.compile(vae.encode, backend="aot_eager", fullgraph=True)(x)
+    ref = vae.encode(x)
+    assert torch.allclose(mu, ref[0], atol=1e-5) and torch.allclose(logvar, ref[1], atol=1e-5)
+    assert torch.allclose(torch.compile(vae.decode, backend="aot_eager", fullgraph=True)(mu), vae.decode(mu), atol=1e-5)
+    compiled = torch.compile(vae, backend="aot_eager", fullgraph=True)
+    for joint in (False, True):
+        torch.manual_seed(1)
+        out = compiled(x, joint=joint)[3]
+        grads = torch.autograd.grad(out["loss"], list(vae.parameters()))
+        torch.manual_seed(1)
+        ref = vae(x, joint=joint)[3]
+        ref_grads = torch.autograd.grad(ref["loss"], list(vae.parameters()))
+        assert all(torch.allclose(out[k], ref[k], atol=1e-5) for k in ref)
+        assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A prepared byte-level dataset, written directly (the files data/prepare.py makes)."""
+    root = tmp_path_factory.mktemp("bytes")
+    text = " ".join(f"Call me Ishmael, said Mr. Darcy to the whale ({i})." for i in range(300)).encode()
+    for split, data in (("train", text), ("val", text[:4000])):
+        np.frombuffer(data, dtype=np.uint8).astype(np.uint16).tofile(root / f"{split}.bin")
+    (root / "meta.json").write_text(json.dumps(dict(tokenizer="bytes")))
+    return str(root)
+
+
+def test_train_compile_compiles_the_training_forward(dataset, tmp_path, monkeypatch):
+    """train.py --compile hands the whole model to torch.compile (its forward is the loss: stage 2's
+    here, the VAE's stage-1 loss and the FM loss with the DiT), and the run trains as the eager one
+    does. fullgraph=True makes any graph break fail."""
+    args = ["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1", "--dit.width=32",
+            "--dit.n_head=2", "--dit.n_layer=1", "--dit.block_size=4", "--vae_lr_ratio=1", "--seq_len=16",
+            "--batch_size=4", "--eval_windows=4", "--stage=joint", "--init_vae=scratch", "--joint_iters=2",
+            "--warmup_iters=1", f"--dataset={dataset}"]
+    compiled, real = [], torch.compile
+
+    def spy(model, **kw):
+        compiled.append(model)
+        return real(model, backend="aot_eager", fullgraph=True)
+
+    train.main(args + [f"--out_dir={tmp_path / 'eager'}"])
+    monkeypatch.setattr(torch, "compile", spy)
+    train.main(args + [f"--out_dir={tmp_path / 'compiled'}", "--compile"])
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "Cola" and compiled[0].dit is not None
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("eager", "compiled"))
+    for part in ("vae", "dit"):
+        for k in a[part]:
+            assert torch.allclose(a[part][k], b[part][k], atol=1e-5), f"{part}.{k}"
+
+
+# ----------------------------------------------------------------------------- FlexAttention
+
+@pytest.mark.parametrize("bs", [1, 4, 16])
+def test_flex_mask_is_block_mask(bs):
+    """Score by score, and tile by tile: a tile the BlockMask skips holds no visible score."""
+    for L in (1, bs, 3 * bs - 1, 10, 70):
+        _, blk, noisy = layout_2L(1, L, bs, "cpu")
+        dense = block_mask(blk, noisy, blk, noisy)[0, 0]  # (2L, 2L)
+        bm = flex_mask_2L(L, bs, "cpu")
+        assert torch.equal(fa.create_mask(bm.mask_mod, None, None, 2 * L, 2 * L)[0, 0], dense)
+        tq, tk = bm.BLOCK_SIZE
+        nq, nk = -(-2 * L // tq), -(-2 * L // tk)
+        padded = torch.zeros(nq * tq, nk * tk, dtype=torch.bool)
+        padded[:2 * L, :2 * L] = dense
+        touched = padded.view(nq, tq, nk, tk).any(3).any(1)  # (nq, nk): tiles with a visible score
+        assert torch.equal(bm.to_dense()[0, 0, :nq, :nk].bool(), touched)
+
+
+def test_attention_sparsity():
+    """3/4 of the 2L matrix is hidden, less the noisy blocks' own diagonal: 3/4 - bs / 4L."""
+    for L, bs in ((512, 16), (512, 1), (64, 4)):
+        assert attention_sparsity(L, bs)["exact"] == pytest.approx(3 / 4 - bs / (4 * L))
+    assert attention_sparsity(512, 16)["tiles"] == pytest.approx(1 - 24 / 64)  # of 8 x 8 tiles, 10 + 10 + 4 run
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("bs", [1, 4])
+def test_flex_matches_sdpa_forward_and_backward(bs, monkeypatch):
+    """The DiT through the BlockMask = through SDPA's boolean mask: velocities, and gradients of every
+    parameter and of the input latents. torch has no CPU FlexAttention backward, so this runs torch's
+    reference flex_attention (uncompiled: dense scores under mask_mod, with autograd); the compiled
+    kernel's forward is the next test."""
+    monkeypatch.setattr(fa, "_validate_device", lambda *a: None)  # it refuses CPU inputs that need gradients
+    monkeypatch.setattr(layers, "compiled_flex_attention", lambda: fa.flex_attention)
+    L = 10  # not a multiple of 4, nor of the kernel's 128-token tiles
+    dit, (z, *rest), mask = dit_2L(bs, L)
+    results = []
+    for m in (mask, flex_mask_2L(L, bs, "cpu")):
+        zz = z.clone().requires_grad_(True)
+        v = dit(zz, *rest, m)
+        grads = torch.autograd.grad(v.pow(2).sum(), [zz] + list(dit.parameters()))
+        results.append((v, grads))
+    (v, grads), (v_flex, grads_flex) = results
+    assert torch.allclose(v_flex, v, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_flex, grads))
+
+
+def test_compiled_flex_forward_matches_sdpa():
+    """The compiled FlexAttention kernel (the one training runs), through fm_loss: over 2L = 300 tokens
+    (3 tiles, the last partial; block 4 does not divide L) it skips a tile and gives the SDPA loss."""
+    L, bs = 150, 4
+    dit, _, _ = dit_2L(bs, L)
+    assert attention_sparsity(L, bs)["tiles"] > 0
+    z0 = torch.randn(2, L, 16)
+    losses = []
+    for attn in ("sdpa", "flex"):
+        dit.cfg.attn = attn
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses.append(fm_loss(dit, z0, FlowConfig())[1]["per_token"])
+    assert torch.allclose(losses[1], losses[0], atol=1e-5)
