@@ -202,7 +202,7 @@ class DiT(nn.Module):
         mod = F.embedding(t_index, mod) if mod.dim() == 2 else mod.gather(1, t_index[..., None].expand(B, L, mod.shape[-1]))
         W = self.cfg.width
         mods = mod.split([6 * W] * len(self.blocks) + [2 * W], -1)
-        x = self.x_embedder(z)  # (B, L, W)
+        x = self.x_embedder(z).float()  # (B, L, W): the residual stream stays fp32 under autocast
         if sc is not None and self.sc_embedder is not None:
             x = x + self.sc_embedder(sc)  # (B, L, W)
         rope = rope_angles(pos, W // self.cfg.n_head)  # 2 x (B, L, 1, 1, W/H/2)

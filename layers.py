@@ -62,7 +62,10 @@ class KVCache:
     tokens (a call with fewer rows than the cache uses its first rows). Keys are stored with RoPE
     applied, so the caller's mask, built from the slots' positions, alone decides who sees what."""
 
-    def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=torch.float32):
+    def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=None):
+        if dtype is None:  # what attention will read: bf16 under bf16 autocast (half the memory), else fp32
+            kind = torch.device(device or "cpu").type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
         self.k = torch.zeros(n_layer, batch, n_head, size, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)  # zeros, never garbage: a masked-out slot must not be NaN
         self.lo = self.hi = 0
@@ -101,7 +104,9 @@ class Attention(nn.Module):
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim)  # (B, L, 3, H, hd)
         # QK-norm and RoPE on q and k at once (two kernels fewer per layer: the sampler runs many tiny calls)
-        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, hd)
+        # the norm weights in the activations' dtype: fp32 weights would promote q, k to fp32 under bf16
+        # autocast while v stays bf16 (SDPA's autocast casts them back; FlexAttention would not)
+        weight = torch.stack([self.q_norm.weight, self.k_norm.weight]).to(qkv.dtype)[:, None]  # (2, 1, hd)
         qk = apply_rope(F.rms_norm(qkv[:, :, :2], (self.head_dim,), eps=self.q_norm.eps) * weight, rope)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, L, hd)
         if cache is not None:
@@ -150,6 +155,7 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(width)
 
     def forward(self, x, pos, mask, cache=None):
+        x = x.float()  # the residual stream stays fp32 under autocast (a bf16 input, z_in's, would make it bf16)
         rope = rope_angles(pos, self.head_dim)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, i)

@@ -82,8 +82,9 @@ class TextVAE(nn.Module):
         B, L = x.shape
         pos = self.positions(B, L, x.device)
         h = self.encoder(self.tok_emb(x), pos, causal_mask(pos, pos, window=window))  # (B, L, W)
-        mu = F.layer_norm(self.mean_head(h), (self.cfg.latent_dim,))  # non-affine LN: unit-scale latents
-        logvar = self.logvar_head(h).clamp(self.cfg.logvar_min, self.cfg.logvar_max)
+        # fp32 latents under autocast too: they are the flow's data and targets (eps - z), and the KL's input
+        mu = F.layer_norm(self.mean_head(h).float(), (self.cfg.latent_dim,))  # non-affine LN: unit-scale latents
+        logvar = self.logvar_head(h).float().clamp(self.cfg.logvar_min, self.cfg.logvar_max)
         return mu, logvar
 
     @staticmethod
