@@ -10,6 +10,7 @@ without building kernels."""
 import copy
 import json
 import warnings
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 import layers
 import train
 from cola import Cola
+from common import UserError, check_resume
 from dit import DiT, DiTConfig, attention_sparsity, block_mask, flex_mask_2L, layout_2L
 from flow import FlowConfig, fm_loss
 from tests.helpers import perturb
@@ -156,6 +158,23 @@ def test_flex_matches_sdpa_forward_and_backward(bs, monkeypatch):
     (v, grads), (v_flex, grads_flex) = results
     assert torch.allclose(v_flex, v, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_flex, grads))
+
+
+def test_flex_option(tmp_path):
+    """--dit.attn is sdpa or flex; flex training is refused on CPU (no FlexAttention backward there)
+    before anything runs; a run may resume with the other kernel."""
+    assert train.build_configs(["--dit.attn=flex"])["dit"].attn == "flex"
+    with pytest.raises(UserError, match="sdpa or flex"):
+        train.build_configs(["--dit.attn=dense"])
+    with pytest.raises(UserError, match="CUDA only"):
+        train.main(["--dit.attn=flex", "--device=cpu", f"--out_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
+    ckpt = dict(config={k: asdict(v) for k, v in train.build_configs([]).items()})  # an sdpa run
+    cfgs = train.build_configs(["--dit.attn=flex"])
+    check_resume(ckpt, cfgs, train.RESUME_FREE)
+    cfgs["dit"].n_layer += 1
+    with pytest.raises(UserError, match="dit.n_layer"):
+        check_resume(ckpt, cfgs, train.RESUME_FREE)
 
 
 def test_compiled_flex_forward_matches_sdpa():

@@ -1,5 +1,6 @@
 """CUDA paths (skipped without a GPU): the block masks through SDPA's memory-efficient kernel give
-the CPU result; bf16 autocast stays close; generation runs on the GPU."""
+the CPU result; bf16 autocast stays close; FlexAttention (--dit.attn=flex) trains as SDPA does;
+generation runs on the GPU."""
 import pytest
 import torch
 
@@ -26,6 +27,26 @@ def test_efficient_attention_kernel_matches_cpu():
     with autocast(dev):
         half = g(*args)
     assert torch.allclose(half.float().cpu(), ref, atol=5e-2)
+
+
+@cuda
+def test_flex_attention_trains_like_sdpa():
+    """The FM loss and every DiT gradient through the compiled FlexAttention kernel (forward and
+    backward: CUDA only) = through SDPA's boolean mask, in fp32 and under bf16 autocast."""
+    from flow import FlowConfig, fm_loss
+    dit = random_dit(width=64).cuda().train()
+    z0 = torch.randn(2, 150, 16, device="cuda")  # 2L = 300: 3 tiles of 128, the last partial
+    for amp, tol in ((False, 1e-4), (True, 5e-2)):
+        results = []
+        for attn in ("sdpa", "flex"):
+            dit.cfg.attn = attn
+            torch.manual_seed(0)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss, _ = fm_loss(dit, z0, FlowConfig())
+            results.append((loss, torch.autograd.grad(loss, list(dit.parameters()))))
+        (loss, grads), (loss_flex, grads_flex) = results
+        assert torch.allclose(loss_flex, loss, rtol=tol, atol=tol)
+        assert all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(grads_flex, grads))
 
 
 @cuda
