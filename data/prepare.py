@@ -327,11 +327,25 @@ _worker = {}
 
 def init_worker(tok, dtype):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # see make_pool
     _worker.update(tok=tok, dtype=dtype)
 
 
 def encode_in_worker(task):
     return encode_task(_worker["tok"], _worker["dtype"], task)
+
+
+def make_pool(tok, dtype, workers):
+    """A pool of tokenizing processes, forked where possible: they share what this process has
+    loaded instead of importing it again. Pool.terminate stops workers with SIGTERM, so they are
+    forked with its default action, whatever handler this process has (train.py's StopFlag only
+    notes the signal: an in-process training run leaves it behind, and the pool would never end)."""
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    handler = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return ctx.Pool(workers, init_worker, (tok, dtype))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def encode_stream(segments, tok, dtype, pool=None, workers=1):
@@ -398,10 +412,8 @@ def write_dataset(out_dir, tok, docs, info, val_fraction, workers, total_bytes):
                 if b > a:
                     yield from (((source, split), chunk, last) for chunk, last in token_chunks(text, a, b))
 
-    # forked where possible: the workers share what this process has loaded instead of importing it again
-    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
     try:
-        with (ctx.Pool(workers, init_worker, (tok, dtype)) if workers > 1 else contextlib.nullcontext()) as pool, \
+        with (make_pool(tok, dtype, workers) if workers > 1 else contextlib.nullcontext()) as pool, \
                 open(tmp["train.bin"], "wb") as ftrain, open(tmp["val.bin"], "wb") as fval, \
                 tqdm(total=total_bytes, unit="B", unit_scale=True, desc=os.path.basename(out_dir)) as bar:
             files = {"train": ftrain, "val": fval}

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -503,6 +504,32 @@ def test_prepare_failure_leaves_no_partial_files(tmp_path, monkeypatch, small_ta
     with pytest.raises(UserError, match="b.txt: invalid UTF-8"):
         prepare(args)
     assert all((tmp_path / "ds" / f).read_bytes() == b for f, b in before.items())
+
+
+class Stalling(Crashing):
+    """The bytes tokenizer, crashing on the start of the second document and slow on all else."""
+
+    def encode(self, text):
+        if "doc1 para0 " in text:
+            raise RuntimeError("crash")
+        time.sleep(0.2)
+        return get_tokenizer("bytes").encode(text)
+
+
+def test_pool_ends_whatever_sigterm_handler(tmp_path):
+    # a training run in a process leaves train.py's StopFlag on SIGTERM, which only notes it; the pool
+    # still ends its workers (with SIGTERM), even one busy when another crashed. In a new process:
+    # a hang is killed by the timeout, not left to hang the tests
+    (tmp_path / "a.txt").write_text(make_doc(0))
+    (tmp_path / "b.txt").write_text(make_doc(1))
+    code = ("import signal, sys; signal.signal(signal.SIGTERM, lambda *_: None)\n"
+            "from data import prepare; from tests.test_data import Stalling\n"
+            "prepare.TASK_CHARS, prepare.get_tokenizer = 300, lambda name: Stalling()\n"
+            "try:\n    prepare.main(sys.argv[1:])\nexcept RuntimeError as e:\n    print('stopped:', e)")
+    p = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "b.txt"), str(tmp_path / "a.txt"),
+                        "--name=ds", f"--out_dir={tmp_path}", "--workers=2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "stopped: crash", p.stderr[-2000:]
 
 
 # -----------------------------------------------------------------------------
