@@ -260,6 +260,13 @@ class Cola(nn.Module):
             repaint = (reps, frac, lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=dev)
                                                              for g in r_gens]))
         zero_t, H = torch.zeros(1, device=dev), hist_pos.shape[1]  # prefill and commit: every token at t = 0
+
+        def slide(k_pos):  # past the window the oldest blocks leave both caches; k_pos: the cached positions
+            n = 0 if wb is None else max(0, k_pos.shape[1] - wb * bs)
+            if n:
+                dit_cache.evict(n), dec_cache.evict(n)
+            return k_pos[:, n:]
+
         if use_cache:  # KV caches for the whole run, allocated once; prefilled with the prompt's full blocks
             n_blocks = -(-(bs + max_new_tokens) // bs)  # generated blocks, at most
             size = H + n_blocks * bs if wb is None else min(H + n_blocks * bs, max(H, wb * bs) + bs)
@@ -270,9 +277,7 @@ class Cola(nn.Module):
                 self.dit(hist_z, zero_t, torch.zeros_like(hist_pos), hist_pos, block_mask(blk, clean, blk, clean, window=wb),
                          dit_cache.span(0, H))
                 self.vae.decode_hidden(hist_z, hist_pos, dec_cache, hist_pos[:, :0], dec_window)
-                if wb is not None and H > wb * bs:  # a prompt longer than the window: keep its last blocks
-                    dit_cache.evict(H - wb * bs), dec_cache.evict(H - wb * bs)
-                    hist_pos = hist_pos[:, H - wb * bs:]
+                hist_pos = slide(hist_pos)  # a prompt longer than the window keeps its last blocks
         offs = torch.arange(bs, device=dev)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         while not all(done):
@@ -304,9 +309,7 @@ class Cola(nn.Module):
                 clean = torch.zeros_like(k_pos, dtype=torch.bool)
                 mask = block_mask(pos // bs, clean[:, -bs:], k_pos // bs, clean, window=wb)
                 self.dit(z, zero_t, torch.zeros_like(pos), pos, mask, dit_cache.span(hist_pos.shape[1], k_pos.shape[1]))
-                if wb is not None and k_pos.shape[1] > wb * bs:  # the window is full: the oldest block leaves
-                    dit_cache.evict(bs), dec_cache.evict(bs)
-                    k_pos = k_pos[:, bs:]
+                k_pos = slide(k_pos)
             else:  # the cache-free reference keeps every latent and applies the window in its masks
                 hist_z = torch.cat([hist_z, z], 1)
             hist_pos, start, keep = k_pos, start + bs, torch.zeros_like(keep)

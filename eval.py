@@ -465,14 +465,15 @@ def main(argv=None):
     elif args.cmd == "quality":
         result = quality(model, ckpt, args)
     elif args.cmd == "speed":
-        prompt = model.tok.encode(SPEED_PROMPT)[:20] if args.random_init else held_out(args, ckpt, model, 1)[0, :20].tolist()
+        fresh = args.random_init  # no dataset to take a held-out prompt from
+        prompt = model.tok.encode(SPEED_PROMPT)[:20] if fresh else held_out(args, ckpt, model, 1)[0, :20].tolist()
         result = speed(model, prompt, quick=args.quick)
     elif args.cmd == "bench":
         result = bench(model, context, args)
     else:
         result = run_all(args, model, ckpt)
-    result.update(ckpt=args.ckpt or "random_init " + " ".join(args.model_options), step=ckpt.get("step"), stage=ckpt.get("stage"), device=str(device),
-                  wall_seconds=time.time() - t0)
+    result.update(ckpt=args.ckpt or "random_init " + " ".join(args.model_options), step=ckpt.get("step"),
+                  stage=ckpt.get("stage"), device=str(device), wall_seconds=time.time() - t0)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
