@@ -68,7 +68,7 @@ class ARLM(nn.Module):
             pos_k = torch.cat([past_pos, pos], 1)
             cache.span(past_pos.shape[1], pos_k.shape[1])
         h = self.transformer(self.tok_emb(x), pos, causal_mask(pos, pos_k, window=window), cache)
-        return h @ self.tok_emb.weight.t()  # tied head
+        return F.linear(h, self.tok_emb.weight)  # tied head (vae.VAE.head)
 
     def forward(self, x):
         """Next-token CE on windows x (B, L): predict x[:, 1:] from x[:, :-1]."""

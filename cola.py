@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
-from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block
+from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block, step_conditions
 from layers import PAD_POS, append_tokens, pick_tokens, sample_generators
 from vae import TextVAE, VAEConfig, gaussian_kl
 
@@ -260,6 +260,7 @@ class Cola(nn.Module):
             repaint = (reps, frac, lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=dev)
                                                              for g in r_gens]))
         zero_t, H = torch.zeros(1, device=dev), hist_pos.shape[1]  # prefill and commit: every token at t = 0
+        mod = step_conditions(self.dit, steps, shift, dev)  # the Euler times' modulations, once for every block
 
         def slide(k_pos):  # past the window the oldest blocks leave both caches; k_pos: the cached positions
             n = 0 if wb is None else max(0, k_pos.shape[1] - wb * bs)
@@ -286,7 +287,7 @@ class Cola(nn.Module):
             z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
             history = dict(cache=dit_cache) if use_cache else dict(hist_z=hist_z)
             z = sample_block(self.dit, z, pos, keep, hist_pos, steps=steps, cfg_scale=cfg_scale, shift=shift,
-                             repaint=repaint, window=wb, **history)
+                             repaint=repaint, window=wb, mod=mod, **history)
             z = torch.where(keep[..., None], tail, z)  # the prompt's own latents stand (partial repaint moved them)
             if use_cache:
                 logits = self.vae.decode(z, pos, dec_cache, hist_pos, dec_window)  # (B, bs, V)

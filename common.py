@@ -107,11 +107,37 @@ def pick_device(name="auto"):
     return "cpu"
 
 
-def autocast(device):
-    """bf16 autocast where it is fast and supported (CUDA), full fp32 elsewhere."""
-    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def autocast(device, dtype="auto"):
+    """The precision of a forward: "auto" is bf16 autocast where it is fast and supported (CUDA) and full
+    fp32 elsewhere; "bf16" asks for bf16 autocast anywhere (on a CPU it pays off only with native bf16
+    matmuls, AVX512-BF16 or AMX: README, 'Sampler speed'); "fp32" never autocasts. Under bf16 autocast
+    the matmuls and the KV caches are bf16 while the residual streams, latents and losses stay fp32."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16) if precision(kind, dtype) == "bf16" else contextlib.nullcontext()
+
+
+def cast_for(model, device, dtype="auto"):
+    """The model, ready for inference under autocast(device, dtype): with bf16, the weights of its
+    Linear and Embedding layers are stored in bf16 once. Autocast would give the matmuls the same bf16
+    weights, but it keeps its casts only for weights that require grad, so a frozen VAE (the tied
+    51 MB output head of a GPT-2 vocabulary above all) would be cast again at every call."""
+    if precision(device, dtype) == "bf16":
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.to(torch.bfloat16)
+    return model
+
+
+def precision(device, dtype="auto"):
+    """What autocast(device, dtype) runs in: "bf16" or "fp32"."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return dtype
 
 
 Env = collections.namedtuple("Env", "rank world local_rank device")

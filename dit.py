@@ -108,8 +108,8 @@ def attention_sparsity(L, block_size):
     return dict(exact=exact, tiles=1 - visited.item() / tiles)
 
 
-def modulate(x, shift, scale):
-    return torch.addcmul(shift, x, 1 + scale)  # x (1 + scale) + shift
+def modulate(x, shift, scale1):
+    return torch.addcmul(shift, x, scale1)  # x (1 + scale) + shift; DiT.condition stores scale1 = 1 + scale
 
 
 class TimestepEmbedder(nn.Module):
@@ -138,7 +138,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, mod, rope, mask, cache=None, layer=0):
         """x (B, L, W); mod (B, L, 6W): this layer's modulation of every token."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, L, W)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, L, W); scales as 1 + scale
         x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer))
         return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))  # x + gate mlp: (B, L, W)
 
@@ -174,6 +174,10 @@ class DiT(nn.Module):
             nn.init.zeros_(m.bias)
         if self.sc_embedder is not None:  # zero-initialised: the model learns when to use its estimate
             nn.init.zeros_(self.sc_embedder.weight)
+        # condition() stores every scale as 1 + scale, so modulation is one kernel: ones at the scale slots
+        one, zero = torch.ones(cfg.width), torch.zeros(cfg.width)
+        per_block = torch.cat([zero, one, zero, zero, one, zero])  # shift, scale, gate of attention, of the MLP
+        self.register_buffer("scale_one", torch.cat([per_block] * cfg.n_layer + [zero, one]), persistent=False)
 
     def flops(self, attended):
         """Forward FLOPs per latent token attending to `attended` keys (adaLN is per distinct t: ~free)."""
@@ -182,16 +186,19 @@ class DiT(nn.Module):
 
     def condition(self, t):
         """The adaLN modulations of times t (..., K), every layer's side by side: (..., K, C) with C =
-        n_layer x 6W + 2W. They depend on t alone, so a caller that reuses its times (the sampler: the
-        same Euler times in every block) computes them once and passes them to forward as `mod`."""
+        n_layer x 6W + 2W, every scale stored as 1 + scale. They depend on t alone, so a caller that
+        reuses its times (the sampler: the same Euler times in every block) computes them once and
+        passes them to forward as `mod`."""
         c = self.t_embedder(t)  # (..., K, W)
-        return torch.cat([b.adaLN_modulation(c) for b in self.blocks] + [self.final_layer.adaLN_modulation(c)], -1)
+        mods = [b.adaLN_modulation(c) for b in self.blocks] + [self.final_layer.adaLN_modulation(c)]
+        return torch.cat(mods, -1) + self.scale_one  # (..., K, C), each scale as 1 + scale
 
-    def forward(self, z, t, t_index, pos, mask, cache=None, sc=None, mod=None):
+    def forward(self, z, t, t_index, pos, mask, cache=None, sc=None, mod=None, rope=None):
         """Velocity (B, L, d) for latents z (B, L, d) at positions pos (B, L).
 
         t: a table of times, (K,) shared by every row or (B, K); t_index (B, L): each token's entry in
-        it (a clean token: an entry with t = 0); mod: condition(t) computed beforehand (t unused).
+        it (a clean token: an entry with t = 0); mod: condition(t) computed beforehand (t unused); rope:
+        rope_angles(pos) computed beforehand (the sampler's steps share the positions of a block).
         mask (B, 1, L, Lk) from block_mask, over this call's tokens or, with a layers.KVCache, over the
         cache's slots [0, hi); sc (B, L, d): the self-conditioning estimate of the clean latents (None =
         zeros; only with cfg.self_cond).
@@ -205,7 +212,8 @@ class DiT(nn.Module):
         x = self.x_embedder(z).float()  # (B, L, W): the residual stream stays fp32 under autocast
         if sc is not None and self.sc_embedder is not None:
             x = x + self.sc_embedder(sc)  # (B, L, W)
-        rope = rope_angles(pos, W // self.cfg.n_head)  # 2 x (B, L, 1, 1, W/H/2)
+        if rope is None:
+            rope = rope_angles(pos, W // self.cfg.n_head)  # 2 x (B, L, 1, 1, W/H)
         for i, block in enumerate(self.blocks):
             x = block(x, mods[i], rope, mask, cache, i)  # (B, L, W)
         return self.final_layer(x, mods[-1])  # (B, L, d)

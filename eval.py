@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ar import ARLM
 from cola import Cola, parse_first_block
-from common import UserError, autocast, load_model, pick_device, run_main
+from common import DTYPES, UserError, autocast, cast_for, load_model, pick_device, precision, run_main
 from data import benchmarks as bm
 from data import quality as tq
 from data.loader import load_meta, resolve_data_dir, val_windows
@@ -66,12 +66,11 @@ def recon(model, x, batch_size=16, seed=0):
     torch.manual_seed(seed)
     sums, robust = {}, {t: [] for t in ROBUST_T}  # per window
     for xb in batches(x, batch_size):
-        with autocast(device):
-            mu, logvar = vae.encode(xb)
-            d = vae.diagnostics(xb, (mu, logvar))
-            for t in ROBUST_T:
-                zt = interpolate(mu, torch.randn_like(mu), torch.full(mu.shape[:2], t, device=device))
-                robust[t] += (vae.decode(zt).argmax(-1) == xb).float().mean(1).tolist()
+        mu, logvar = vae.encode(xb)
+        d = vae.diagnostics(xb, (mu, logvar))
+        for t in ROBUST_T:
+            zt = interpolate(mu, torch.randn_like(mu), torch.full(mu.shape[:2], t, device=device))
+            robust[t] += (vae.decode(zt).argmax(-1) == xb).float().mean(1).tolist()
         for k, v in d.items():
             sums[k] = sums.get(k, 0.0) + v * len(xb)
     r = {k: v / len(x) for k, v in sums.items()}
@@ -132,9 +131,8 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
     ts, losses, zs = [], [], []
     for _ in range(repeats):  # several t / noise draws per window
         for xb in batches(x, batch_size):
-            with autocast(x.device):
-                z = model.vae.sample(*model.vae.encode(xb))  # what the prior models: posterior samples
-                _, st = fm_loss(model.dit, z, cfg)
+            z = model.vae.sample(*model.vae.encode(xb))  # what the prior models: posterior samples
+            _, st = fm_loss(model.dit, z, cfg)
             ts.append(st["t"].flatten().float().cpu()); losses.append(st["per_token"].flatten().float().cpu())
             zs.append(z.float())
     t, loss = torch.cat(ts), torch.cat(losses)
@@ -144,8 +142,7 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
     r.update(ratio=r["fm_loss"] / r["fm_loss_gauss"], bins=fm_by_t(t, loss),
              bins_gauss=fm_by_t(t, gauss_baseline(s2, t)),  # at the same t draws, for the per-bin comparison
              latent_var=s2.tolist(), t_dist=f"{cfg.t_dist}(loc={cfg.t_loc}, scale={cfg.t_scale})", tokens=len(t))
-    with autocast(x.device):
-        r.update(history_gain(model, z, seed=seed))
+    r.update(history_gain(model, z, seed=seed))
     print(f"held-out FM loss {r['fm_loss']:.4f} per channel | Gaussian baseline {r['fm_loss_gauss']:.4f} | "
           f"ratio {r['ratio']:.3f} | t ~ {r['t_dist']} | {r['tokens']} tokens\n    t bin     ours   gauss  ratio")
     for k, v in r["bins"].items():
@@ -319,6 +316,9 @@ def speed(model, prompt, quick=False):
             for w in ((7.0, 1.0) if cola else (1.0,))]
     if quick:
         grid = [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
+    device = next(model.parameters()).device
+    dtype = "bf16" if torch.is_autocast_enabled(device.type) else "fp32"
+    print(f"sampler speed on {device}, {dtype}, {torch.get_num_threads()} threads")
     time_generate(model, prompt, 1, 16, 2, 7.0)  # warm-up
     rows = []
     for b, n, s, w in grid:
@@ -327,15 +327,14 @@ def speed(model, prompt, quick=False):
                          block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
         print(f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
               f"{rows[-1]['block_ms']:7.1f} ms/{unit}", flush=True)
-    device = next(model.parameters()).device
-    r = dict(device=str(device), threads=torch.get_num_threads(), rows=rows)
+    r = dict(device=str(device), dtype=dtype, threads=torch.get_num_threads(), rows=rows)
     if cola:
         n = 64 if quick else 256
         cached, free = (time_generate(model, prompt, 1, n, 16, 7.0, use_cache=c) for c in (True, False))
         r.update(cache_speedup=free / cached, cache_speedup_setting=f"batch 1, {n} new tokens, 16 steps, cfg 7",
                  cached_seconds=cached, cache_free_seconds=free)
         print(f"cache_speedup {free / cached:.2f}x ({r['cache_speedup_setting']}: cache-free {free:.2f} s vs cached "
-              f"{cached:.2f} s) on {device}")
+              f"{cached:.2f} s)")
     return r
 
 
@@ -379,6 +378,9 @@ def parse_args(argv):
         p.add_argument("--dataset", default=None, help="a prepared dataset (data/NAME or a path) to evaluate on; "
                                                        "default: the checkpoint's own")
         p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto", choices=DTYPES,
+                       help="auto: bf16 autocast on CUDA (nll: fp32), fp32 elsewhere; bf16 also pays off on CPUs "
+                            "with native bf16 matmuls")
         p.add_argument("--seed", type=int, default=0)
         if name == "speed":
             p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
@@ -456,24 +458,28 @@ def main(argv=None):
     t0 = time.time()
     torch.manual_seed(args.seed)
     context = ckpt["config"]["train"]["seq_len"]
-    if args.cmd == "recon":
-        result = recon(model, held_out(args, ckpt, model, args.limit), seed=args.seed)
-    elif args.cmd == "fm":
-        result = fm(model, held_out(args, ckpt, model, args.limit), seed=args.seed)
-    elif args.cmd == "nll":
-        result = nll(model, held_out(args, ckpt, model, args.limit), args.samples, args.ode_steps, seed=args.seed)
-    elif args.cmd == "quality":
-        result = quality(model, ckpt, args)
-    elif args.cmd == "speed":
-        fresh = args.random_init  # no dataset to take a held-out prompt from
-        prompt = model.tok.encode(SPEED_PROMPT)[:20] if fresh else held_out(args, ckpt, model, 1)[0, :20].tolist()
-        result = speed(model, prompt, quick=args.quick)
-    elif args.cmd == "bench":
-        result = bench(model, context, args)
-    else:
-        result = run_all(args, model, ckpt)
+    # one precision for the whole command; a likelihood stays fp32 unless bf16 is asked for by name
+    dtype = precision(device, "fp32" if args.cmd == "nll" and args.dtype == "auto" else args.dtype)
+    model = cast_for(model, device, dtype)
+    with autocast(device, dtype):
+        if args.cmd == "recon":
+            result = recon(model, held_out(args, ckpt, model, args.limit), seed=args.seed)
+        elif args.cmd == "fm":
+            result = fm(model, held_out(args, ckpt, model, args.limit), seed=args.seed)
+        elif args.cmd == "nll":
+            result = nll(model, held_out(args, ckpt, model, args.limit), args.samples, args.ode_steps, seed=args.seed)
+        elif args.cmd == "quality":
+            result = quality(model, ckpt, args)
+        elif args.cmd == "speed":
+            fresh = args.random_init  # no dataset to take a held-out prompt from
+            prompt = model.tok.encode(SPEED_PROMPT)[:20] if fresh else held_out(args, ckpt, model, 1)[0, :20].tolist()
+            result = speed(model, prompt, quick=args.quick)
+        elif args.cmd == "bench":
+            result = bench(model, context, args)
+        else:
+            result = run_all(args, model, ckpt)
     result.update(ckpt=args.ckpt or "random_init " + " ".join(args.model_options), step=ckpt.get("step"),
-                  stage=ckpt.get("stage"), device=str(device), wall_seconds=time.time() - t0)
+                  stage=ckpt.get("stage"), device=str(device), dtype=dtype, wall_seconds=time.time() - t0)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

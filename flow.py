@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from dit import block_mask, flex_mask_2L, layout_2L
+from layers import attention_dtype, rope_angles
 
 
 @dataclass
@@ -155,8 +156,16 @@ def euler_repaint(velocity, z, known, keep, steps, reps=1, frac=1.0, noise=torch
 
 
 @torch.no_grad()
+def step_conditions(dit, steps, shift=1.0, device=None):
+    """The adaLN modulations (dit.condition) of a block's solve: entry 0 for t = 0 (pinned positions,
+    the history), entry i + 1 for step i's t. The same for every block: a sampler computes them once."""
+    ts, _ = time_grid(steps, shift)
+    return dit.condition(torch.tensor([0.0] + ts[:-1], device=device))
+
+
+@torch.no_grad()
 def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, steps=16, cfg_scale=7.0, shift=1.0,
-                 repaint=None, window=None):
+                 repaint=None, window=None, mod=None):
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
     noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
@@ -167,11 +176,12 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     (B, Lp, d), recomputed at every step. window: the DiT sees only the last `window` history blocks.
     CFG (paper §3.2.3, App. B.1): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone
     at positions 0..bs-1. Both run in one batched forward; with no history the uncond pass is skipped.
-    Everything but the DiT forward itself (mask, times and their modulations) is computed once per
-    block, and the step loop never waits on the device. A self-conditioned DiT reads the previous
+    Everything but the DiT forward itself (mask, rotary tables, the times' modulations) is computed once
+    per block, and the step loop never waits on the device. A self-conditioned DiT reads the previous
     step's estimate of the clean block, z - t v (zero at the first step). shift: see euler.
     repaint = (reps, frac, noise_fn) replaces the clean pinning by partial repaint (euler_repaint): the
     positions `keep` then run at the block's t like the rest, and their clean latents are only re-imposed.
+    mod: step_conditions(dit, steps, shift), from a caller that samples many blocks.
     """
     B, bs = noise.shape[0], dit.cfg.block_size
     assert noise.shape[1] == bs, f"noise holds {noise.shape[1]} positions, the DiT's blocks {bs}"
@@ -198,12 +208,12 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history); additive
     # (0 / -inf, what SDPA would make of a boolean mask at every call): built once for all the steps
     mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid, window)
-    mask = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, float("-inf"))
+    mask = torch.zeros(mask.shape, device=dev, dtype=attention_dtype(dev)).masked_fill_(~mask, float("-inf"))
 
-    # the DiT's times: entry 0 is t = 0 (pinned positions, history), entry i + 1 step i's t
     ts, _ = time_grid(steps, shift)
-    step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}
-    mod = dit.condition(torch.tensor([0.0] + ts[:-1], device=dev))  # the modulations of every step, once
+    step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}  # the DiT's time table: see step_conditions
+    mod = step_conditions(dit, steps, shift, dev) if mod is None else mod
+    rope = rope_angles(q_pos, dit.cfg.width // dit.cfg.n_head)  # and the rotary tables of the block's positions
     pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the network's input
     moving = torch.cat([torch.zeros_like(q_pos[:, :-bs]), (~pin).long().repeat(rows, 1)], 1)  # (rB, Lq): 1 = at t
     estimate = torch.zeros_like(noise) if dit.cfg.self_cond else None  # (B, bs, d) self-conditioning input
@@ -215,7 +225,7 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
         if Lp and cache is None:  # the clean history runs again at t = 0 in front of the block
             zz = torch.cat([hist_z, zz], 1)  # (rB, Lp + bs, d)
             sc = None if sc is None else torch.cat([torch.zeros_like(hist_z), sc], 1)  # (rB, Lp + bs, d)
-        v = dit(zz, None, moving * step_of[t], q_pos, mask, cache, sc=sc, mod=mod)[:, -bs:]  # (rB, bs, d)
+        v = dit(zz, None, moving * step_of[t], q_pos, mask, cache, sc=sc, mod=mod, rope=rope)[:, -bs:]  # (rB, bs, d)
         if guided:
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
             v = torch.lerp(v_u, v_c, cfg_scale)  # v_u + w (v_c - v_u): (B, bs, d)

@@ -27,17 +27,21 @@ def swiglu_hidden(width):
 
 
 def rope_angles(pos, head_dim, base=10000.0):
-    """cos/sin tables for rotary embeddings at integer positions pos (B, L) -> 2 x (B, L, 1, 1, hd/2),
-    broadcast over the (q, k) and head axes of Attention's (B, L, 2, H, hd) layout."""
+    """Rotary tables at integer positions pos (B, L) -> (cos, sin), each (B, L, 1, 1, hd), broadcast over
+    the (q, k) and head axes of Attention's (B, L, 2, H, hd) layout. Channel i is paired with i + hd/2,
+    and the tables are laid out for apply_rope's one-roll form: cos twice, sin as (-sin, sin)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     ang = pos.to(torch.float32)[:, :, None, None, None] * inv_freq  # (B, L, 1, 1, hd/2)
-    return ang.cos(), ang.sin()
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def apply_rope(x, rope):
+    """Rotate each pair (x1, x2) = (x_i, x_{i + hd/2}) by its angle: (x1 cos - x2 sin, x2 cos + x1 sin),
+    computed as x cos + roll(x) (-sin, sin), where roll swaps the halves (three kernels instead of seven)."""
     cos, sin = rope
-    x1, x2 = x.float().chunk(2, dim=-1)  # rotate pairs (i, i + hd/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    x32 = x.float()
+    return (x32 * cos + x32.roll(x.shape[-1] // 2, -1) * sin).type_as(x)
 
 
 def causal_mask(pos_q, pos_k, block_size=1, window=None):
@@ -55,6 +59,12 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def attention_dtype(device):
+    """What attention reads on this device now: bf16 under bf16 autocast (half the memory), else fp32."""
+    kind = torch.device(device or "cpu").type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
 class KVCache:
     """Keys and values of every attention layer for up to `size` tokens, (n_layer, B, H, size, hd),
     allocated once and written in place. The owner picks the slots the next forwards fill with
@@ -63,9 +73,7 @@ class KVCache:
     applied, so the caller's mask, built from the slots' positions, alone decides who sees what."""
 
     def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=None):
-        if dtype is None:  # what attention will read: bf16 under bf16 autocast (half the memory), else fp32
-            kind = torch.device(device or "cpu").type
-            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+        dtype = attention_dtype(device) if dtype is None else dtype
         self.k = torch.zeros(n_layer, batch, n_head, size, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)  # zeros, never garbage: a masked-out slot must not be NaN
         self.lo = self.hi = 0

@@ -106,7 +106,9 @@ class TextVAE(nn.Module):
         return self.decoder(self.z_in(z), pos, causal_mask(pos, pos_k, bs, window), cache)
 
     def head(self, h):
-        return h @ self.tok_emb.weight.t()  # tied output head: (..., W) -> (..., V)
+        # tied output head: (..., W) -> (..., V); F.linear on the weight itself, not a transposed view, so
+        # that bf16 autocast casts it once per autocast region, not at every call
+        return F.linear(h, self.tok_emb.weight)
 
     def decode(self, z, pos=None, cache=None, past_pos=None, window=None):
         """p(x|z) logits (B, L, V); with a cache it decodes incrementally (decode_hidden)."""
