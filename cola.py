@@ -260,7 +260,7 @@ class Cola(nn.Module):
             repaint = (reps, frac, lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=dev)
                                                              for g in r_gens]))
         zero_t, H = torch.zeros(1, device=dev), hist_pos.shape[1]  # prefill and commit: every token at t = 0
-        mod = step_conditions(self.dit, steps, shift, dev)  # the Euler times' modulations, once for every block
+        mod = step_conditions(self.dit, steps, shift, dev)  # the step times' modulations, for every block
 
         def slide(k_pos):  # past the window the oldest blocks leave both caches; k_pos: the cached positions
             n = 0 if wb is None else max(0, k_pos.shape[1] - wb * bs)

@@ -230,7 +230,8 @@ def judge_bits(judge, context, prompt, cont):
 def quality(model, ckpt, args):
     """Generated text, measured: continuations of held-out prompts, next to the true continuations
     (ceiling) and unigram-sampled tokens (floor). Words found in the training vocabulary, distinct word
-    4-grams, byte entropy and, with --judge (an AR checkpoint), the judge's bits per byte."""
+    4-grams, byte entropy and, with --judge (an AR checkpoint), the judge's bits per byte (in fp32 under
+    any --dtype, so that only the generator changes)."""
     data_dir, tok = dataset_dir(args, ckpt, model), model.tok
     context = ckpt["config"]["train"]["seq_len"]
     if context - args.new_tokens < 1:
@@ -257,7 +258,9 @@ def quality(model, ckpt, args):
         if isinstance(judge, Cola):
             raise UserError(f"--judge {args.judge} is a Cola checkpoint; the judge must be an AR one (--model=ar)")
         for name, texts in rows.items():
-            scored = [judge_bits(judge, judge_ckpt["config"]["train"]["seq_len"], p, c) for (p, _), c in zip(pairs, texts)]
+            with torch.autocast(judge.tok_emb.weight.device.type, enabled=False):  # the yardstick: always fp32
+                context = judge_ckpt["config"]["train"]["seq_len"]
+                scored = [judge_bits(judge, context, p, c) for (p, _), c in zip(pairs, texts)]
             bits, n_bytes = map(sum, zip(*scored))
             stats[name]["bpb"] = bits / max(n_bytes, 1)
             for s, (b, n) in zip(per_sample[name], scored):

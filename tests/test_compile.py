@@ -262,3 +262,32 @@ def test_bf16_generation_matches_fp32(monkeypatch):
     for (z, logits), (z_ref, logits_ref) in zip(half, ref):
         assert torch.isfinite(z).all() and torch.isfinite(logits).all()
         assert torch.allclose(z, z_ref, atol=5e-2) and torch.allclose(logits.float(), logits_ref, atol=5e-2)
+
+
+def test_cast_for_bf16_matches_autocast():
+    """common.cast_for stores the Linear weights in bf16 once: under bf16 autocast the DiT then computes
+    exactly what autocast computes from the fp32 weights (it rounds them the same way). The embedding
+    (the encoder's input, the tied head) is stored in bf16 too, so the whole sampler stays close."""
+    from common import autocast, cast_for, precision
+    torch.manual_seed(0)
+    model = tiny_cola("joint").eval()
+    twin = copy.deepcopy(model)
+    z, t = torch.randn(2, 8, model.dit.cfg.latent_dim), torch.rand(2, 2)
+    t_index = torch.arange(8).div(4, rounding_mode="floor").expand(2, 8)
+    pos, mask = torch.arange(8).expand(2, 8), torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    with bf16():
+        ref = model.dit(z, t, t_index, pos, mask)
+    assert cast_for(twin, "cpu", "fp32") is twin and twin.dit.blocks[0].mlp.w2.weight.dtype == torch.float32
+    cast_for(twin, "cpu", "bf16")
+    with autocast("cpu", "bf16"):
+        assert torch.equal(twin.dit(z, t, t_index, pos, mask), ref)
+        kw = dict(max_new_tokens=8, steps=3, stop_at_eot=False)
+        ref_trace, trace = [], []
+        with bf16():
+            model.generate([list(b"Hello"), []], trace=ref_trace, **kw)
+        twin.generate([list(b"Hello"), []], trace=trace, **kw)
+    for (z1, l1), (z0, l0) in zip(trace, ref_trace):
+        assert torch.allclose(z1, z0, atol=5e-2) and torch.allclose(l1.float(), l0.float(), atol=5e-2)
+    assert (precision("cpu"), precision("cpu", "bf16"), precision("cpu", "fp32")) == ("fp32", "bf16", "fp32")
+    with pytest.raises(UserError, match="unknown dtype"):
+        precision("cpu", "fp16")

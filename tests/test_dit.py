@@ -117,3 +117,37 @@ def test_kv_cache_evicts_oldest_slots():
     cache.span(0, 5).update(0, torch.arange(10.0).view(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))
     cache.evict(2)
     assert cache.k[0, 0, 0, :3].flatten().tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+
+
+def test_forward_is_textbook_adaLN():
+    """DiT.forward (whose condition() stores each scale as 1 + scale, and whose RoPE runs in one-roll
+    form) equals adaLN-Zero written out plainly: x + gate attn(LN(x) (1 + scale) + shift), and the
+    same for the MLP and the final layer, with rotary pairs (i, i + hd/2) rotated by angle pos / 10000^(2i/hd)."""
+    import torch.nn.functional as F
+    dit = random_dit(bs=4, width=32)
+    B, L, W, H = 2, 8, 32, 2
+    hd = W // H
+    z, t, pos = torch.randn(B, L, dit.cfg.latent_dim), torch.rand(B, L), torch.arange(L).expand(B, L) + 5
+    ang = pos[..., None].float() / 10000 ** (torch.arange(hd // 2) * 2 / hd)  # (B, L, hd/2)
+
+    def rotate(u):  # (B, H, L, hd)
+        u1, u2 = u[..., :hd // 2], u[..., hd // 2:]
+        c, s = ang.cos()[:, None], ang.sin()[:, None]
+        return torch.cat([u1 * c - u2 * s, u2 * c + u1 * s], -1)
+
+    c = dit.t_embedder(t)  # (B, L, W)
+    x = dit.x_embedder(z)
+    for blk in dit.blocks:
+        shift1, scale1, gate1, shift2, scale2, gate2 = blk.adaLN_modulation(c).chunk(6, -1)
+        h = F.layer_norm(x, (W,), eps=1e-6) * (1 + scale1) + shift1
+        q, k, v = blk.attn.qkv(h).view(B, L, 3, H, hd).transpose(1, 3).unbind(2)  # 3 x (B, H, L, hd)
+        q, k = rotate(blk.attn.q_norm(q)), rotate(blk.attn.k_norm(k))
+        a = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, -1) @ v  # (B, H, L, hd), no mask
+        x = x + gate1 * blk.attn.proj(a.transpose(1, 2).reshape(B, L, W))
+        h = F.layer_norm(x, (W,), eps=1e-6) * (1 + scale2) + shift2
+        x = x + gate2 * blk.mlp(h)
+    shift, scale = dit.final_layer.adaLN_modulation(c).chunk(2, -1)
+    ref = dit.final_layer.linear(F.layer_norm(x, (W,), eps=1e-6) * (1 + scale) + shift)
+    with torch.no_grad():
+        out = dit(z, *per_token(t), pos, torch.ones(B, 1, L, L, dtype=torch.bool))
+    assert torch.allclose(out, ref.detach(), atol=1e-5)

@@ -79,8 +79,12 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     assert r["nll_iwae"] <= r["nll_elbo"] and r["nll"] == r["nll_iwae"] and r["params"] > 0
     assert r["bpb"] == pytest.approx(r["nll"] * r["tokens"] / r["bytes"] / math.log(2))
     assert r["ppl"] == pytest.approx(math.exp(r["nll"]))
+    assert r["dtype"] == "fp32"  # a likelihood stays fp32 unless bf16 is asked for
     r = cola_eval.main(["speed", f"--ckpt={path}", "--limit=1", "--quick"])
     assert len(r["rows"]) == 2 and r["cache_speedup"] == r["cache_free_seconds"] / r["cached_seconds"]
+    assert r["dtype"] == "fp32"  # auto on a CPU
+    half = cola_eval.main(["speed", f"--ckpt={path}", "--limit=1", "--quick", "--dtype=bf16"])
+    assert half["dtype"] == "bf16" and len(half["rows"]) == 2
     # any size without training: fresh weights from train.py's options
     fresh = cola_eval.main(["speed", "--random_init", "--quick", "--dit.block_size=4", "--vae.width=32", "--vae.n_head=2",
                             "--dit.width=32", "--dit.n_head=2", "--dit.n_layer=1"])
@@ -88,7 +92,8 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     fresh = cola_eval.main(["speed", "--random_init", "--quick", "--model=ar", "--ar.width=32", "--ar.n_head=2",
                             "--ar.n_layer=1"])
     assert len(fresh["rows"]) == 2 and "cache_speedup" not in fresh
-    for bad in (["speed"], ["speed", f"--ckpt={path}", "--random_init"], ["speed", f"--ckpt={path}", "--dit.width=8"]):
+    for bad in (["speed"], ["speed", f"--ckpt={path}", "--random_init"], ["speed", f"--ckpt={path}", "--dit.width=8"],
+                ["speed", f"--ckpt={path}", "--dtype=fp16"]):
         with pytest.raises(SystemExit):
             cola_eval.main(bad)
     for row in r["rows"]:  # 20-token prompt with blocks of 4: the tail is empty, every block is new tokens

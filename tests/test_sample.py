@@ -113,8 +113,28 @@ def test_cli_generates_and_streams(ckpt, capsys):
         assert capsys.readouterr().out.startswith("Once")
 
 
+def test_cli_dtype(ckpt, capsys, monkeypatch):
+    """--dtype=bf16 samples under bf16 autocast with the matmul weights stored in bf16 (common.cast_for);
+    --dtype=fp32 and auto (on a CPU) run without autocast."""
+    seen = []
+    generate = Cola.generate
+
+    def spy(model, *a, **k):
+        seen.append((torch.is_autocast_enabled("cpu"), model.dit.blocks[0].attn.qkv.weight.dtype,
+                     model.vae.tok_emb.weight.dtype, model.dit.blocks[0].attn.q_norm.weight.dtype))
+        return generate(model, *a, **k)
+
+    monkeypatch.setattr(Cola, "generate", spy)
+    for dtype in ("bf16", "fp32", "auto"):
+        sample.main([f"--ckpt={ckpt}", "--prompt=Once", "--max_new_tokens=9", "--steps=2", f"--dtype={dtype}"])
+        assert capsys.readouterr().out.startswith("Once")
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert seen == [(True, bf16, bf16, f32), (False, f32, f32, f32), (False, f32, f32, f32)]  # norms stay fp32
+
+
 @pytest.mark.parametrize("bad", [["--steps=0"], ["--cfg=-1"], ["--top_p=0"], ["--top_p=1.5"], [],
-                                 ["--top_k=5"], ["--first_block=middle"], ["--first_block=repaint:0"]])
+                                 ["--top_k=5"], ["--first_block=middle"], ["--first_block=repaint:0"],
+                                 ["--dtype=fp16"]])
 def test_cli_argument_errors(ckpt, bad, capsys):
     args = [f"--ckpt={ckpt}"] + bad + (["--prompt=a"] if bad else [])
     with pytest.raises(SystemExit) as e:
