@@ -281,13 +281,14 @@ class Cola(nn.Module):
                 hist_pos = slide(hist_pos)  # a prompt longer than the window keeps its last blocks
         offs = torch.arange(bs, device=dev)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
+        pinned = any(len(p) % bs for p in prompts)  # does the block hold prompt positions? the first one may
         while not all(done):
             pos = start[:, None] + offs  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
             z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
             history = dict(cache=dit_cache) if use_cache else dict(hist_z=hist_z)
-            z = sample_block(self.dit, z, pos, keep, hist_pos, steps=steps, cfg_scale=cfg_scale, shift=shift,
-                             repaint=repaint, window=wb, mod=mod, **history)
+            z = sample_block(self.dit, z, pos, keep if pinned else None, hist_pos, steps=steps, cfg_scale=cfg_scale,
+                             shift=shift, repaint=repaint, window=wb, mod=mod, **history)
             z = torch.where(keep[..., None], tail, z)  # the prompt's own latents stand (partial repaint moved them)
             if use_cache:
                 logits = self.vae.decode(z, pos, dec_cache, hist_pos, dec_window)  # (B, bs, V)
@@ -314,7 +315,7 @@ class Cola(nn.Module):
             else:  # the cache-free reference keeps every latent and applies the window in its masks
                 hist_z = torch.cat([hist_z, z], 1)
             hist_pos, start, keep = k_pos, start + bs, torch.zeros_like(keep)
-            repaint = None  # only the first block holds prompt tokens
+            repaint, pinned = None, False  # only the first block holds prompt tokens
         return out
 
     # ------------------------------------------------------------------------- likelihood

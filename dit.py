@@ -197,13 +197,13 @@ class DiT(nn.Module):
         """Velocity (B, L, d) for latents z (B, L, d) at positions pos (B, L).
 
         t: a table of times, (K,) shared by every row or (B, K); t_index (B, L): each token's entry in
-        it (a clean token: an entry with t = 0); mod: condition(t) computed beforehand (t unused); rope:
+        it (a clean token: an entry with t = 0), or (1, 1) with a (K,) table when every token shares one; mod: condition(t) computed beforehand (t unused); rope:
         rope_angles(pos) computed beforehand (the sampler's steps share the positions of a block).
         mask (B, 1, L, Lk) from block_mask, over this call's tokens or, with a layers.KVCache, over the
         cache's slots [0, hi); sc (B, L, d): the self-conditioning estimate of the clean latents (None =
         zeros; only with cfg.self_cond).
         """
-        B, L = t_index.shape
+        B, L = z.shape[:2]
         mod = self.condition(t) if mod is None else mod  # (K, C) or (B, K, C)
         # every entry computed once, looked up per token: (B, L, C), then one slice per layer
         mod = F.embedding(t_index, mod) if mod.dim() == 2 else mod.gather(1, t_index[..., None].expand(B, L, mod.shape[-1]))

@@ -169,7 +169,7 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
     noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
-    that stay pinned with t = 0 (repaint). pos (B, bs): the block's positions. The history, clean
+    that stay pinned with t = 0 (repaint); keep None: nothing pinned. pos (B, bs): the block's positions. The history, clean
     latents at positions hist_pos (B, Lp) (padding at PAD_POS), comes either as the DiT's KV cache
     (a layers.KVCache whose slots [0, Lp) hold it; the block's keys go to slots [Lp, Lp + bs), and with
     guidance it needs 2B rows: the first B hold the history) or, cache-free, as the latents hist_z
@@ -214,8 +214,14 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}  # the DiT's time table: see step_conditions
     mod = step_conditions(dit, steps, shift, dev) if mod is None else mod
     rope = rope_angles(q_pos, dit.cfg.width // dit.cfg.n_head)  # and the rotary tables of the block's positions
+    if keep is None:  # nothing pinned (every block but a prompt's first): nothing to repaint either
+        repaint = None
     pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the network's input
-    moving = torch.cat([torch.zeros_like(q_pos[:, :-bs]), (~pin).long().repeat(rows, 1)], 1)  # (rB, Lq): 1 = at t
+    if pin is None and q_pos.shape[1] == bs:  # every query at the step's t: one table entry, broadcast
+        moving = torch.ones(1, 1, dtype=torch.long, device=dev)
+    else:
+        at_t = torch.ones_like(q_pos[:, -bs:]) if pin is None else (~pin).long().repeat(rows, 1)  # (rB, bs)
+        moving = torch.cat([torch.zeros_like(q_pos[:, :-bs]), at_t], 1)  # (rB, Lq): 1 = at the step's t, 0 = clean
     estimate = torch.zeros_like(noise) if dit.cfg.self_cond else None  # (B, bs, d) self-conditioning input
 
     def velocity(z, t):
@@ -229,8 +235,8 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
         if guided:
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
             v = torch.lerp(v_u, v_c, cfg_scale)  # v_u + w (v_c - v_u): (B, bs, d)
-        if estimate is not None:
-            estimate = torch.where(pin[..., None], z, z - t * v)  # pinned positions: their clean latent
+        if estimate is not None:  # pinned positions: their clean latent
+            estimate = z - t * v if pin is None else torch.where(pin[..., None], z, z - t * v)
         return v  # (B, bs, d)
 
     if repaint is not None:

@@ -38,10 +38,9 @@ def rope_angles(pos, head_dim, base=10000.0):
 
 def apply_rope(x, rope):
     """Rotate each pair (x1, x2) = (x_i, x_{i + hd/2}) by its angle: (x1 cos - x2 sin, x2 cos + x1 sin),
-    computed as x cos + roll(x) (-sin, sin), where roll swaps the halves (three kernels instead of seven)."""
+    computed as x cos + roll(x) (-sin, sin), where roll swaps the halves (four kernels instead of seven)."""
     cos, sin = rope
-    x32 = x.float()
-    return (x32 * cos + x32.roll(x.shape[-1] // 2, -1) * sin).type_as(x)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def causal_mask(pos_q, pos_k, block_size=1, window=None):
@@ -111,11 +110,12 @@ class Attention(nn.Module):
         FlexAttention BlockMask over this call's L tokens (no cache)."""
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim)  # (B, L, 3, H, hd)
-        # QK-norm and RoPE on q and k at once (two kernels fewer per layer: the sampler runs many tiny calls)
-        # the norm weights in the activations' dtype: fp32 weights would promote q, k to fp32 under bf16
-        # autocast while v stays bf16 (SDPA's autocast casts them back; FlexAttention would not)
-        weight = torch.stack([self.q_norm.weight, self.k_norm.weight]).to(qkv.dtype)[:, None]  # (2, 1, hd)
-        qk = apply_rope(F.rms_norm(qkv[:, :, :2], (self.head_dim,), eps=self.q_norm.eps) * weight, rope)
+        # QK-norm and RoPE on q and k at once (fewer kernels: the sampler runs many tiny calls), in fp32
+        # under autocast too, then back to v's dtype: q, k and v must reach attention in one dtype
+        # (SDPA's autocast would recast them; FlexAttention would not)
+        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, hd)
+        qk = F.rms_norm(qkv[:, :, :2].float(), (self.head_dim,), eps=self.q_norm.eps) * weight
+        qk = apply_rope(qk, rope).to(qkv.dtype)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, L, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, hi, hd): the cached tokens and this call's
@@ -207,12 +207,13 @@ def pick_tokens(logits, temperature, top_k, top_p, generators, tok=None):
     """logits (B, L, V) -> token ids (B, L): greedy at temperature 0, else top-k / top-p sampling with
     each row's own generator. With tok, only real tokens and <|endoftext|> can be picked (never
     <|mask|>, <|pad|> or the vocabulary padding)."""
+    if temperature == 0:  # the ids after eot (specials, vocabulary padding) are the banned ones: leave them out
+        allowed = logits if tok is None else logits[..., :tok.eot + 1]
+        return allowed.float().argmax(-1)  # fp32: a bf16 argmax runs some 10x slower on a CPU
     if tok is not None:
         banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         banned[tok.eot + 1:] = True  # the specials after eot and the vocabulary padding
         logits = logits.masked_fill(banned, float("-inf"))
-    if temperature == 0:
-        return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
