@@ -12,7 +12,7 @@ subcommand prints its result and, with --out, writes it as JSON.
 
 Held-out data is the validation split of the dataset the checkpoint was trained on (fixed windows),
 or of another prepared dataset with --dataset=NAME. Runs on CPU, CUDA or MPS (--device); --limit N
-caps the number of held-out windows.
+caps the number of held-out windows; --dtype=auto|fp32|bf16 sets the precision (common.autocast).
 """
 import argparse
 import json

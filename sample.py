@@ -8,7 +8,8 @@ Generate text from a checkpoint of train.py: Cola DLM, or the AR baseline (--mod
 A thin command line over the model's own generate(): cola.Cola.generate samples block after block
 (Euler steps with classifier-free guidance, the prompt's tail pinned by clean-condition repaint,
 arXiv 2605.06548 §3.2.3), ar.ARLM.generate token by token; --steps / --cfg apply to Cola only.
-One prompt streams its text as blocks are decoded. Runs on CPU, CUDA or MPS (--device).
+One prompt streams its text as blocks are decoded. Runs on CPU, CUDA or MPS (--device), in fp32 or
+bf16 (--dtype; default: bf16 autocast on CUDA only).
 """
 import argparse
 
