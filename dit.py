@@ -197,8 +197,9 @@ class DiT(nn.Module):
         """Velocity (B, L, d) for latents z (B, L, d) at positions pos (B, L).
 
         t: a table of times, (K,) shared by every row or (B, K); t_index (B, L): each token's entry in
-        it (a clean token: an entry with t = 0), or (1, 1) with a (K,) table when every token shares one; mod: condition(t) computed beforehand (t unused); rope:
-        rope_angles(pos) computed beforehand (the sampler's steps share the positions of a block).
+        it (a clean token: an entry with t = 0), or (1, 1) with a (K,) table when every token shares one.
+        mod: condition(t) computed beforehand (t unused); rope: rope_angles(pos) computed beforehand
+        (the sampler's steps share a block's positions).
         mask (B, 1, L, Lk) from block_mask, over this call's tokens or, with a layers.KVCache, over the
         cache's slots [0, hi); sc (B, L, d): the self-conditioning estimate of the clean latents (None =
         zeros; only with cfg.self_cond).

@@ -169,16 +169,18 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
     noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
-    that stay pinned with t = 0 (repaint); keep None: nothing pinned. pos (B, bs): the block's positions. The history, clean
-    latents at positions hist_pos (B, Lp) (padding at PAD_POS), comes either as the DiT's KV cache
-    (a layers.KVCache whose slots [0, Lp) hold it; the block's keys go to slots [Lp, Lp + bs), and with
-    guidance it needs 2B rows: the first B hold the history) or, cache-free, as the latents hist_z
-    (B, Lp, d), recomputed at every step. window: the DiT sees only the last `window` history blocks.
+    that stay pinned with t = 0 (repaint), or None: nothing pinned. pos (B, bs): the block's positions.
+    The history, clean latents at positions hist_pos (B, Lp) (padding at PAD_POS), comes either as the
+    DiT's KV cache (a layers.KVCache whose slots [0, Lp) hold it; the block's keys go to slots
+    [Lp, Lp + bs), and with guidance it needs 2B rows: the first B hold the history) or, cache-free, as
+    the latents hist_z (B, Lp, d), recomputed at every step. window: the DiT sees only the last
+    `window` history blocks.
     CFG (paper §3.2.3, App. B.1): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone
     at positions 0..bs-1. Both run in one batched forward; with no history the uncond pass is skipped.
-    Everything but the DiT forward itself (mask, rotary tables, the times' modulations) is computed once
-    per block, and the step loop never waits on the device. A self-conditioned DiT reads the previous
-    step's estimate of the clean block, z - t v (zero at the first step). shift: see euler.
+    Everything but the DiT forward itself (mask, rotary tables, the times' modulations unless the caller
+    passes them) is computed once per block, and the step loop never waits on the device. A
+    self-conditioned DiT reads the previous step's estimate of the clean block, z - t v (zero at the
+    first step). shift: see euler.
     repaint = (reps, frac, noise_fn) replaces the clean pinning by partial repaint (euler_repaint): the
     positions `keep` then run at the block's t like the rest, and their clean latents are only re-imposed.
     mod: step_conditions(dit, steps, shift), from a caller that samples many blocks.
@@ -213,7 +215,7 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     ts, _ = time_grid(steps, shift)
     step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}  # the DiT's time table: see step_conditions
     mod = step_conditions(dit, steps, shift, dev) if mod is None else mod
-    rope = rope_angles(q_pos, dit.cfg.width // dit.cfg.n_head)  # and the rotary tables of the block's positions
+    rope = rope_angles(q_pos, dit.cfg.width // dit.cfg.n_head)  # the rotary tables of the queries' positions
     if keep is None:  # nothing pinned (every block but a prompt's first): nothing to repaint either
         repaint = None
     pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the network's input
