@@ -285,11 +285,12 @@ class Cola(nn.Module):
         while not all(done):
             pos = start[:, None] + offs  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
-            z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
+            z = torch.where(keep[..., None], tail, noise) if pinned else noise  # (B, bs, d) at t = 1, the tail clean
             history = dict(cache=dit_cache) if use_cache else dict(hist_z=hist_z)
             z = sample_block(self.dit, z, pos, keep if pinned else None, hist_pos, steps=steps, cfg_scale=cfg_scale,
                              shift=shift, repaint=repaint, window=wb, mod=mod, **history)
-            z = torch.where(keep[..., None], tail, z)  # the prompt's own latents stand (partial repaint moved them)
+            if pinned:  # the prompt's own latents stand (partial repaint moved them)
+                z = torch.where(keep[..., None], tail, z)
             if use_cache:
                 logits = self.vae.decode(z, pos, dec_cache, hist_pos, dec_window)  # (B, bs, V)
             else:
