@@ -23,6 +23,7 @@ enter the history, so only the continuation's latents differ), and padding the p
 continuation ("right_pad"), so that no block is shared by prompt and continuation.
 """
 import copy
+import functools
 import math
 
 import torch
@@ -51,6 +52,15 @@ def parse_first_block(spec):
     if reps < 1 or not 0 < frac <= 1:
         raise ValueError(f"first_block {spec!r}: needs R >= 1 and 0 < M <= 1")
     return mode, reps, frac
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_step(dit):
+    """The DiT compiled for the sampler's Euler step: one graph (fullgraph, static shapes), on CUDA
+    replayed as a CUDA graph (mode="reduce-overhead"), as the per-step launch overhead is what a small
+    DiT's sampling time is made of."""
+    cuda = next(dit.parameters()).device.type == "cuda"
+    return torch.compile(dit, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
 
 
 class Cola(nn.Module):
@@ -228,7 +238,7 @@ class Cola(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temperature=0.0, top_k=0, top_p=1.0,
                  seed=0, stop_at_eot=True, on_block=None, use_cache=True, trace=None, shift=1.0, first_block="clean",
-                 window=None):
+                 window=None, compile=False):
         """New token ids for each prompt of a batch (lists of ints, any lengths), ending before the
         first <|endoftext|> (stop_at_eot=False: always max_new_tokens). steps: Euler steps per block;
         cfg_scale: guidance w (1 = off); shift > 1: more steps at high noise (flow.euler); temperature 0
@@ -241,7 +251,9 @@ class Cola(nn.Module):
         Each sample draws its noise from its own seed (prompt, repeat index), so its output does not
         depend on the rest of the batch. on_block(i, ids) streams sample i after every block.
         use_cache=False recomputes the history at every step (the reference the caches must match);
-        trace, a list, receives every block's (latents, logits)."""
+        trace, a list, receives every block's (latents, logits).
+        compile=True runs the Euler steps through compiled_step(dit): one graph for every step of every
+        block, its attention over every slot of the KV cache (flow.sample_block's every_slot)."""
         tok, bs, B = self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, seed, dev)
@@ -272,6 +284,9 @@ class Cola(nn.Module):
             n_blocks = -(-(bs + max_new_tokens) // bs)  # generated blocks, at most
             size = H + n_blocks * bs if wb is None else min(H + n_blocks * bs, max(H, wb * bs) + bs)
             dit_cache = self.dit.new_cache((2 if cfg_scale != 1 else 1) * B, size, dev)  # guided: [cond | uncond]
+            if compile:  # written in place by the graph: a fixed address, so a CUDA graph may keep it
+                for buf in dit_cache.k + dit_cache.v:
+                    torch._dynamo.mark_static_address(buf)
             dec_cache = self.vae.decoder.new_cache(B, size, dev)
             if H:
                 blk, clean = hist_pos // bs, torch.zeros_like(hist_pos, dtype=torch.bool)
@@ -282,13 +297,14 @@ class Cola(nn.Module):
         offs = torch.arange(bs, device=dev)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         pinned = any(len(p) % bs for p in prompts)  # does the block hold prompt positions? the first one may
+        step_dit = compiled_step(self.dit) if compile and use_cache else self.dit
         while not all(done):
             pos = start[:, None] + offs  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
             z = torch.where(keep[..., None], tail, noise) if pinned else noise  # (B, bs, d) at t = 1, the tail clean
             history = dict(cache=dit_cache) if use_cache else dict(hist_z=hist_z)
-            z = sample_block(self.dit, z, pos, keep if pinned else None, hist_pos, steps=steps, cfg_scale=cfg_scale,
-                             shift=shift, repaint=repaint, window=wb, mod=mod, **history)
+            z = sample_block(step_dit, z, pos, keep if pinned else None, hist_pos, steps=steps, cfg_scale=cfg_scale,
+                             shift=shift, repaint=repaint, window=wb, mod=mod, every_slot=compile, **history)
             if pinned:  # the prompt's own latents stand (partial repaint moved them)
                 z = torch.where(keep[..., None], tail, z)
             if use_cache:

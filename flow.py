@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from dit import block_mask, flex_mask_2L, layout_2L
-from layers import attention_dtype, rope_angles
+from layers import PAD_POS, attention_dtype, rope_angles
 
 
 @dataclass
@@ -165,7 +165,7 @@ def step_conditions(dit, steps, shift=1.0, device=None):
 
 @torch.no_grad()
 def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, steps=16, cfg_scale=7.0, shift=1.0,
-                 repaint=None, window=None, mod=None):
+                 repaint=None, window=None, mod=None, every_slot=False):
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
     noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
@@ -184,6 +184,8 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     repaint = (reps, frac, noise_fn) replaces the clean pinning by partial repaint (euler_repaint): the
     positions `keep` then run at the block's t like the rest, and their clean latents are only re-imposed.
     mod: step_conditions(dit, steps, shift), from a caller that samples many blocks.
+    every_slot: the steps attend to every slot of the cache (KVCache.span), the unused ones masked, so
+    that a compiled DiT (Cola.generate(compile=True)) runs one graph for every step of every block.
     """
     B, bs = noise.shape[0], dit.cfg.block_size
     assert noise.shape[1] == bs, f"noise holds {noise.shape[1]} positions, the DiT's blocks {bs}"
@@ -206,7 +208,12 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
             hist_z = hist_z.repeat(rows, 1, 1)  # (rB, Lp, d)
             q_pos, q_noisy = k_pos, k_noisy  # (rB, Lp + bs)
     if cache is not None:
-        cache.span(Lp, Lp + bs)  # every step writes the block's keys/values to the same slots
+        cache.span(Lp, Lp + bs, every_slot)  # every step writes the block's keys/values to the same slots
+        if every_slot:  # the keys: every slot, those after the block's at PAD_POS, which no query sees
+            pad = cache.size - k_pos.shape[1]
+            k_pos = torch.cat([k_pos, torch.full_like(k_pos[:, :1], PAD_POS).expand(-1, pad)], 1)  # (rB, size)
+            k_noisy = torch.cat([k_noisy, k_noisy.new_zeros(k_noisy.shape[0], pad)], 1)  # (rB, size)
+            k_valid = None if k_valid is None else torch.cat([k_valid, k_valid.new_zeros(k_valid.shape[0], pad)], 1)
     # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history); additive
     # (0 / -inf, what SDPA would make of a boolean mask at every call): built once for all the steps
     mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid, window)

@@ -65,33 +65,43 @@ def attention_dtype(device):
 
 
 class KVCache:
-    """Keys and values of every attention layer for up to `size` tokens, (n_layer, B, H, size, hd),
-    allocated once and written in place. The owner picks the slots the next forwards fill with
-    `span(lo, hi)`; those forwards attend to slots [0, hi): what is already there and their own
-    tokens (a call with fewer rows than the cache uses its first rows). Keys are stored with RoPE
+    """Keys and values of every attention layer for up to `size` tokens, one (B, H, size, hd) tensor of
+    each per layer, allocated once and written in place. The owner picks the slots the next forwards
+    fill with `span(lo, hi)`; those forwards attend to slots [0, hi): what is already there and their
+    own tokens (a call with fewer rows than the cache uses its first rows). Keys are stored with RoPE
     applied, so the caller's mask, built from the slots' positions, alone decides who sees what."""
 
     def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=None):
         dtype = attention_dtype(device) if dtype is None else dtype
-        self.k = torch.zeros(n_layer, batch, n_head, size, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)  # zeros, never garbage: a masked-out slot must not be NaN
-        self.lo = self.hi = 0
+        # zeros, never garbage: a masked-out slot must not be NaN
+        self.k = [torch.zeros(batch, n_head, size, head_dim, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.size, self.lo, self.hi, self.slots = size, 0, 0, None
 
-    def span(self, lo, hi):
+    def span(self, lo, hi, every_slot=False):
+        """every_slot: the next forwards write their slots by index and attend to all `size` slots,
+        whatever hi (the caller's mask hides those at hi and after). Their shapes are then the same for
+        every span, so one compiled graph, a CUDA graph on GPU, serves a whole generation."""
         self.lo, self.hi = lo, hi
+        self.slots = torch.arange(lo, hi, device=self.k[0].device) if every_slot else None
         return self
 
     def update(self, layer, k, v):
-        """Store this call's keys/values (b, H, hi - lo, hd) and return those to attend to (b, H, hi, hd)."""
-        b = k.shape[0]
-        self.k[layer, :b, :, self.lo:self.hi] = k
-        self.v[layer, :b, :, self.lo:self.hi] = v
-        return self.k[layer, :b, :, :self.hi], self.v[layer, :b, :, :self.hi]
+        """Store this call's keys/values (b, H, hi - lo, hd) and return those to attend to (b, H, hi, hd),
+        or (b, H, size, hd) with every_slot."""
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        if k.shape[0] < k_buf.shape[0]:
+            k_buf, v_buf = k_buf[:k.shape[0]], v_buf[:k.shape[0]]
+        if self.slots is not None:  # whole buffers, written in place: a compiled graph needs no copy of them
+            return k_buf.index_copy_(2, self.slots, k), v_buf.index_copy_(2, self.slots, v)
+        k_buf[:, :, self.lo:self.hi] = k
+        v_buf[:, :, self.lo:self.hi] = v
+        return k_buf[:, :, :self.hi], v_buf[:, :, :self.hi]
 
     def evict(self, n):
         """Drop the oldest n slots, moving the rest to the front: a sliding window over the history."""
-        for buf in (self.k, self.v):
-            buf[:, :, :, :-n] = buf[:, :, :, n:].clone()
+        for buf in self.k + self.v:
+            buf[:, :, :-n] = buf[:, :, n:].clone()
 
 
 class Attention(nn.Module):

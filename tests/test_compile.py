@@ -254,9 +254,9 @@ def test_bf16_generation_matches_fp32(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     with bf16():
-        assert model.dit.new_cache(1, 4, "cpu").k.dtype == torch.bfloat16
+        assert model.dit.new_cache(1, 4, "cpu").k[0].dtype == torch.bfloat16
         model.generate([list(b"Hello"), []], trace=half, **kw)
-    assert model.dit.new_cache(1, 4, "cpu").k.dtype == torch.float32
+    assert model.dit.new_cache(1, 4, "cpu").k[0].dtype == torch.float32
     assert seen == {(torch.bfloat16,) * 3}
     assert len(half) == len(ref) == 3  # until the first prompt has its 8: 3 + 4 + 1 new tokens
     for (z, logits), (z_ref, logits_ref) in zip(half, ref):

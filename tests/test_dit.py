@@ -116,7 +116,7 @@ def test_kv_cache_evicts_oldest_slots():
     cache = KVCache(1, 1, 1, 2, 5)
     cache.span(0, 5).update(0, torch.arange(10.0).view(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))
     cache.evict(2)
-    assert cache.k[0, 0, 0, :3].flatten().tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+    assert cache.k[0][0, 0, :3].flatten().tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
 
 
 def test_forward_is_textbook_adaLN():
