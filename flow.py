@@ -209,11 +209,11 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
             q_pos, q_noisy = k_pos, k_noisy  # (rB, Lp + bs)
     if cache is not None:
         cache.span(Lp, Lp + bs, every_slot)  # every step writes the block's keys/values to the same slots
-        if every_slot:  # the keys: every slot, those after the block's at PAD_POS, which no query sees
-            pad = cache.size - k_pos.shape[1]
-            k_pos = torch.cat([k_pos, torch.full_like(k_pos[:, :1], PAD_POS).expand(-1, pad)], 1)  # (rB, size)
-            k_noisy = torch.cat([k_noisy, k_noisy.new_zeros(k_noisy.shape[0], pad)], 1)  # (rB, size)
-            k_valid = None if k_valid is None else torch.cat([k_valid, k_valid.new_zeros(k_valid.shape[0], pad)], 1)
+        if every_slot:  # the keys: every slot, those after the block's hidden (and at PAD_POS)
+            pad = torch.zeros(k_pos.shape[0], cache.size - k_pos.shape[1], dtype=torch.long, device=dev)
+            k_valid = torch.ones_like(k_noisy) if k_valid is None else k_valid
+            k_pos, k_noisy, k_valid = torch.cat([k_pos, pad + PAD_POS], 1), torch.cat([k_noisy, pad.bool()], 1), \
+                torch.cat([k_valid, pad.bool()], 1)  # (rB, size)
     # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history); additive
     # (0 / -inf, what SDPA would make of a boolean mask at every call): built once for all the steps
     mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid, window)

@@ -42,25 +42,29 @@ class Streamer:
 SPEED_PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
 
 
-def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=True):
+def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=True, compile=False):
     """Seconds to generate new_tokens for `batch` copies of prompt (never stopping early)."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     out = model.generate([prompt] * batch, new_tokens, steps=steps, cfg_scale=cfg_scale, use_cache=use_cache,
-                         stop_at_eot=False)
+                         stop_at_eot=False, compile=compile)
     sync()
     assert all(len(o) == new_tokens for o in out)
     return time.perf_counter() - t0
 
 
 @torch.no_grad()
-def speed(model, prompt, quick=False):
+def speed(model, prompt, quick=False, compile=False):
     """Sampler tokens/s and latency per block over a grid, and (Cola) the KV-cache speedup measured
     side by side: the same sampler recomputing the whole history at every step. prompt: token ids
-    (20: with block 16, one full block in the cache and the tail pinned in the first block)."""
+    (20: with block 16, one full block in the cache and the tail pinned in the first block).
+    compile (Cola): the compiled step (Cola.generate); its graphs are specialised to each setting's
+    shapes, so every setting first runs once untimed, compiling them."""
     cola = isinstance(model, Cola)
+    if compile and not cola:
+        raise UserError("--compile compiles the diffusion sampler's step: it applies to Cola models only")
     bs, unit = model.block_size, "block" if cola else "token"
     grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((8, 16) if cola else (0,))
             for w in ((7.0, 1.0) if cola else (1.0,))]
@@ -68,19 +72,22 @@ def speed(model, prompt, quick=False):
         grid = [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
     device = next(model.parameters()).device
     dtype = "bf16" if torch.is_autocast_enabled(device.type) else "fp32"
-    print(f"sampler speed on {device}, {dtype}, {torch.get_num_threads()} threads")
+    print(f"sampler speed on {device}, {dtype}, {torch.get_num_threads()} threads" + (", compiled step" * compile))
     time_generate(model, prompt, 1, 16, 2, 7.0)  # warm-up
     rows = []
     for b, n, s, w in grid:
-        dt = time_generate(model, prompt, b, n, s, w)
+        if compile:  # this setting's graphs, compiled before the clock starts (earlier ones dropped)
+            torch.compiler.reset()
+            time_generate(model, prompt, b, n, s, w, compile=True)
+        dt = time_generate(model, prompt, b, n, s, w, compile=compile)
         rows.append(dict(batch=b, new_tokens=n, steps=s, cfg=w, seconds=dt, tok_s=b * n / dt,
                          block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
         print(f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
               f"{rows[-1]['block_ms']:7.1f} ms/{unit}", flush=True)
-    r = dict(device=str(device), dtype=dtype, threads=torch.get_num_threads(), rows=rows)
+    r = dict(device=str(device), dtype=dtype, threads=torch.get_num_threads(), compile=compile, rows=rows)
     if cola:
         n = 64 if quick else 256
-        cached, free = (time_generate(model, prompt, 1, n, 16, 7.0, use_cache=c) for c in (True, False))
+        cached, free = (time_generate(model, prompt, 1, n, 16, 7.0, use_cache=c) for c in (True, False))  # eager
         r.update(cache_speedup=free / cached, cache_speedup_setting=f"batch 1, {n} new tokens, 16 steps, cfg 7",
                  cached_seconds=cached, cache_free_seconds=free)
         print(f"cache_speedup {free / cached:.2f}x ({r['cache_speedup_setting']}: cache-free {free:.2f} s vs cached "
@@ -122,6 +129,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also pays off on CPUs with native bf16 "
                          "matmuls (README, 'Sampler speed')")
+    ap.add_argument("--compile", action="store_true",
+                    help="run the Euler step as one compiled graph, a CUDA graph on GPU (Cola; compiling takes "
+                         "seconds to a minute, worth it for long or many samples)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -144,6 +154,8 @@ def main(argv=None):
     model = cast_for(model, device, args.dtype)
     if not model.can_generate:
         raise UserError(f"{args.ckpt} holds only a VAE (stage 1); sampling needs a stage-2 checkpoint")
+    if args.compile and not isinstance(model, Cola):
+        raise UserError("--compile compiles the diffusion sampler's step: it applies to Cola models only")
     tok = model.tok
     texts = [args.prompt] if args.prompt is not None else []
     if args.prompts_file:
@@ -167,7 +179,7 @@ def main(argv=None):
     with autocast(device, args.dtype):
         outs = model.generate(prompts, args.max_new_tokens, steps=args.steps, cfg_scale=args.cfg, shift=args.shift,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              on_block=stream, first_block=args.first_block, window=context)
+                              on_block=stream, first_block=args.first_block, window=context, compile=args.compile)
     if stream:
         print()
         return

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 import layers
 import train
+import cola
 from cola import Cola
-from common import UserError, check_resume
+from common import UserError, check_resume, save_checkpoint
 from dit import DiT, DiTConfig, attention_sparsity, block_mask, flex_mask_2L, layout_2L
 from flow import FlowConfig, fm_loss
 from tests.helpers import perturb
@@ -291,3 +292,80 @@ def test_cast_for_bf16_matches_autocast():
     assert (precision("cpu"), precision("cpu", "bf16"), precision("cpu", "fp32")) == ("fp32", "bf16", "fp32")
     with pytest.raises(UserError, match="unknown dtype"):
         precision("cpu", "fp16")
+
+
+# ----------------------------------------------------------------------------- the compiled sampler step
+
+@pytest.fixture()
+def fresh_compiler():
+    """No compiled code, from this test or an earlier one, is reused or left behind."""
+    torch.compiler.reset()
+    cola.compiled_step.cache_clear()
+    yield
+    torch.compiler.reset()
+    cola.compiled_step.cache_clear()
+
+
+def count_graphs(monkeypatch):
+    """torch.compile as Cola's compiled_step calls it, with a backend that counts the graphs and runs them."""
+    graphs, compile_ = [], torch.compile
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=counting, fullgraph=kw["fullgraph"],
+                                                                         dynamic=kw["dynamic"]))
+    return graphs
+
+
+@pytest.mark.parametrize("cfg_scale, window", [(1.0, 16), (7.0, 16), (7.0, None)])
+def test_compiled_sampler_is_one_graph(cfg_scale, window, fresh_compiler, monkeypatch):
+    """generate(compile=True): the Euler step is one graph for every block after the first (which has
+    its own, as its prompt positions sit at t = 0), on to past the window; a second call compiles
+    nothing. Attending to every cache slot, the unused ones masked, gives the eager sampler's latents
+    and tokens."""
+    graphs = count_graphs(monkeypatch)
+    model = tiny_cola("joint").eval()
+    prompts = [list(b"Hello, wor"), list(b"It is a truth universally acknowledged")]  # 10 and 38 (> window) bytes
+    kw = dict(max_new_tokens=30, steps=2, cfg_scale=cfg_scale, seed=2, window=window, stop_at_eot=False)
+    ref, out = [], []
+    eager = model.generate(prompts, trace=ref, **kw)
+    assert model.generate(prompts, trace=out, compile=True, **kw) == eager
+    assert len(out) == len(ref) == 8
+    for (z, logits), (z_ref, logits_ref) in zip(out, ref):
+        assert torch.allclose(z, z_ref, atol=1e-5) and torch.allclose(logits, logits_ref, atol=1e-5)
+    assert len(graphs) == 2
+    model.generate(prompts, compile=True, **kw)
+    assert len(graphs) == 2
+
+
+def test_compiled_sampler_inductor(fresh_compiler):
+    """The compiled step as --compile builds it (inductor, the KV cache written in place by the graph)
+    samples what the eager step samples."""
+    model = tiny_cola("joint").eval()
+    kw = dict(max_new_tokens=12, steps=2, seed=0, stop_at_eot=False)
+    ref, out = [], []
+    eager = model.generate([list(b"Hello, w")], trace=ref, **kw)  # two whole blocks: no prompt position to pin
+    assert model.generate([list(b"Hello, w")], trace=out, compile=True, **kw) == eager
+    for (z, logits), (z_ref, logits_ref) in zip(out, ref):
+        assert torch.allclose(z, z_ref, atol=1e-4) and torch.allclose(logits, logits_ref, atol=1e-4)
+
+
+def test_cli_compile(fresh_compiler, monkeypatch, tmp_path, capsys):
+    """sample.py --compile and eval.py speed --compile run the compiled step; an AR model has none."""
+    import eval as cola_eval
+    import sample
+    graphs = count_graphs(monkeypatch)
+    model = tiny_cola("joint")
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(dict(config=dict(vae=asdict(model.vae.cfg), dit=asdict(model.dit.cfg),
+                                     train=asdict(train.TrainConfig(seq_len=32))),
+                         vae=model.vae.state_dict(), dit=model.dit.state_dict(), stage="joint", step=1), path)
+    sample.main([f"--ckpt={path}", "--prompt=Once", "--max_new_tokens=9", "--steps=2", "--compile"])
+    assert capsys.readouterr().out.startswith("Once") and len(graphs) == 1  # a whole-block prompt: one graph
+    r = cola_eval.main(["speed", "--random_init", "--quick", "--compile", "--dit.block_size=4", "--vae.width=32",
+                        "--vae.n_head=2", "--dit.width=32", "--dit.n_head=2", "--dit.n_layer=1"])
+    assert r["compile"] and len(r["rows"]) == 2 and len(graphs) == 1 + 2  # one per setting, compiled before its timing
+    with pytest.raises(UserError, match="Cola"):
+        cola_eval.main(["speed", "--random_init", "--quick", "--compile", "--model=ar", "--ar.width=32", "--ar.n_head=2"])
