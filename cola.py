@@ -253,7 +253,9 @@ class Cola(nn.Module):
         use_cache=False recomputes the history at every step (the reference the caches must match);
         trace, a list, receives every block's (latents, logits).
         compile=True runs the Euler steps through compiled_step(dit): one graph for every step of every
-        block, its attention over every slot of the KV cache (flow.sample_block's every_slot)."""
+        block, its attention over every slot of the KV cache (flow.sample_block's every_slot). A graph is
+        specialised to the batch size, the steps, guidance on or off and the cache's size (the window's,
+        whatever the length): a run with new ones compiles anew (up to torch's recompile limit)."""
         tok, bs, B = self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, seed, dev)
@@ -281,8 +283,11 @@ class Cola(nn.Module):
             return k_pos[:, n:]
 
         if use_cache:  # KV caches for the whole run, allocated once; prefilled with the prompt's full blocks
-            n_blocks = -(-(bs + max_new_tokens) // bs)  # generated blocks, at most
-            size = H + n_blocks * bs if wb is None else min(H + n_blocks * bs, max(H, wb * bs) + bs)
+            need = H + -(-(bs + max_new_tokens) // bs) * bs  # the prompt's full blocks and the generated ones
+            if compile:  # a size that few runs share, as the compiled step is specialised to it: the window's
+                size = max(H, wb * bs) + bs if wb is not None else 1 << (need - 1).bit_length()  # (or a power of 2)
+            else:
+                size = need if wb is None else min(need, max(H, wb * bs) + bs)
             dit_cache = self.dit.new_cache((2 if cfg_scale != 1 else 1) * B, size, dev)  # guided: [cond | uncond]
             if compile:  # written in place by the graph: a fixed address, so a CUDA graph may keep it
                 for buf in dit_cache.k + dit_cache.v:
