@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from layers import (PAD_POS, Transformer, append_tokens, causal_mask, init_weights, pick_tokens,
+from layers import (PAD_POS, Transformer, append_tokens, causal_mask, compiled_step, init_weights, pick_tokens,
                     sample_generators, transformer_flops)
 
 
@@ -59,15 +59,23 @@ class ARLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def logits(self, x, pos, cache=None, past_pos=None, window=None):
+    def logits(self, x, pos, cache=None, past_pos=None, window=None, compile=False):
         """x (B, L) at positions pos (B, L) -> logits (B, L, V). cache: a layers.KVCache whose slots
         [0, Lp) hold earlier tokens at positions past_pos (B, Lp); window: each token sees the last
-        `window` tokens (itself included)."""
+        `window` tokens (itself included). compile: through layers.compiled_step, attending to every
+        slot of the cache (those after this call's at PAD_POS, which the causal rule hides)."""
         pos_k = pos
         if cache is not None:
             pos_k = torch.cat([past_pos, pos], 1)
-            cache.span(past_pos.shape[1], pos_k.shape[1])
-        h = self.transformer(self.tok_emb(x), pos, causal_mask(pos, pos_k, window=window), cache)
+            cache.span(past_pos.shape[1], pos_k.shape[1], every_slot=compile)
+            if compile:
+                pos_k = torch.cat([pos_k, pos_k.new_full((x.shape[0], cache.size - pos_k.shape[1]), PAD_POS)], 1)
+        network = compiled_step(self.network, x.device.type == "cuda") if compile else self.network
+        return network(x, pos, causal_mask(pos, pos_k, window=window), cache)
+
+    def network(self, x, pos, mask, cache=None):
+        """The model itself: tokens x (B, L) -> logits (B, L, V) under an attention mask (B, 1, L, Lk)."""
+        h = self.transformer(self.tok_emb(x), pos, mask, cache)
         return F.linear(h, self.tok_emb.weight)  # tied head (vae.VAE.head)
 
     def forward(self, x):
@@ -97,12 +105,13 @@ class ARLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_at_eot=True,
-                 on_block=None, window=None, use_cache=True, **sampler):
+                 on_block=None, window=None, use_cache=True, compile=False, **sampler):
         """KV-cached sampling for a batch of token-id prompts of any lengths (left-padded at PAD_POS,
         which the causal rule hides): new ids per prompt, as Cola.generate. window: the most tokens any
         position sees (the training seq_len; None = all), past which the oldest leave the cache.
-        use_cache=False recomputes every position at every token (the reference). `sampler` takes the
-        diffusion sampler's options (steps, cfg_scale, ...): they do not apply to an AR model."""
+        use_cache=False recomputes every position at every token (the reference). compile=True runs
+        each new token's forward as one compiled graph (layers.compiled_step; as Cola.generate).
+        `sampler` takes the diffusion sampler's options (steps, cfg_scale, ...): they do not apply here."""
         tok, dev, B = self.tok, self.tok_emb.weight.device, len(prompts)
         gens = sample_generators(prompts, seed, dev)
         prompts = [p if len(p) else [tok.eot] for p in prompts]  # an empty prompt starts a new document
@@ -114,8 +123,12 @@ class ARLM(nn.Module):
             pos[i, width - len(p):] = torch.arange(len(p), device=dev)
         cache = None
         if use_cache:  # allocated once: the prompt and every new token, or the window's worth
-            size = width + max_new_tokens if window is None else min(width + max_new_tokens, max(width, window))
-            cache = self.transformer.new_cache(B, size, dev)
+            need = width + max_new_tokens
+            if compile:  # one size that runs of any length share (Cola.generate)
+                size = max(width, window) if window is not None else 1 << (need - 1).bit_length()
+            else:
+                size = need if window is None else min(need, max(width, window))
+            cache = self.transformer.new_cache(B, size, dev, static=compile)
         last = self.logits(x, pos, cache, pos[:, :0], window)[:, -1:]  # (B, 1, V)
         if use_cache and window is not None and width >= window:  # a prompt longer than the window
             cache.evict(width - window + 1)
@@ -131,7 +144,7 @@ class ARLM(nn.Module):
             if all(done):
                 break
             if use_cache:
-                last = self.logits(ids, nxt, cache, pos, window)  # (B, 1, V)
+                last = self.logits(ids, nxt, cache, pos, window, compile)  # (B, 1, V)
                 pos, nxt = torch.cat([pos, nxt], 1), nxt + 1
                 if window is not None and pos.shape[1] >= window:  # the window is full: the oldest token leaves
                     cache.evict(1)

@@ -23,7 +23,6 @@ enter the history, so only the continuation's latents differ), and padding the p
 continuation ("right_pad"), so that no block is shared by prompt and continuation.
 """
 import copy
-import functools
 import math
 
 import torch
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block, step_conditions
-from layers import PAD_POS, append_tokens, pick_tokens, sample_generators
+from layers import PAD_POS, append_tokens, compiled_step, pick_tokens, sample_generators
 from vae import TextVAE, VAEConfig, gaussian_kl
 
 FIRST_BLOCK_MODES = ("clean", "repaint", "left_pad", "right_pad")
@@ -52,15 +51,6 @@ def parse_first_block(spec):
     if reps < 1 or not 0 < frac <= 1:
         raise ValueError(f"first_block {spec!r}: needs R >= 1 and 0 < M <= 1")
     return mode, reps, frac
-
-
-@functools.lru_cache(maxsize=4)
-def compiled_step(dit):
-    """The DiT compiled for the sampler's Euler step: one graph (fullgraph, static shapes), on CUDA
-    replayed as a CUDA graph (mode="reduce-overhead"), as the per-step launch overhead is what a small
-    DiT's sampling time is made of."""
-    cuda = next(dit.parameters()).device.type == "cuda"
-    return torch.compile(dit, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
 
 
 class Cola(nn.Module):
@@ -252,7 +242,7 @@ class Cola(nn.Module):
         depend on the rest of the batch. on_block(i, ids) streams sample i after every block.
         use_cache=False recomputes the history at every step (the reference the caches must match);
         trace, a list, receives every block's (latents, logits).
-        compile=True runs the Euler steps through compiled_step(dit): one graph for every step of every
+        compile=True runs the Euler steps through layers.compiled_step(dit): one graph for every step of every
         block, its attention over every slot of the KV cache (flow.sample_block's every_slot). A graph is
         specialised to the batch size, the steps, guidance on or off and the cache's size (the window's,
         whatever the length): a run with new ones compiles anew (up to torch's recompile limit)."""
@@ -288,10 +278,8 @@ class Cola(nn.Module):
                 size = max(H, wb * bs) + bs if wb is not None else 1 << (need - 1).bit_length()  # (or a power of 2)
             else:
                 size = need if wb is None else min(need, max(H, wb * bs) + bs)
-            dit_cache = self.dit.new_cache((2 if cfg_scale != 1 else 1) * B, size, dev)  # guided: [cond | uncond]
-            if compile:  # written in place by the graph: a fixed address, so a CUDA graph may keep it
-                for buf in dit_cache.k + dit_cache.v:
-                    torch._dynamo.mark_static_address(buf)
+            rows = 2 if cfg_scale != 1 else 1  # guided: [cond | uncond]
+            dit_cache = self.dit.new_cache(rows * B, size, dev, static=compile)
             dec_cache = self.vae.decoder.new_cache(B, size, dev)
             if H:
                 blk, clean = hist_pos // bs, torch.zeros_like(hist_pos, dtype=torch.bool)
@@ -302,7 +290,7 @@ class Cola(nn.Module):
         offs = torch.arange(bs, device=dev)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         pinned = any(len(p) % bs for p in prompts)  # does the block hold prompt positions? the first one may
-        step_dit = compiled_step(self.dit) if compile and use_cache else self.dit
+        step_dit = compiled_step(self.dit, dev.type == "cuda") if compile and use_cache else self.dit
         while not all(done):
             pos = start[:, None] + offs  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])

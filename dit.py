@@ -219,9 +219,9 @@ class DiT(nn.Module):
             x = block(x, mods[i], rope, mask, cache, i)  # (B, L, W)
         return self.final_layer(x, mods[-1])  # (B, L, d)
 
-    def new_cache(self, batch, size, device):
+    def new_cache(self, batch, size, device, static=False):
         c = self.cfg
-        return KVCache(c.n_layer, batch, c.n_head, c.width // c.n_head, size, device)
+        return KVCache(c.n_layer, batch, c.n_head, c.width // c.n_head, size, device, static=static)
 
 if __name__ == "__main__":
     torch.manual_seed(0)

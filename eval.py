@@ -335,7 +335,7 @@ def parse_args(argv):
         p.add_argument("--seed", type=int, default=0)
         if name == "speed":
             p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
-            p.add_argument("--compile", action="store_true", help="time the compiled step (Cola; sample.py --compile)")
+            p.add_argument("--compile", action="store_true", help="time the compiled step (sample.py --compile)")
             p.add_argument("--random_init", action="store_true",
                            help="time a model with fresh weights instead of --ckpt, built from train.py's options "
                                 "given after it (e.g. --config=small, --dit.block_size=16): any size, no training")

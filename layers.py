@@ -71,12 +71,15 @@ class KVCache:
     own tokens (a call with fewer rows than the cache uses its first rows). Keys are stored with RoPE
     applied, so the caller's mask, built from the slots' positions, alone decides who sees what."""
 
-    def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=None):
+    def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=None, static=False):
         dtype = attention_dtype(device) if dtype is None else dtype
         # zeros, never garbage: a masked-out slot must not be NaN
         self.k = [torch.zeros(batch, n_head, size, head_dim, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.size, self.lo, self.hi, self.slots = size, 0, 0, None
+        if static:  # for compiled_step: fixed addresses, which a CUDA graph writing them can keep
+            for buf in self.k + self.v:
+                torch._dynamo.mark_static_address(buf)
 
     def span(self, lo, hi, every_slot=False):
         """every_slot: the next forwards write their slots by index and attend to all `size` slots,
@@ -102,6 +105,14 @@ class KVCache:
         """Drop the oldest n slots, moving the rest to the front: a sliding window over the history."""
         for buf in self.k + self.v:
             buf[:, :, :-n] = buf[:, :, n:].clone()
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_step(step, cuda):
+    """A sampler's step (the DiT, the AR network) compiled as one graph (fullgraph) for fixed shapes,
+    on CUDA replayed as a CUDA graph (mode="reduce-overhead"): a small model's sampling time is mostly
+    the launch overhead of many small kernels. Its KV cache is read with KVCache.span(every_slot=True)."""
+    return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
 
 
 class Attention(nn.Module):
@@ -179,8 +190,8 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, cache, i)
         return self.norm(x)
 
-    def new_cache(self, batch, size, device):
-        return KVCache(len(self.blocks), batch, self.blocks[0].attn.n_head, self.head_dim, size, device)
+    def new_cache(self, batch, size, device, static=False):
+        return KVCache(len(self.blocks), batch, self.blocks[0].attn.n_head, self.head_dim, size, device, static=static)
 
 
 def init_weights(module, n_layer):

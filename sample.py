@@ -60,11 +60,9 @@ def speed(model, prompt, quick=False, compile=False):
     """Sampler tokens/s and latency per block over a grid, and (Cola) the KV-cache speedup measured
     side by side: the same sampler recomputing the whole history at every step. prompt: token ids
     (20: with block 16, one full block in the cache and the tail pinned in the first block).
-    compile (Cola): the compiled step (Cola.generate); its graphs are specialised to each setting's
-    shapes, so every setting first runs once untimed, compiling them."""
+    compile: the compiled step (Cola.generate, ARLM.generate); its graphs are specialised to each
+    setting's shapes, so every setting first runs once untimed, compiling them."""
     cola = isinstance(model, Cola)
-    if compile and not cola:
-        raise UserError("--compile compiles the diffusion sampler's step: it applies to Cola models only")
     bs, unit = model.block_size, "block" if cola else "token"
     grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((8, 16) if cola else (0,))
             for w in ((7.0, 1.0) if cola else (1.0,))]
@@ -130,8 +128,8 @@ def main(argv=None):
                     help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also pays off on CPUs with native bf16 "
                          "matmuls (README, 'Sampler speed')")
     ap.add_argument("--compile", action="store_true",
-                    help="run the Euler step as one compiled graph, a CUDA graph on GPU (Cola; compiling takes "
-                         "seconds to a minute, worth it for long or many samples)")
+                    help="run each sampler step (Cola: an Euler step; AR: a token) as one compiled graph, a CUDA "
+                         "graph on GPU (compiling takes seconds to a minute: worth it for long or many samples)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -154,8 +152,6 @@ def main(argv=None):
     model = cast_for(model, device, args.dtype)
     if not model.can_generate:
         raise UserError(f"{args.ckpt} holds only a VAE (stage 1); sampling needs a stage-2 checkpoint")
-    if args.compile and not isinstance(model, Cola):
-        raise UserError("--compile compiles the diffusion sampler's step: it applies to Cola models only")
     tok = model.tok
     texts = [args.prompt] if args.prompt is not None else []
     if args.prompts_file:

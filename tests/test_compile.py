@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 import layers
 import train
-import cola
 from cola import Cola
 from common import UserError, check_resume, save_checkpoint
 from dit import DiT, DiTConfig, attention_sparsity, block_mask, flex_mask_2L, layout_2L
@@ -300,14 +299,14 @@ def test_cast_for_bf16_matches_autocast():
 def fresh_compiler():
     """No compiled code, from this test or an earlier one, is reused or left behind."""
     torch.compiler.reset()
-    cola.compiled_step.cache_clear()
+    layers.compiled_step.cache_clear()
     yield
     torch.compiler.reset()
-    cola.compiled_step.cache_clear()
+    layers.compiled_step.cache_clear()
 
 
 def count_graphs(monkeypatch):
-    """torch.compile as Cola's compiled_step calls it, with a backend that counts the graphs and runs them."""
+    """torch.compile as layers.compiled_step calls it, with a backend that counts the graphs and runs them."""
     graphs, compile_ = [], torch.compile
 
     def counting(gm, example_inputs):
@@ -353,7 +352,7 @@ def test_compiled_sampler_inductor(fresh_compiler):
 
 
 def test_cli_compile(fresh_compiler, monkeypatch, tmp_path, capsys):
-    """sample.py --compile and eval.py speed --compile run the compiled step; an AR model has none."""
+    """sample.py --compile and eval.py speed --compile run the compiled step, for Cola and AR."""
     import eval as cola_eval
     import sample
     graphs = count_graphs(monkeypatch)
@@ -367,5 +366,28 @@ def test_cli_compile(fresh_compiler, monkeypatch, tmp_path, capsys):
     r = cola_eval.main(["speed", "--random_init", "--quick", "--compile", "--dit.block_size=4", "--vae.width=32",
                         "--vae.n_head=2", "--dit.width=32", "--dit.n_head=2", "--dit.n_layer=1"])
     assert r["compile"] and len(r["rows"]) == 2 and len(graphs) == 1 + 2  # one per setting, compiled before its timing
-    with pytest.raises(UserError, match="Cola"):
-        cola_eval.main(["speed", "--random_init", "--quick", "--compile", "--model=ar", "--ar.width=32", "--ar.n_head=2"])
+    r = cola_eval.main(["speed", "--random_init", "--quick", "--compile", "--model=ar", "--ar.width=32", "--ar.n_head=2",
+                        "--ar.n_layer=1"])
+    assert r["compile"] and len(graphs) == 3 + 2
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_compiled_ar_sampler_is_one_graph(window, fresh_compiler, monkeypatch):
+    """ARLM.generate(compile=True): one graph for every new token, past the window too, shared by a
+    run of another length; each token's logits are those of the whole sequence recomputed."""
+    from ar import ARConfig, ARLM
+    graphs = count_graphs(monkeypatch)
+    torch.manual_seed(0)
+    ar = ARLM(ARConfig(n_layer=2, width=32, n_head=2)).eval()
+    perturb(ar)
+    x, pos = torch.randint(0, 256, (2, 12)), torch.arange(12).expand(2, 12)
+    cache = ar.transformer.new_cache(2, 16, "cpu")
+    ar.logits(x[:, :4], pos[:, :4], cache, pos[:, :0])  # the prompt, eager
+    for t in range(4, 12):
+        step = ar.logits(x[:, t:t + 1], pos[:, t:t + 1], cache, pos[:, :t], compile=True)
+        assert torch.allclose(step, ar.logits(x[:, :t + 1], pos[:, :t + 1])[:, -1:], atol=1e-5)
+    prompts = [list(b"Hello"), list(b"It is a truth")]  # 5 and 13 (> window) bytes
+    for n in (20, 30):  # (the cache's size is the window's, or 64 for both)
+        kw = dict(max_new_tokens=n, window=window, stop_at_eot=False)
+        assert ar.generate(prompts, compile=True, **kw) == ar.generate(prompts, **kw)
+        assert len(graphs) == 2  # (one of them the logits' check above: a cache of 16)
