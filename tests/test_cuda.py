@@ -58,3 +58,21 @@ def test_generation_on_cuda():
     model = Cola(vae, random_dit(width=64)).cuda().eval()
     out = model.generate([list(b"Hello"), []], max_new_tokens=9, steps=3, stop_at_eot=False)
     assert [len(o) for o in out] == [9, 9]
+
+
+@cuda
+def test_compiled_sampling_on_cuda():
+    """sample.py --compile on a GPU: the step as a CUDA graph (mode="reduce-overhead", the KV caches at
+    fixed addresses) samples the eager sampler's tokens, Cola and AR alike."""
+    from ar import ARConfig, ARLM
+    from cola import Cola
+    from vae import TextVAE, VAEConfig
+    torch.manual_seed(0)
+    vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=1, width=32, n_head=2, block_size=4))
+    cola = Cola(vae, random_dit(width=64)).cuda().eval()
+    ar = ARLM(ARConfig(n_layer=2, width=32, n_head=2)).cuda().eval()
+    for model in (cola, ar):
+        kw = dict(max_new_tokens=24, steps=3, stop_at_eot=False, window=16)
+        eager = model.generate([list(b"Hello"), list(b"Hi")], **kw)
+        for _ in range(2):  # the second run replays the recorded graphs
+            assert model.generate([list(b"Hello"), list(b"Hi")], compile=True, **kw) == eager
