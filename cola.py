@@ -242,10 +242,11 @@ class Cola(nn.Module):
         depend on the rest of the batch. on_block(i, ids) streams sample i after every block.
         use_cache=False recomputes the history at every step (the reference the caches must match);
         trace, a list, receives every block's (latents, logits).
-        compile=True runs the Euler steps through layers.compiled_step(dit): one graph for every step of every
-        block, its attention over every slot of the KV cache (flow.sample_block's every_slot). A graph is
-        specialised to the batch size, the steps, guidance on or off and the cache's size (the window's,
-        whatever the length): a run with new ones compiles anew (up to torch's recompile limit)."""
+        compile=True runs the Euler steps through layers.compiled_step(dit): one graph for every step
+        of every block, its attention over every slot of the KV cache (flow.sample_block's every_slot).
+        A graph is specialised to the batch size, the steps, guidance on or off and the cache's size
+        (the window's, whatever the length): a run with new ones compiles anew (up to torch's
+        recompile limit). The caches are allocated per call, so a CUDA graph is recorded per call."""
         tok, bs, B = self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, seed, dev)

@@ -6,7 +6,7 @@ subcommand prints its result and, with --out, writes it as JSON.
     python eval.py fm    --ckpt=out/ckpt.pt [--out=fm.json]      # prior: held-out flow-matching loss vs a Gaussian baseline
     python eval.py nll   --ckpt=out/ckpt.pt [--samples=K]        # ELBO / IWAE bound (AR: exact): NLL per token, PPL, bits per byte
     python eval.py quality --ckpt=out/ckpt.pt --judge=out_ar/ckpt.pt   # generated text: real words, 4-grams, judge bits/byte
-    python eval.py speed --ckpt=out/ckpt.pt [--out=speed.json]   # sampler throughput, latency, KV-cache speedup
+    python eval.py speed --ckpt=out/ckpt.pt [--compile]          # sampler throughput, latency, KV-cache speedup
     python eval.py bench --ckpt=out/ckpt.pt --task=cloze --data=data/benchmarks/cloze.jsonl [--protocol=rank]
     python eval.py all   --ckpt=out/ckpt.pt                      # everything above with a small budget
 

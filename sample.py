@@ -9,7 +9,8 @@ A thin command line over the model's own generate(): cola.Cola.generate samples 
 (Euler steps with classifier-free guidance, the prompt's tail pinned by clean-condition repaint,
 arXiv 2605.06548 §3.2.3), ar.ARLM.generate token by token; --steps / --cfg apply to Cola only.
 One prompt streams its text as blocks are decoded. Runs on CPU, CUDA or MPS (--device), in fp32 or
-bf16 (--dtype; default: bf16 autocast on CUDA only).
+bf16 (--dtype; default: bf16 autocast on CUDA only), each step eager or compiled into one graph
+(--compile; layers.compiled_step: a CUDA graph on GPU).
 
 The sampler's timing lives here too (time_generate, speed, random_model): `eval.py speed` runs it.
 """
