@@ -59,18 +59,18 @@ class ARLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def logits(self, x, pos, cache=None, past_pos=None, window=None, compile=False):
+    def logits(self, x, pos, cache=None, past_pos=None, window=None, keys=None):
         """x (B, L) at positions pos (B, L) -> logits (B, L, V). cache: a layers.KVCache whose slots
         [0, Lp) hold earlier tokens at positions past_pos (B, Lp); window: each token sees the last
-        `window` tokens (itself included). compile: through layers.compiled_step, attending to every
-        slot of the cache (those after this call's at PAD_POS, which the causal rule hides)."""
+        `window` tokens (itself included). keys: through layers.compiled_step, attending to the cache's
+        first `keys` slots (those after this call's at PAD_POS, which the causal rule hides)."""
         pos_k = pos
         if cache is not None:
             pos_k = torch.cat([past_pos, pos], 1)
-            cache.span(past_pos.shape[1], pos_k.shape[1], every_slot=compile)
-            if compile:
-                pos_k = torch.cat([pos_k, pos_k.new_full((x.shape[0], cache.size - pos_k.shape[1]), PAD_POS)], 1)
-        network = compiled_step(self.network, x.device.type == "cuda") if compile else self.network
+            cache.span(past_pos.shape[1], pos_k.shape[1], keys)
+            if keys is not None:
+                pos_k = torch.cat([pos_k, pos_k.new_full((x.shape[0], keys - pos_k.shape[1]), PAD_POS)], 1)
+        network = self.network if keys is None else compiled_step(self.network, x.device.type == "cuda")
         return network(x, pos, causal_mask(pos, pos_k, window=window), cache)
 
     def network(self, x, pos, mask, cache=None):
@@ -121,13 +121,13 @@ class ARLM(nn.Module):
         for i, p in enumerate(prompts):
             x[i, width - len(p):] = torch.tensor(p, device=dev)
             pos[i, width - len(p):] = torch.arange(len(p), device=dev)
-        cache = None
+        cache = keys = None
         if use_cache:  # allocated once: the prompt and every new token, or the window's worth
             need = width + max_new_tokens
-            if compile:  # one size that runs of any length share (Cola.generate)
-                size = max(width, window) if window is not None else 1 << (need - 1).bit_length()
-            else:
-                size = need if window is None else min(need, max(width, window))
+            size = need if window is None else min(need, max(width, window))
+            if compile:  # each token attends to `keys` slots: a number that runs of any length share
+                keys = window if window is not None else 1 << (need - 1).bit_length()  # (or a power of 2)
+                size = max(size, keys)
             cache = self.transformer.new_cache(B, size, dev, static=compile)
         last = self.logits(x, pos, cache, pos[:, :0], window)[:, -1:]  # (B, 1, V)
         if use_cache and window is not None and width >= window:  # a prompt longer than the window
@@ -144,7 +144,7 @@ class ARLM(nn.Module):
             if all(done):
                 break
             if use_cache:
-                last = self.logits(ids, nxt, cache, pos, window, compile)  # (B, 1, V)
+                last = self.logits(ids, nxt, cache, pos, window, keys)  # (B, 1, V)
                 pos, nxt = torch.cat([pos, nxt], 1), nxt + 1
                 if window is not None and pos.shape[1] >= window:  # the window is full: the oldest token leaves
                     cache.evict(1)

@@ -243,10 +243,10 @@ class Cola(nn.Module):
         use_cache=False recomputes the history at every step (the reference the caches must match);
         trace, a list, receives every block's (latents, logits).
         compile=True runs the Euler steps through layers.compiled_step(dit): one graph for every step
-        of every block, its attention over every slot of the KV cache (flow.sample_block's every_slot).
-        A graph is specialised to the batch size, the steps, guidance on or off and the cache's size
-        (the window's, whatever the length): a run with new ones compiles anew (up to torch's
-        recompile limit). The caches are allocated per call, so a CUDA graph is recorded per call."""
+        of every block (and one for a first block that differs: prompt positions pinned, or no history),
+        its attention over a fixed number of cache slots, the window's (flow.sample_block's keys). A
+        graph is specialised to the batch size, the steps, guidance on or off and that number: a run
+        with new ones compiles anew, whatever its length (without a window: per power of 2)."""
         tok, bs, B = self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, seed, dev)
@@ -265,6 +265,7 @@ class Cola(nn.Module):
             repaint = (reps, frac, lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=dev)
                                                              for g in r_gens]))
         zero_t, H = torch.zeros(1, device=dev), hist_pos.shape[1]  # prefill and commit: every token at t = 0
+        keys = None  # compiled: the number of cache slots every step attends to
         mod = step_conditions(self.dit, steps, shift, dev)  # the step times' modulations, for every block
 
         def slide(k_pos):  # past the window the oldest blocks leave both caches; k_pos: the cached positions
@@ -275,10 +276,10 @@ class Cola(nn.Module):
 
         if use_cache:  # KV caches for the whole run, allocated once; prefilled with the prompt's full blocks
             need = H + -(-(bs + max_new_tokens) // bs) * bs  # the prompt's full blocks and the generated ones
-            if compile:  # a size that few runs share, as the compiled step is specialised to it: the window's
-                size = max(H, wb * bs) + bs if wb is not None else 1 << (need - 1).bit_length()  # (or a power of 2)
-            else:
-                size = need if wb is None else min(need, max(H, wb * bs) + bs)
+            size = need if wb is None else min(need, max(H, wb * bs) + bs)
+            if compile:  # the steps attend to `keys` slots: a number that runs of any length share
+                keys = wb * bs + bs if wb is not None else 1 << (need - 1).bit_length()  # (or a power of 2)
+                size = max(size, keys)
             rows = 2 if cfg_scale != 1 else 1  # guided: [cond | uncond]
             dit_cache = self.dit.new_cache(rows * B, size, dev, static=compile)
             dec_cache = self.vae.decoder.new_cache(B, size, dev)
@@ -291,14 +292,14 @@ class Cola(nn.Module):
         offs = torch.arange(bs, device=dev)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         pinned = any(len(p) % bs for p in prompts)  # does the block hold prompt positions? the first one may
-        step_dit = compiled_step(self.dit, dev.type == "cuda") if compile and use_cache else self.dit
+        step_dit = compiled_step(self.dit, dev.type == "cuda") if keys else self.dit
         while not all(done):
             pos = start[:, None] + offs  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
             z = torch.where(keep[..., None], tail, noise) if pinned else noise  # (B, bs, d) at t = 1, the tail clean
             history = dict(cache=dit_cache) if use_cache else dict(hist_z=hist_z)
             z = sample_block(step_dit, z, pos, keep if pinned else None, hist_pos, steps=steps, cfg_scale=cfg_scale,
-                             shift=shift, repaint=repaint, window=wb, mod=mod, every_slot=compile, **history)
+                             shift=shift, repaint=repaint, window=wb, mod=mod, keys=keys, **history)
             if pinned:  # the prompt's own latents stand (partial repaint moved them)
                 z = torch.where(keep[..., None], tail, z)
             if use_cache:

@@ -165,7 +165,7 @@ def step_conditions(dit, steps, shift=1.0, device=None):
 
 @torch.no_grad()
 def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, steps=16, cfg_scale=7.0, shift=1.0,
-                 repaint=None, window=None, mod=None, every_slot=False):
+                 repaint=None, window=None, mod=None, keys=None):
     """Generate one latent block by Euler integration with CFG and clean-condition repaint.
 
     noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
@@ -184,8 +184,9 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
     repaint = (reps, frac, noise_fn) replaces the clean pinning by partial repaint (euler_repaint): the
     positions `keep` then run at the block's t like the rest, and their clean latents are only re-imposed.
     mod: step_conditions(dit, steps, shift), from a caller that samples many blocks.
-    every_slot: the steps attend to every slot of the cache (KVCache.span), the unused ones masked, so
-    that a compiled DiT (Cola.generate(compile=True)) runs one graph for every step of every block.
+    keys: with a cache, the steps attend to its first `keys` slots (KVCache.span), those past the block
+    masked: one number for a whole generation, so that a compiled DiT (Cola.generate(compile=True))
+    runs one graph for every step of every block.
     """
     B, bs = noise.shape[0], dit.cfg.block_size
     assert noise.shape[1] == bs, f"noise holds {noise.shape[1]} positions, the DiT's blocks {bs}"
@@ -208,12 +209,12 @@ def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, 
             hist_z = hist_z.repeat(rows, 1, 1)  # (rB, Lp, d)
             q_pos, q_noisy = k_pos, k_noisy  # (rB, Lp + bs)
     if cache is not None:
-        cache.span(Lp, Lp + bs, every_slot)  # every step writes the block's keys/values to the same slots
-        if every_slot:  # the keys: every slot, those after the block's hidden (and at PAD_POS)
-            pad = torch.zeros(k_pos.shape[0], cache.size - k_pos.shape[1], dtype=torch.long, device=dev)
+        cache.span(Lp, Lp + bs, keys)  # every step writes the block's keys/values to the same slots
+        if keys is not None:  # the slots after the block's: hidden (and at PAD_POS)
+            pad = torch.zeros(k_pos.shape[0], keys - k_pos.shape[1], dtype=torch.long, device=dev)
             k_valid = torch.ones_like(k_noisy) if k_valid is None else k_valid
             k_pos, k_noisy, k_valid = torch.cat([k_pos, pad + PAD_POS], 1), torch.cat([k_noisy, pad.bool()], 1), \
-                torch.cat([k_valid, pad.bool()], 1)  # (rB, size)
+                torch.cat([k_valid, pad.bool()], 1)  # (rB, keys)
     # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history); additive
     # (0 / -inf, what SDPA would make of a boolean mask at every call): built once for all the steps
     mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid, window)

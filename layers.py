@@ -73,30 +73,30 @@ class KVCache:
 
     def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=None, static=False):
         dtype = attention_dtype(device) if dtype is None else dtype
+        shape = (batch, n_head, size, head_dim)
         # zeros, never garbage: a masked-out slot must not be NaN
-        self.k = [torch.zeros(batch, n_head, size, head_dim, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros_like(k) for k in self.k]
-        self.size, self.lo, self.hi, self.slots = size, 0, 0, None
-        if static:  # for compiled_step: fixed addresses, which a CUDA graph writing them can keep
-            for buf in self.k + self.v:
-                torch._dynamo.mark_static_address(buf)
+        bufs = [buf.zero_() for buf in static_buffers(2 * n_layer, shape, dtype, device)] if static else \
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2 * n_layer)]
+        self.k, self.v = bufs[:n_layer], bufs[n_layer:]
+        self.size, self.lo, self.hi, self.keys, self.slots = size, 0, 0, None, None
 
-    def span(self, lo, hi, every_slot=False):
-        """every_slot: the next forwards write their slots by index and attend to all `size` slots,
-        whatever hi (the caller's mask hides those at hi and after). Their shapes are then the same for
-        every span, so one compiled graph, a CUDA graph on GPU, serves a whole generation."""
-        self.lo, self.hi = lo, hi
-        self.slots = torch.arange(lo, hi, device=self.k[0].device) if every_slot else None
+    def span(self, lo, hi, keys=None):
+        """keys (>= hi): the next forwards write their slots by index and attend to the first `keys`
+        slots, whatever hi (the caller's mask hides those at hi and after). With one `keys` for a whole
+        generation their shapes never change, so one compiled graph (a CUDA graph on GPU) serves it."""
+        self.lo, self.hi, self.keys = lo, hi, keys
+        self.slots = None if keys is None else torch.arange(lo, hi, device=self.k[0].device)
         return self
 
     def update(self, layer, k, v):
         """Store this call's keys/values (b, H, hi - lo, hd) and return those to attend to (b, H, hi, hd),
-        or (b, H, size, hd) with every_slot."""
+        or (b, H, keys, hd)."""
         k_buf, v_buf = self.k[layer], self.v[layer]
         if k.shape[0] < k_buf.shape[0]:
             k_buf, v_buf = k_buf[:k.shape[0]], v_buf[:k.shape[0]]
-        if self.slots is not None:  # whole buffers, written in place: a compiled graph needs no copy of them
-            return k_buf.index_copy_(2, self.slots, k), v_buf.index_copy_(2, self.slots, v)
+        if self.keys is not None:  # written in place by index: a compiled graph copies no buffer
+            k_buf.index_copy_(2, self.slots, k), v_buf.index_copy_(2, self.slots, v)
+            return k_buf[:, :, :self.keys], v_buf[:, :, :self.keys]
         k_buf[:, :, self.lo:self.hi] = k
         v_buf[:, :, self.lo:self.hi] = v
         return k_buf[:, :, :self.hi], v_buf[:, :, :self.hi]
@@ -107,12 +107,25 @@ class KVCache:
             buf[:, :, :-n] = buf[:, :, n:].clone()
 
 
+@functools.lru_cache(maxsize=4)
+def static_buffers(n, shape, dtype, device):
+    """n tensors that every KV cache of this shape reuses (KVCache(static=True)), at fixed addresses
+    marked as such: a CUDA graph that writes them is recorded once, not at every generate call. (Up to
+    4 shapes are kept alive; generations that share them must not overlap.)"""
+    bufs = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n)]
+    for buf in bufs:
+        torch._dynamo.mark_static_address(buf)
+    return bufs
+
+
 @functools.lru_cache(maxsize=8)
 def compiled_step(step, cuda):
-    """A sampler's step (the DiT, the AR network) compiled as one graph (fullgraph) for fixed shapes,
-    on CUDA replayed as a CUDA graph (mode="reduce-overhead"): a small model's sampling time is mostly
-    the launch overhead of many small kernels. Its KV cache is read with KVCache.span(every_slot=True)."""
-    return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+    """A sampler's step (the DiT, the AR network) compiled for fixed shapes, one graph per set of
+    shapes, on CUDA replayed as a CUDA graph (mode="reduce-overhead"): a small model's sampling time is
+    mostly the launch overhead of many small kernels. Its KV cache is read with KVCache.span(keys=...).
+    Past torch's recompile limit (8 sets of shapes per function) the step runs eager, with torch's
+    warning. (The compiled steps of up to 8 models are kept alive.)"""
+    return torch.compile(step, dynamic=False, mode="reduce-overhead" if cuda else None)
 
 
 class Attention(nn.Module):
