@@ -78,7 +78,7 @@ class KVCache:
         bufs = [buf.zero_() for buf in static_buffers(2 * n_layer, shape, dtype, device)] if static else \
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2 * n_layer)]
         self.k, self.v = bufs[:n_layer], bufs[n_layer:]
-        self.size, self.lo, self.hi, self.keys, self.slots = size, 0, 0, None, None
+        self.lo, self.hi, self.keys, self.slots = 0, 0, None, None
 
     def span(self, lo, hi, keys=None):
         """keys (>= hi): the next forwards write their slots by index and attend to the first `keys`
