@@ -377,8 +377,8 @@ def test_cli_compile(fresh_compiler, monkeypatch, tmp_path, capsys):
     r = cola_eval.main(["speed", "--random_init", "--quick", "--compile", "--dit.block_size=4", "--vae.width=32",
                         "--vae.n_head=2", "--dit.width=32", "--dit.n_head=2", "--dit.n_layer=1"])
     assert r["compile"] and len(r["rows"]) == 2 and len(graphs) == 1 + 2  # one per setting, compiled before its timing
-    r = cola_eval.main(["speed", "--random_init", "--quick", "--compile", "--model=ar", "--ar.width=32", "--ar.n_head=2",
-                        "--ar.n_layer=1"])
+    r = cola_eval.main(["speed", "--random_init", "--quick", "--compile", "--model=ar", "--ar.width=32",
+                        "--ar.n_head=2", "--ar.n_layer=1"])
     assert r["compile"] and len(graphs) == 3 + 2
 
 
@@ -402,3 +402,16 @@ def test_compiled_ar_sampler_is_one_graph(window, fresh_compiler, monkeypatch):
         kw = dict(max_new_tokens=n, window=window, stop_at_eot=False)
         assert ar.generate(prompts, compile=True, **kw) == ar.generate(prompts, **kw)
         assert len(graphs) == 2  # (one of them the logits' check above: a cache of 16)
+
+
+def test_compiled_sampler_past_the_recompile_limit(fresh_compiler, monkeypatch):
+    """More sets of shapes than torch keeps graphs for (here 2): the step runs eager, with torch's
+    warning, and samples as before, where fullgraph would have raised."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager", **kw))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    model = tiny_cola("joint").eval()
+    kw = dict(max_new_tokens=8, steps=2, window=16, stop_at_eot=False)
+    for b in (1, 2, 3, 4):  # 2 graphs for each batch size
+        prompts = [list(b"Hello, wor")] * b
+        assert model.generate(prompts, compile=True, **kw) == model.generate(prompts, **kw)
