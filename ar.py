@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
 from layers import (PAD_POS, Transformer, append_tokens, causal_mask, compiled_step, init_weights, pick_tokens,
-                    sample_generators, transformer_flops)
+                    sample_generators, step_slots, transformer_flops)
 
 
 @dataclass
@@ -126,7 +126,7 @@ class ARLM(nn.Module):
             need = width + max_new_tokens
             size = need if window is None else min(need, max(width, window))
             if compile:  # each token attends to `keys` slots: a number that runs of any length share
-                keys = window if window is not None else 1 << (need - 1).bit_length()  # (or a power of 2)
+                keys = step_slots(need, window)
                 size = max(size, keys)
             cache = self.transformer.new_cache(B, size, dev, static=compile)
         last = self.logits(x, pos, cache, pos[:, :0], window)[:, -1:]  # (B, 1, V)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block, step_conditions
-from layers import PAD_POS, append_tokens, compiled_step, pick_tokens, sample_generators
+from layers import PAD_POS, append_tokens, compiled_step, pick_tokens, sample_generators, step_slots
 from vae import TextVAE, VAEConfig, gaussian_kl
 
 FIRST_BLOCK_MODES = ("clean", "repaint", "left_pad", "right_pad")
@@ -278,7 +278,7 @@ class Cola(nn.Module):
             need = H + -(-(bs + max_new_tokens) // bs) * bs  # the prompt's full blocks and the generated ones
             size = need if wb is None else min(need, max(H, wb * bs) + bs)
             if compile:  # the steps attend to `keys` slots: a number that runs of any length share
-                keys = wb * bs + bs if wb is not None else 1 << (need - 1).bit_length()  # (or a power of 2)
+                keys = step_slots(need, None if wb is None else wb * bs + bs)
                 size = max(size, keys)
             rows = 2 if cfg_scale != 1 else 1  # guided: [cond | uncond]
             dit_cache = self.dit.new_cache(rows * B, size, dev, static=compile)

@@ -118,6 +118,13 @@ def static_buffers(n, shape, dtype, device):
     return bufs
 
 
+def step_slots(need, window=None):
+    """How many cache slots a compiled step attends to (KVCache.span's keys) in a run that fills `need`:
+    the window's, or without one `need` rounded up to a power of 2, so that runs of any length share a
+    few numbers, and so a few graphs."""
+    return window if window is not None else 1 << (need - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=8)
 def compiled_step(step, cuda):
     """A sampler's step (the DiT, the AR network) compiled for fixed shapes, one graph per set of
