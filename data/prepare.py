@@ -1,6 +1,5 @@
 """
-Prepare token datasets: text -> flat token files that data/loader.py memory-maps (np.uint16 ids, or
-np.uint32 for a vocabulary over 65,536 ids; meta.json says which).
+Prepare token datasets: text -> the flat token files that data/loader.py memory-maps.
 
 The bundled corpus (public domain): Jane Austen's six novels and Moby-Dick, data/austen_moby.txt.gz
     python data/prepare.py                      # writes data/austen_bytes/ and data/austen_gpt2/
@@ -9,32 +8,22 @@ Your own text: .txt files, .jsonl files (a JSON object with a string "text" per 
 (.txt.gz, .jsonl.gz), or folders of them (searched recursively, in sorted order):
     python data/prepare.py --input notes/ more.jsonl.gz --name=mine   # writes data/mine/ (GPT-2 tokens)
 
-Every dataset folder holds train.bin and val.bin (token ids, <|endoftext|> after every document)
-and meta.json (tokenizer, dtype, special ids, token counts per source, the split rule).
-The split: the last ~val_fraction of every document (every book) is validation, cut at a paragraph
-boundary; no random windows, so no validation text is ever seen in training. A document longer than
-DOC_CHARS characters is first cut at paragraph breaks into pieces of at most that length, and every
-piece is split like a document (its validation text is then spread through it).
-
-Your text is streamed: memory stays bounded (a piece of DOC_CHARS characters, a few tokenization
-tasks per worker) whatever the corpus size; only a .jsonl line is read whole. Tokenization runs on
---workers processes (default: every core) and the output does not depend on how many. Files are
-written as *.tmp and renamed into place at the end, so a failed or interrupted run leaves an
-existing dataset as it was. Works from any working directory; needs no network.
+A dataset folder holds train.bin and val.bin (np.uint16 token ids, np.uint32 past 65,536 ids;
+<|endoftext|> after every document) and meta.json (tokenizer, dtype, special ids, token counts per
+source, the split rule). Validation is the last ~val_fraction of every document (every book), cut at a
+paragraph break, so no validation text is ever trained on; a document over DOC_CHARS characters is
+first cut into pieces, each split like a document. Text is streamed (memory holds a piece, or one
+.jsonl line, whatever the corpus size) and tokenized on --workers processes (data/encode.py), the
+output the same for any number. Files are written as *.tmp and renamed into place at the end: a failed
+run leaves an existing dataset as it was. Works from any working directory; needs no network.
 """
-
 import argparse
-import codecs
 import collections
-import contextlib
 import gzip
 import io
 import json
-import math
-import multiprocessing
 import os
 import re
-import signal
 import sys
 import time
 import zlib
@@ -47,32 +36,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from common import UserError, run_main  # noqa: E402
+from data.encode import cpu_count, encode_stream, encode_text, make_pool, token_chunks, useful_workers  # noqa: E402
 from data.tokenizer import NAMES, get_tokenizer  # noqa: E402
+from data.userinput import ArgumentParser, invalid_utf8_offset, json_lines  # noqa: E402
 
 DATA_DIR = os.path.join(ROOT, "data")
 DEFAULT_CORPUS = os.path.join(DATA_DIR, "austen_moby.txt.gz")
 # (title line exactly as it stands in the corpus file, book name); the books appear in this order
-BOOKS = [
-    ("EMMA", "Emma"),
-    ("MANSFIELD PARK", "Mansfield Park"),
-    ("NORTHANGER ABBEY", "Northanger Abbey"),
-    ("Persuasion", "Persuasion"),
-    ("PRIDE AND PREJUDICE", "Pride and Prejudice"),
-    ("SENSE AND SENSIBILITY", "Sense and Sensibility"),
-    ("MOBY DICK; OR THE WHALE", "Moby-Dick"),
-]
+BOOKS = [("EMMA", "Emma"), ("MANSFIELD PARK", "Mansfield Park"), ("NORTHANGER ABBEY", "Northanger Abbey"),
+         ("Persuasion", "Persuasion"), ("PRIDE AND PREJUDICE", "Pride and Prejudice"),
+         ("SENSE AND SENSIBILITY", "Sense and Sensibility"), ("MOBY DICK; OR THE WHALE", "Moby-Dick")]
 EXTENSIONS = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 # where a document may be cut, best first (each eats the whitespace around it)
 PARAGRAPH_BREAK = re.compile(r"\s*\n[ \t]*\n\s*")
 LINE_BREAK = re.compile(r"\s*\n\s*")
 WHITESPACE = re.compile(r"\s+")
-# a non-space character followed by a space: the GPT-2 pre-tokenizer (both tokenizers use it) always
-# ends a piece there, so text cut at such points encodes to exactly the ids of the whole
-TOKEN_BOUNDARY = re.compile(r"\S(?=\s)")
 # transcriber lines left over from Project Gutenberg, dropped as whole paragraphs
 BOILERPLATE = ("Produced by ", "End of Project Gutenberg")
 DOC_CHARS = 4_000_000   # longer documents are cut in pieces (a piece takes up to 4 bytes per character)
-TASK_CHARS = 1_000_000  # text per tokenization task; at most 2 tasks per worker are in flight
 READ_CHARS = 1_000_000  # a .txt file is read this much at a time
 SPLIT_RULE = ("validation = the last ~{pct:g}% of every {unit}, cut at the paragraph break nearest "
               "that point (else a line break); {fallback}"
@@ -83,8 +64,7 @@ USER_FALLBACK = ("documents longer than {doc_chars:,} characters are first cut a
                  "the last whole documents are validation (a lone document is cut at a space); ")
 
 
-# -----------------------------------------------------------------------------
-# text -> documents
+# ----------------------------------------------------------------------------- text -> documents
 
 def unwrap(lines):
     """Hard-wrapped lines -> one line per paragraph; paragraphs joined by a blank line."""
@@ -114,44 +94,6 @@ def read_books(path=DEFAULT_CORPUS):
         raise UserError(f"{path}: books are not in the expected order")
     ends = starts[1:] + [len(lines)]
     return [(name, unwrap(lines[a:b])) for (_, name), a, b in zip(BOOKS, starts, ends)]
-
-
-def invalid_utf8_offset(path):
-    """Byte offset (in the uncompressed text) of the first invalid UTF-8 in a file, read in blocks."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        while True:
-            block = f.read(1 << 20)
-            held = decoder.getstate()[0]  # the start of a character cut by the last block
-            try:
-                decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:
-                return offset - len(held) + e.start
-            if not block:
-                return None
-            offset += len(block)
-
-
-def decode_utf8(data, path):
-    """bytes -> str, naming the file and byte offset of the first invalid byte (data/benchmarks.py
-    reads its item files with it)."""
-    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        text = data[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: invalid UTF-8 at byte offset {skip + e.start}") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def json_lines(lines, path):
-    """(line number, value) of every non-blank line of a JSONL text (or stream of lines); bad JSON is
-    an error naming the line. Lines end at "\n" only: U+2028 and friends may sit inside JSON strings."""
-    for lineno, line in enumerate(lines.split("\n") if isinstance(lines, str) else lines, 1):
-        if line.strip():
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
 
 
 def json_texts(lines, path):
@@ -248,8 +190,7 @@ def read_inputs(paths):
     return sum(os.path.getsize(f) for _, f in files), stream()
 
 
-# -----------------------------------------------------------------------------
-# the train/val split
+# ----------------------------------------------------------------------------- the train/val split
 
 def split_point(text, val_fraction, breaks=(PARAGRAPH_BREAK, LINE_BREAK)):
     """Where to cut one document into train and val, val being about its last val_fraction: at the
@@ -304,82 +245,7 @@ def last_documents(ids, eot, n_docs, total_chars, val_fraction, decode):
     return moved
 
 
-# -----------------------------------------------------------------------------
-# text -> token ids, on every core
-
-def token_chunks(text, start=0, end=None, size=None):
-    """text[start:end] -> (chunk, last?) for chunks of about `size` characters (default TASK_CHARS),
-    cut only at TOKEN_BOUNDARY: their encodings, joined, are exactly the encoding of text[start:end]."""
-    end, size = len(text) if end is None else end, size or TASK_CHARS
-    while end - start > size and (m := TOKEN_BOUNDARY.search(text, start + size, end)):
-        yield text[start:m.end()], False
-        start = m.end()
-    yield text[start:end], True
-
-
-def encode_task(tok, dtype, task):
-    """[(text, append <|endoftext|>?)] -> [ids as a dtype array] for each."""
-    return [np.array(tok.encode(text) + [tok.eot] * eot, dtype=dtype) for text, eot in task]
-
-
-_worker = {}
-
-
-def init_worker(tok, dtype):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # see make_pool
-    _worker.update(tok=tok, dtype=dtype)
-
-
-def encode_in_worker(task):
-    return encode_task(_worker["tok"], _worker["dtype"], task)
-
-
-def make_pool(tok, dtype, workers):
-    """A pool of tokenizing processes, forked where possible: they share what this process has
-    loaded instead of importing it again. Pool.terminate stops workers with SIGTERM, so they are
-    forked with its default action, whatever handler this process has (train.py's StopFlag only
-    notes the signal: an in-process training run leaves it behind, and the pool would never end)."""
-    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-    handler = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        return ctx.Pool(workers, init_worker, (tok, dtype))
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-
-
-def encode_stream(segments, tok, dtype, pool=None, workers=1):
-    """(key, text, append <|endoftext|>?) -> (key, ids) for every segment, in order, on a pool of
-    `workers` processes (or here). Segments go in tasks of about TASK_CHARS characters, at most 2
-    tasks per worker in flight: the input is pulled only as fast as it is encoded, so memory stays
-    bounded."""
-    def tasks():
-        keys, task, n = [], [], 0
-        for key, text, eot in segments:
-            keys.append(key)
-            task.append((text, eot))
-            n += len(text)
-            if n >= TASK_CHARS:
-                yield keys, task
-                keys, task, n = [], [], 0
-        if task:
-            yield keys, task
-
-    pending = collections.deque()
-    for keys, task in tasks():
-        if pool is None:
-            yield from zip(keys, encode_task(tok, dtype, task))
-            continue
-        pending.append((keys, pool.apply_async(encode_in_worker, (task,))))
-        while len(pending) >= 2 * workers or (pending and pending[0][1].ready()):
-            keys, result = pending.popleft()
-            yield from zip(keys, result.get())
-    for keys, result in pending:
-        yield from zip(keys, result.get())
-
-
-# -----------------------------------------------------------------------------
-# documents -> token files
+# ----------------------------------------------------------------------------- documents -> token files
 
 def write_dataset(out_dir, tok, docs, info, val_fraction, workers, total_bytes):
     """Split every document of docs, a stream of (source, text, first piece of a document?, bytes
@@ -413,7 +279,7 @@ def write_dataset(out_dir, tok, docs, info, val_fraction, workers, total_bytes):
                     yield from (((source, split), chunk, last) for chunk, last in token_chunks(text, a, b))
 
     try:
-        with (make_pool(tok, dtype, workers) if workers > 1 else contextlib.nullcontext()) as pool, \
+        with make_pool(tok, dtype, workers) as pool, \
                 open(tmp["train.bin"], "wb") as ftrain, open(tmp["val.bin"], "wb") as fval, \
                 tqdm(total=total_bytes, unit="B", unit_scale=True, desc=os.path.basename(out_dir)) as bar:
             files = {"train": ftrain, "val": fval}
@@ -427,8 +293,7 @@ def write_dataset(out_dir, tok, docs, info, val_fraction, workers, total_bytes):
         sources = list(counts.values())
         if lone is not None and not sources[0]["val_tokens"]:  # a lone document no break could cut
             for split, part in zip(("train", "val"), split_lone(lone, val_fraction)):
-                ids = np.concatenate([ids for _, ids in encode_stream(
-                    ((split, chunk, last) for chunk, last in token_chunks(part)), tok, dtype)])
+                ids = encode_text(part, tok, dtype)
                 ids.tofile(tmp[f"{split}.bin"])
                 sources[0][f"{split}_tokens"] = len(ids)
         elif not any(c["val_tokens"] for c in sources):  # no document could be cut: move the last ones
@@ -440,22 +305,13 @@ def write_dataset(out_dir, tok, docs, info, val_fraction, workers, total_bytes):
                     f.write(ids[i:i + 2**24].tobytes())
             del ids
             os.truncate(tmp["train.bin"], keep * dtype.itemsize)
-            i, left = len(sources), 0
-            for n in moved:  # last document first: charge each to its source
-                while left == 0:
-                    i -= 1
-                    left = pieces[sources[i]["source"]]
-                sources[i]["train_tokens"] -= n
-                sources[i]["val_tokens"] += n
-                left -= 1
-        meta = {
-            "tokenizer": tok.name, "vocab_size": tok.vocab_size, "n_vocab": tok.n_vocab,
-            "eot": tok.eot, "mask": tok.mask, "pad": tok.pad, "dtype": dtype.name,
-            "train_tokens": sum(c["train_tokens"] for c in sources),
-            "val_tokens": sum(c["val_tokens"] for c in sources),
-            **info,
-            "sources": sources,
-        }
+            owners = (c for c in reversed(sources) for _ in range(pieces[c["source"]]))  # of each piece, last first
+            for n, c in zip(moved, owners):
+                c["train_tokens"], c["val_tokens"] = c["train_tokens"] - n, c["val_tokens"] + n
+        meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "n_vocab": tok.n_vocab, "eot": tok.eot,
+                "mask": tok.mask, "pad": tok.pad, "dtype": dtype.name,
+                "train_tokens": sum(c["train_tokens"] for c in sources),
+                "val_tokens": sum(c["val_tokens"] for c in sources), **info, "sources": sources}
         with open(tmp["meta.json"], "w") as f:
             json.dump(meta, f, indent=2)
         for n in names:  # meta.json last: a dataset with meta.json is complete
@@ -473,37 +329,24 @@ def write_dataset(out_dir, tok, docs, info, val_fraction, workers, total_bytes):
     return meta
 
 
-# -----------------------------------------------------------------------------
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one `error:` line (via common.run_main) instead of the usage text
-        raise UserError(message)
-
-
-def cpu_count():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
+# ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    p = ArgumentParser(allow_abbrev=False, description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="Output: OUT_DIR/NAME/{train.bin,val.bin,meta.json}. "
                               "Bad input prints one `error:` line and exits with status 2.")
-    p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="your own text: .txt files, .jsonl files (string field \"text\" per line), either "
-                        "gzip'd (.txt.gz, .jsonl.gz), or folders of them; default: the bundled Austen + "
-                        "Moby-Dick corpus")
+    p.add_argument("--input", nargs="+", metavar="PATH", help="your own text: .txt files, .jsonl files (string "
+                   "field \"text\" per line), either gzip'd, or folders of them; default: the bundled corpus")
     p.add_argument("--name", help="dataset name for --input (required with it); the bundled corpus "
                                   "is always written as austen_<tokenizer>")
     p.add_argument("--tokenizer", choices=NAMES + ("all",),
                    help="default: 'all' (both) for the bundled corpus, 'gpt2' for --input")
     p.add_argument("--val_fraction", type=float, default=0.05,
                    help="share of every document held out for validation (default 0.05)")
-    p.add_argument("--out_dir", default=DATA_DIR, help="folder that receives the dataset folder(s) "
-                                                        "(default: data/ in this repo)")
-    p.add_argument("--workers", type=int, default=cpu_count(),
-                   help=f"tokenizing processes (default: every core, here {cpu_count()}); the output "
-                        f"is the same for any number")
+    p.add_argument("--out_dir", default=DATA_DIR,
+                   help="folder that receives the dataset folder(s) (default: data/ in this repo)")
+    p.add_argument("--workers", type=int, default=cpu_count(), help=f"tokenizing processes (default: every "
+                   f"core, here {cpu_count()}); the output is the same for any number")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 0.5:
         p.error(f"--val_fraction must be in (0, 0.5), got {args.val_fraction}")
@@ -541,12 +384,13 @@ def main(argv=None):
                     "split": SPLIT_RULE.format(pct=pct, unit="document",
                                                fallback=USER_FALLBACK.format(doc_chars=DOC_CHARS))}
             jobs = [(args.name, args.tokenizer or "gpt2", docs)]
-        workers = max(1, min(args.workers, math.ceil(total / TASK_CHARS)))  # small input: no pool
+        workers = useful_workers(args.workers, total)  # a small input: no pool
         for name, tokenizer, docs in jobs:
             write_dataset(os.path.join(args.out_dir, name), get_tokenizer(tokenizer), docs, info,
                           args.val_fraction, workers, total)
     except OSError as e:  # an unreadable input, an out_dir we cannot write to
         raise UserError(str(e)) from None
+
 
 if __name__ == "__main__":
     run_main(main)

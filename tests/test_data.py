@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import data.encode
 import data.loader
 import data.prepare
 from common import UserError, run_main
@@ -299,7 +300,7 @@ def write_corpus(root, files):
 def small_tasks(monkeypatch):
     """Tasks and reads of a few hundred characters, so small inputs take every path (many tasks, a
     pool of workers, \r\n across reads) that only big ones would take otherwise."""
-    monkeypatch.setattr(data.prepare, "TASK_CHARS", 300)
+    monkeypatch.setattr(data.encode, "TASK_CHARS", 300)
     monkeypatch.setattr(data.prepare, "READ_CHARS", 257)
 
 
@@ -327,7 +328,7 @@ def test_token_chunks_encode_like_the_whole(name):
     tok = get_tokenizer(name)
     text = "".join(TRICKY) + " ".join(TRICKY)
     for size in (1, 2, 3, 7, 50):
-        chunks = list(data.prepare.token_chunks(text, size=size))
+        chunks = list(data.encode.token_chunks(text, size=size))
         assert "".join(c for c, _ in chunks) == text
         assert [last for _, last in chunks] == [False] * (len(chunks) - 1) + [True]
         assert len(chunks) > len(text) / (10 * size)  # really cut
@@ -375,13 +376,13 @@ def test_reading_holds_a_piece_at_a_time(tmp_path, monkeypatch):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_encoding_pulls_input_only_as_fast_as_it_encodes(monkeypatch, workers):
     # an endless input: the first results come back, and only a few tasks were read ahead of them
-    monkeypatch.setattr(data.prepare, "TASK_CHARS", 100)
+    monkeypatch.setattr(data.encode, "TASK_CHARS", 100)
     tok, pulled = get_tokenizer("bytes"), []
     endless = ((i, f"segment {i} ".ljust(100), True) for i in itertools.count() if not pulled.append(i))
-    pool = data.prepare.multiprocessing.get_context().Pool(workers, data.prepare.init_worker, (tok, np.uint16)) \
+    pool = data.encode.multiprocessing.get_context().Pool(workers, data.encode.init_worker, (tok, np.uint16)) \
         if workers > 1 else None
     try:
-        stream = data.prepare.encode_stream(endless, tok, np.uint16, pool, workers)
+        stream = data.encode.encode_stream(endless, tok, np.uint16, pool, workers)
         for i, (key, ids) in enumerate(itertools.islice(stream, 50)):
             assert key == i and tok.decode(ids) == f"segment {i} ".ljust(100)
             assert len(pulled) <= i + 1 + 2 * workers
@@ -517,14 +518,14 @@ class Stalling(Crashing):
 
 
 def test_pool_ends_whatever_sigterm_handler(tmp_path):
-    # a training run in a process leaves train.py's StopFlag on SIGTERM, which only notes it; the pool
+    # a training run in a process leaves common.StopFlag on SIGTERM, which only notes it; the pool
     # still ends its workers (with SIGTERM), even one busy when another crashed. In a new process:
     # a hang is killed by the timeout, not left to hang the tests
     (tmp_path / "a.txt").write_text(make_doc(0))
     (tmp_path / "b.txt").write_text(make_doc(1))
     code = ("import signal, sys; signal.signal(signal.SIGTERM, lambda *_: None)\n"
-            "from data import prepare; from tests.test_data import Stalling\n"
-            "prepare.TASK_CHARS, prepare.get_tokenizer = 300, lambda name: Stalling()\n"
+            "from data import encode, prepare; from tests.test_data import Stalling\n"
+            "encode.TASK_CHARS, prepare.get_tokenizer = 300, lambda name: Stalling()\n"
             "try:\n    prepare.main(sys.argv[1:])\nexcept RuntimeError as e:\n    print('stopped:', e)")
     p = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "b.txt"), str(tmp_path / "a.txt"),
                         "--name=ds", f"--out_dir={tmp_path}", "--workers=2"],
