@@ -1,6 +1,6 @@
 """
-Reproduce the paper's findings (arXiv 2605.06548) at small scale: one command per study, one table
-with the paper's numbers beside ours.
+Reproduce the paper's findings (arXiv 2605.06548) at small scale: one command per study (studies.py),
+one table with the paper's numbers beside ours.
 
     python repro.py list                          # the studies and what each costs on a CPU
     python repro.py cfg                           # -> results/cfg.json, results/cfg.md (+ cfg.png with matplotlib)
@@ -8,142 +8,34 @@ with the paper's numbers beside ours.
     python repro.py steps --quick                 # every study at a toy size in seconds (what the tests run)
     python repro.py summary                       # one table over every study finished so far
 
-A study is a small grid of settings. Each setting names a training run (train.py, in-process, into
-results/runs/NAME) and a measurement on its checkpoint (eval.py quality or recon, into
-results/evals/). Runs and measurements already finished are reused, an interrupted training run is
-continued with --resume, so an interrupted study continues where it stopped and a finished one only
-re-reports. Studies share runs: `base` is the default `python train.py` run, its stage-1 VAE starts
-the other stage-2 runs.
+Each setting of a study names a training run (train.py, in-process, into results/runs/NAME) and a
+measurement on its checkpoint (eval.py quality or recon, into results/evals/). Finished runs and
+measurements are reused and an interrupted run is continued (--resume): an interrupted study goes on
+where it stopped, a finished one only re-reports. Studies share runs: `base` is the default
+`python train.py` run, and its stage-1 VAE starts the other stage-2 runs.
 
-What is measured: the paper scores generation on benchmarks (its task average, §4); a tiny byte-level
-model scores near zero on those, so we score generated text the way eval.py quality does: the share
-of generated words that are real words of the training text ("words"), per held-out prompt. Each row
-compares a setting with the study's reference setting on the same prompts (paired), and says whether
-our 95% interval agrees with the direction of the paper's numbers (see verdict()).
+What is measured: the paper scores generation on benchmarks (§4), where a tiny byte-level model scores
+near zero; we score generated text as eval.py quality does, by the share of generated words that are
+real words of the training text ("words"), per held-out prompt. Each row is compared with the study's
+reference on the same prompts (paired); studies.verdict says whether our 95% interval agrees with the
+direction of the paper's numbers.
 """
 import argparse
 import contextlib
 import filecmp
 import json
-import math
 import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 import eval as evaluate
 import train
 from common import UserError, check_resume, run_main
-
-TIE = 1.0     # paper points: settings closer than this count as a tie in the paper ("~")
-MARGIN = 0.02  # our scale (share of words): a difference inside +-MARGIN counts as a tie
-ROBUST_TOL = 0.10  # robustness rows compare absolute token accuracies: agree within +-ROBUST_TOL
-BPB_MARGIN = 0.1  # judge bits per byte: a difference inside +-BPB_MARGIN counts as a tie
-
-
-@dataclass
-class Setting:
-    label: str                 # the row's name
-    run: str                   # the training run (key of RUNS)
-    opts: dict = field(default_factory=dict)  # eval.py options of the measurement (quality: cfg, steps, ...)
-    paper: float = None        # the paper's number for this setting
-    x: float = None            # where the row sits on the plot's x axis
-    ref: str = None            # compare with this row (default: the study's reference)
-    expect: str = None         # the paper's direction vs the reference when not given by numbers: < > ~
-    note: str = ""
-
-
-@dataclass
-class Study:
-    title: str
-    where: str                 # where the finding lives in the paper
-    paper_unit: str
-    settings: list
-    reference: str = None      # label of the row the others are compared with
-    measure: str = "quality"   # quality: words valid per prompt; robust: token accuracy per held-out window
-    trains: bool = False       # seeds are training seeds (else: sampler seeds on one checkpoint)
-    cpu: str = ""              # measured wall time at tiny on our 2-core CPU (README); base: 9 min
-    xlabel: str = ""
-    xscale: str = "linear"     # of the plot: linear, log or cat (the rows' labels as ticks)
-
-
-# Training runs: train.py arguments on top of --config (the study's seeds add --seed). Stage-2 runs
-# start from the stage-1 VAE of `base` (or of their own stage-1 run) with --stage=joint --init_vae.
-RUNS = {
-    "base": [],  # python train.py: stage 1 (out_dir/vae.pt) then stage 2, block 1, frozen VAE
-    "ar": ["--model=ar"],
-    **{f"block{b}": ["--stage=joint", "@base", f"--dit.block_size={b}"] for b in (4, 16, 64)},
-    **{f"loc{v:g}": ["--stage=joint", "@base", f"--flow.t_loc={v}"] for v in (0.5, 0.8, 1.1, 1.7)},
-    "uniform_t": ["--stage=joint", "@base", "--flow.t_dist=uniform"],
-    "joint1": ["--stage=joint", "@base", "--vae_lr_ratio=1"],
-    "joint0.01": ["--stage=joint", "@base", "--vae_lr_ratio=0.01"],
-    "scratch": ["--stage=joint", "--init_vae=scratch", "--vae_lr_ratio=1", "--lambda_ref=0"],  # no stage 1 to refer to
-    "vae_nomask": ["--stage=vae", "--vae.lambda_mask=0"],
-    "nomask_joint1": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=1", "--vae.lambda_mask=0"],
-    "nomask_joint0.01": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=0.01", "--vae.lambda_mask=0"],
-    "vae_d64": ["--stage=vae", "--vae.latent_dim=64"],
-    **{f"d64_loc{v:g}": ["--stage=joint", "@vae_d64", "--vae.latent_dim=64", f"--flow.t_loc={v}"] for v in (1.0, 1.7)},
-    "vae_gpt2": ["--stage=vae", "--vae.tokenizer=gpt2", "@gpt2_data", "--vae_iters=300"],
-}
-
-PAPER_CFG = {0: 0.2, 1: 13.7, 3: 26.0, 5: 29.8, 7: 31.3, 10: 29.3, 20: 17.6}
-PAPER_STEPS = {1: 9.0, 2: None, 4: 22.1, 8: 28.1, 16: 31.3, 32: 32.2}
-PAPER_ROBUST = {t: evaluate.PAPER_ROBUST.get(t) for t in evaluate.ROBUST_T}  # None: not in the paper
-REPAINT = [(r, m) for r in (1, 3) for m in (1.0, 0.7, 0.3)]
-
-STUDIES = {
-    "cfg": Study("CFG is essential: guidance scale w", "Fig. 9, §4.4.2", "4-task avg %", [
-        Setting(f"w = {w}", "base", dict(cfg=w), p, x=w) for w, p in PAPER_CFG.items()], "w = 7",
-        cpu="7 min + base", xlabel="guidance scale w"),
-    "steps": Study("Euler steps per block saturate", "Fig. 9, §4.4.2", "4-task avg %", [
-        Setting(f"{s} step{'s' if s > 1 else ''}", "base", dict(steps=s), p, x=s) for s, p in PAPER_STEPS.items()],
-        "16 steps",
-        cpu="5 min + base", xlabel="Euler steps per block", xscale="log"),
-    "first_block": Study("First-block conditioning: clean repaint wins", "Table 5, §5.2, App. I.1",
-                         "task avg %", [
-        Setting("clean", "block16", dict(first_block="clean"), 24.6, x=0),
-        *[Setting(f"repaint t={r} m={m:g}", "block16", dict(first_block=f"repaint:{r}:{m:g}"), None, x=1 + i,
-                  expect="<", note="paper: 7.5-9.3 over its repaint settings") for i, (r, m) in enumerate(REPAINT)],
-        Setting("left padding", "block16", dict(first_block="left_pad"), None, x=7, expect="<", note="paper: 16.0-16.7"),
-        Setting("right padding", "block16", dict(first_block="right_pad"), None, x=8, expect="<",
-                note="paper: 16.0-16.7")], "clean", cpu="4 min + block16 (6 min) + base", xlabel="first-block mode",
-        xscale="cat"),
-    "block_size": Study("Block size 16 is best", "Fig. 6, §4.4.1", "task avg % (40k steps)", [
-        Setting("block 1", "base", {}, 19.3, x=1), Setting("block 4", "block4", {}, None, x=4, expect="<"),
-        Setting("block 16", "block16", {}, 22.8, x=16), Setting("block 64", "block64", {}, 14.4, x=64)],
-        "block 16", trains=True, cpu="20 min + base", xlabel="block size", xscale="log"),
-    "loc": Study("Logit-normal loc = 1 is best at d = 16", "Fig. 8, §4.4.1", "task avg %", [
-        Setting("loc 0.5", "loc0.5", {}, 14.4, x=0.5), Setting("loc 0.8", "loc0.8", {}, None, x=0.8, expect="<",
-                                                               note="paper: 17.0 at loc 0.9"),
-        Setting("loc 1.0", "base", {}, 20.0, x=1.0), Setting("loc 1.1", "loc1.1", {}, 15.3, x=1.1),
-        Setting("uniform t", "uniform_t", {}, None, x=1.4, note="not in the paper")], "loc 1.0",
-        trains=True, cpu="32 min + base", xlabel="logit-normal loc (uniform t at 1.4)"),
-    "vae_regime": Study("Joint VAE training beats a frozen VAE (late); all-from-scratch collapses", "Fig. 3, §4.3",
-                        "task avg %", [
-        Setting("frozen", "base", {}, 22.2, x=0), Setting("joint x1", "joint1", {}, 24.8, x=1),
-        Setting("joint x0.01", "joint0.01", {}, None, x=2, expect="<"),
-        Setting("scratch", "scratch", {}, 12.8, x=3)], "joint x1", trains=True, cpu="33 min + base",
-        xlabel="VAE regime", xscale="cat"),
-    "bert": Study("BERT mask loss helps when the VAE trains at full lr", "Fig. 5, §4.3", "task avg %", [
-        Setting("mask, x1", "joint1", {}, 26.4, x=0), Setting("no mask, x1", "nomask_joint1", {}, 24.0, x=1),
-        Setting("mask, x0.01", "joint0.01", {}, None, x=2),
-        Setting("no mask, x0.01", "nomask_joint0.01", {}, None, x=3, ref="mask, x0.01", note="paper: no number")],
-        "mask, x1", trains=True, cpu="19 min + vae_regime's joint runs + base", xlabel="stage-1 mask loss, VAE lr ratio", xscale="cat"),
-    "robustness": Study("Latent noise robustness of the VAE", "Fig. 13, §5.4", "token accuracy", [
-        *[Setting(f"bytes t={t:g}", "base", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()],
-        *[Setting(f"gpt2 t={t:g}", "vae_gpt2", dict(t=t), p, x=t) for t, p in PAPER_ROBUST.items()]],
-        measure="robust", cpu="16 min (the GPT-2 VAE: 15.5) + base", xlabel="noise level t"),
-    "latent_dim": Study("The best loc moves with latent size: loc(d) = loc(16) + 0.5 ln(d/16)", "RQ1, Table 2, Fig. 2",
-                        "task avg %", [
-        Setting("d 16, loc 1.0", "base", {}, None, x=0), Setting("d 16, loc 1.7", "loc1.7", {}, None, x=1, expect="<"),
-        Setting("d 64, loc 1.0", "d64_loc1", {}, None, x=2, ref="d 64, loc 1.7", expect="<"),
-        Setting("d 64, loc 1.7", "d64_loc1.7", {}, None, x=3, note="the predicted loc at d = 64")], "d 16, loc 1.0",
-        trains=True, cpu="22 min + base", xlabel="latent size, loc", xscale="cat"),
-}
+from studies import BPB_MARGIN, MARGIN, ROBUST_TOL, RUNS, STUDIES, TIE, compare_with_paper, mean_ci
 
 # --quick: a toy model and a few prompts, so a study runs in seconds (tests use it)
 QUICK_TRAIN = ["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1", "--dit.width=32",
@@ -203,17 +95,6 @@ def finished(ckpt_path):
     return ck if final and ck["step"] >= want else None
 
 
-@contextlib.contextmanager
-def own_signals():
-    """train.py turns SIGINT/SIGTERM into 'checkpoint and stop'; restore the default afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
-
-
 def ensure_run(ctx, name, seed=0):
     """The checkpoint of a finished run: reused, continued (--resume) or trained here."""
     argv, out = train_argv(ctx, name, seed)
@@ -244,14 +125,16 @@ def ensure_run(ctx, name, seed=0):
     meta = meta or dict(argv=argv, seconds=0.0)
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    t0 = time.time()
-    with own_signals(), open(os.path.join(out, "train.log"), "a") as log, contextlib.redirect_stdout(log):
+    t0, saved = time.time(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with open(os.path.join(out, "train.log"), "a") as log, contextlib.redirect_stdout(log):
         try:
             train.main(argv + (["--resume"] if started else []))
         except SystemExit as e:  # SIGINT / SIGTERM: train.py saved a checkpoint (reported below); else an error
             if e.code:
                 raise
         finally:
+            for s, h in saved.items():  # train.py made them 'checkpoint and stop'; this process's own again
+                signal.signal(s, h)
             meta["seconds"] += time.time() - t0
             with open(meta_path, "w") as f:
                 json.dump(meta, f)
@@ -318,55 +201,15 @@ def per_unit(study, s, r):
     """The per-prompt (quality) or per-window (robustness) values of one measurement."""
     if study.measure == "robust":
         return r["robustness_windows"][f"{s.opts['t']:g}"]
-    out = []
-    for smp in r["samples"]:
-        sc = smp["scores"]
-        out.append(0.0 if not sc["words"] else sc["word_valid"])  # no word at all: nothing real written
-    return out
+    # no word at all: nothing real written
+    return [smp["scores"]["word_valid"] if smp["scores"]["words"] else 0.0 for smp in r["samples"]]
 
 
-# ----------------------------------------------------------------------------- statistics
-
-def t975(df):
-    """The 97.5% quantile of Student's t with df degrees of freedom (a series approximation: within 0.12
-    of the exact value at df = 3, within 0.004 from df = 10)."""
-    return 1.96 + 2.37 / df + 2.8 / df ** 2
-
-
-def mean_ci(v):
-    """Mean and 95% t-interval of the mean of v."""
-    n = len(v)
-    m = sum(v) / n
-    if n < 2:
-        return m, float("-inf"), float("inf")
-    h = t975(n - 1) * math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n)
-    return m, m - h, m + h
-
-
-def paper_direction(s, ref):
-    """'<', '>' or '~': how the paper's setting s compares with the reference, or None (no claim)."""
-    if s.expect:
-        return s.expect
-    if s.paper is None or ref is None or ref.paper is None:
-        return None
-    d = s.paper - ref.paper
-    return "~" if abs(d) < TIE else ("<" if d < 0 else ">")
-
-
-def verdict(direction, lo, hi, margin=MARGIN):
-    """agrees / disagrees / inconclusive: our 95% interval [lo, hi] of (row - reference) against the
-    paper's direction. '<' agrees when the whole interval is below 0 and disagrees when it is above;
-    '~' agrees when it lies inside +-margin and disagrees when it lies outside it."""
-    if direction == "<":
-        return "agrees" if hi < 0 else "disagrees" if lo > 0 else "inconclusive"
-    if direction == ">":
-        return "agrees" if lo > 0 else "disagrees" if hi < 0 else "inconclusive"
-    if -margin <= lo and hi <= margin:
-        return "agrees"
-    return "disagrees" if lo > margin or hi < -margin else "inconclusive"
-
+# ----------------------------------------------------------------------------- analysis
 
 def analyse(ctx, name, study):
+    """A study's result: each row's mean over the prompts (windows) with its 95% interval, compared with
+    the paper (studies.compare_with_paper), and the wall time its runs and measurements took."""
     seeds = range(ctx.args.seeds)
     vals, bpb, extra = {}, {}, {}
     for s in study.settings:
@@ -385,28 +228,11 @@ def analyse(ctx, name, study):
         else:
             extra[s.label] = dict(token_acc=sum(r["token_acc"] for r in rs) / len(rs),
                                   evals={r["path"]: r["wall_seconds"] for r in rs})
-    rows, by_label = [], {s.label: s for s in study.settings}
+    rows = []
     for s in study.settings:
         m, lo, hi = mean_ci(vals[s.label])
-        row = dict(label=s.label, run=s.run, opts=s.opts, paper=s.paper, note=s.note, x=s.x, ours=m, ci=[lo, hi],
-                   n=len(vals[s.label]), **extra[s.label])
-        ref = by_label.get(s.ref or study.reference)
-        if study.measure == "robust":
-            row["verdict"] = "-" if s.paper is None else verdict("~", lo - s.paper, hi - s.paper, ROBUST_TOL)
-        elif ref is None or ref is s:
-            row["verdict"] = "reference"
-        else:
-            diff = [a - b for a, b in zip(vals[s.label], vals[ref.label])]  # paired: same prompts, same seeds
-            dm, dlo, dhi = mean_ci(diff)
-            direction = paper_direction(s, ref)
-            row.update(ref=ref.label, paper_direction=direction, diff=dm, diff_ci=[dlo, dhi],
-                       verdict="-" if direction is None else verdict(direction, dlo, dhi))
-            if bpb:  # the judge's view: lower bits per byte is better, so the paper's '<' means a higher bpb
-                bm, blo, bhi = mean_ci([a - b for a, b in zip(bpb[s.label], bpb[ref.label])])
-                flipped = {"<": ">", ">": "<"}.get(direction, direction)
-                row.update(bpb_diff=bm, bpb_diff_ci=[blo, bhi],
-                           bpb_verdict="-" if direction is None else verdict(flipped, blo, bhi, margin=BPB_MARGIN))
-        rows.append(row)
+        rows.append(dict(label=s.label, run=s.run, opts=s.opts, paper=s.paper, note=s.note, x=s.x, ours=m,
+                         ci=[lo, hi], n=len(vals[s.label]), **extra[s.label], **compare_with_paper(study, s, vals, bpb)))
     seconds, untimed = run_seconds(ctx, {(s.run, k) for s in study.settings for k in (seeds if study.trains else [0])})
     evals = {p: sec for r in rows for p, sec in r.pop("evals").items()}  # rows may share a measurement
     seconds += sum(evals.values())
@@ -499,15 +325,13 @@ def plot(res, path):
 
 
 def run_study(ctx, name):
-    study = STUDIES[name]
     t0 = time.time()
-    res = analyse(ctx, name, study)
+    res = analyse(ctx, name, STUDIES[name])
     res["wall_seconds_this_call"] = time.time() - t0
-    with open(ctx.path(f"{name}.json"), "w") as f:
-        json.dump(res, f, indent=2)
     md = markdown(res)
-    with open(ctx.path(f"{name}.md"), "w") as f:
-        f.write(md)
+    for ext, text in (("json", json.dumps(res, indent=2)), ("md", md)):
+        with open(ctx.path(f"{name}.{ext}"), "w") as f:
+            f.write(text)
     print(md)
     print(f"wrote {ctx.path(name + '.json')}, {ctx.path(name + '.md')}"
           + (f", {ctx.path(name + '.png')}" if plot(res, ctx.path(name + ".png")) else " (no plot: matplotlib absent)"))
@@ -558,8 +382,7 @@ def main(argv=None):
         return
     if args.study == "summary":
         return summary(ctx)
-    names = list(STUDIES) if args.study == "all" else [args.study]
-    for name in names:
+    for name in list(STUDIES) if args.study == "all" else [args.study]:
         if name not in STUDIES:
             raise UserError(f"unknown study {name!r}; `python repro.py list` names them")
         run_study(ctx, name)

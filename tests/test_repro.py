@@ -1,4 +1,4 @@
-"""repro.py: every study at --quick size, reuse, continuing after an interruption, the verdicts."""
+"""repro.py and studies.py: every study at --quick size, reuse, continuing after an interruption, the verdicts."""
 import json
 import os
 import shutil
@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 import repro
+import studies
 import train
 from common import UserError
 from data import prepare
@@ -29,7 +30,7 @@ def all_quick(corpora, tmp_path_factory):
 
 
 def test_every_study_runs_and_writes_its_table(all_quick):
-    for name, study in repro.STUDIES.items():
+    for name, study in studies.STUDIES.items():
         res = json.load(open(all_quick / f"{name}.json"))
         assert [r["label"] for r in res["rows"]] == [s.label for s in study.settings]
         assert (all_quick / f"{name}.md").read_text().startswith(f"## {name}:")
@@ -40,12 +41,12 @@ def test_every_study_runs_and_writes_its_table(all_quick):
     first = json.load(open(all_quick / "first_block.json"))
     assert {r["opts"]["first_block"] for r in first["rows"]} >= {"clean", "repaint:3:0.3", "left_pad", "right_pad"}
     summary = (all_quick / "SUMMARY.md").read_text()
-    assert all(f"| {name} |" in summary for name in repro.STUDIES)
+    assert all(f"| {name} |" in summary for name in studies.STUDIES)
 
 
 def test_plots_where_matplotlib_is_installed(all_quick):
     pytest.importorskip("matplotlib")  # optional: not in requirements.txt
-    assert all((all_quick / f"{name}.png").stat().st_size > 1000 for name in repro.STUDIES)
+    assert all((all_quick / f"{name}.png").stat().st_size > 1000 for name in studies.STUDIES)
 
 
 def test_a_finished_study_only_re_reports(all_quick, corpora, monkeypatch):
@@ -85,17 +86,17 @@ def test_a_run_made_with_other_options_is_not_reused(all_quick, corpora, tmp_pat
     (">", 0.01, 0.2, "agrees"), (">", -0.2, -0.01, "disagrees"), (">", -0.1, 0.1, "inconclusive"),
     ("~", -0.01, 0.015, "agrees"), ("~", 0.03, 0.1, "disagrees"), ("~", -0.01, 0.05, "inconclusive")])
 def test_verdict(direction, lo, hi, want):
-    assert repro.verdict(direction, lo, hi, margin=0.02) == want
+    assert studies.verdict(direction, lo, hi, margin=0.02) == want
 
 
 def test_paper_direction_and_intervals():
-    ref = repro.Setting("w = 7", "base", paper=31.3)
-    assert repro.paper_direction(repro.Setting("w = 1", "base", paper=13.7), ref) == "<"
-    assert repro.paper_direction(repro.Setting("32 steps", "base", paper=32.2), ref) == "~"  # within a point
-    assert repro.paper_direction(repro.Setting("x", "base"), ref) is None
-    m, lo, hi = repro.mean_ci([0.0, 1.0] * 50)
+    ref = studies.Setting("w = 7", "base", paper=31.3)
+    assert studies.paper_direction(studies.Setting("w = 1", "base", paper=13.7), ref) == "<"
+    assert studies.paper_direction(studies.Setting("32 steps", "base", paper=32.2), ref) == "~"  # within a point
+    assert studies.paper_direction(studies.Setting("x", "base"), ref) is None
+    m, lo, hi = studies.mean_ci([0.0, 1.0] * 50)
     assert m == 0.5 and hi - lo == pytest.approx(2 * 1.984 * 0.5025 / 10, rel=1e-3)  # t(99) = 1.984
-    assert repro.t975(3) == pytest.approx(3.182, abs=0.13) and repro.t975(10) == pytest.approx(2.228, abs=0.004)
+    assert studies.t975(3) == pytest.approx(3.182, abs=0.13) and studies.t975(10) == pytest.approx(2.228, abs=0.004)
 
 
 def test_measurements_follow_the_judge(all_quick, corpora, monkeypatch):
@@ -115,6 +116,6 @@ def test_measurements_follow_the_judge(all_quick, corpora, monkeypatch):
 def test_list_names_every_study(capsys):
     repro.main(["list"])
     out = capsys.readouterr().out
-    assert all(name in out for name in repro.STUDIES)
+    assert all(name in out for name in studies.STUDIES)
     with pytest.raises(UserError, match="unknown study"):
         repro.main(["nope", "--quick"])
