@@ -1,7 +1,7 @@
 """
 Helpers shared by the scripts (train.py, sample.py, eval.py, data/): the one-line error convention,
-command-line overrides, device and DDP setup, checkpoint I/O and loading a model from a checkpoint.
-Each lives here once and is imported.
+command-line overrides, device, precision and DDP setup, run logging and checkpoint I/O. Each lives
+here once and is imported. It imports no model module: config.py makes the models.
 """
 import ast
 import collections
@@ -15,9 +15,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
-from ar import ARLM
-from cola import Cola
 
 
 class UserError(Exception):
@@ -295,12 +292,3 @@ def check_resume(ckpt, cfgs, free=()):
     if diff:
         raise UserError("--resume with settings that differ from the checkpoint: " + "; ".join(diff))
 
-
-def load_model(path, device="cpu"):
-    """The model of a train.py checkpoint, in eval mode on device: (cola.Cola or ar.ARLM, checkpoint).
-    Both offer generate, score and diagnostics; a stage-1 Cola checkpoint has no prior (dit None)."""
-    ckpt = load_checkpoint(path)
-    if "config" not in ckpt or not ({"vae", "ar"} & set(ckpt)):
-        raise UserError(f"{path} is not a cola checkpoint (no model weights / configs in it)")
-    model = (ARLM if "ar" in ckpt else Cola).from_checkpoint(ckpt)
-    return model.to(device).eval(), ckpt

@@ -24,31 +24,26 @@ import torch
 from tqdm import tqdm
 
 from cola import Cola, parse_first_block
-from common import DTYPES, UserError, autocast, cast_for, load_model, pick_device, precision, run_main
+from common import DTYPES, UserError, autocast, cast_for, pick_device, precision, run_main
+from config import load_model, random_model
 from data import benchmarks as bm
 from data import quality as tq
 from data.loader import load_meta, resolve_data_dir, val_windows
 from flow import FlowConfig, fm_by_t, fm_loss, interpolate, sample_t
-from sample import SPEED_PROMPT, random_model, speed
 
 
 def dataset_dir(args, ckpt, model):
     """The prepared dataset to evaluate on: --dataset, or the one the checkpoint was trained on."""
     data_dir = resolve_data_dir(args.dataset or ckpt["config"]["train"]["dataset"])
-    if load_meta(data_dir)["tokenizer"] != model.tok.name:
-        raise UserError(f"dataset {data_dir} is tokenized with {load_meta(data_dir)['tokenizer']!r}, the model "
-                        f"with {model.tok.name!r}")
+    if (data_tok := load_meta(data_dir)["tokenizer"]) != model.tok.name:
+        raise UserError(f"dataset {data_dir} is tokenized with {data_tok!r}, the model with {model.tok.name!r}")
     return data_dir
 
 
 def held_out(args, ckpt, model, limit):
     """Fixed windows of the validation split (limit, seq_len), on the model's device."""
-    device = next(model.parameters()).device
-    return val_windows(dataset_dir(args, ckpt, model), ckpt["config"]["train"]["seq_len"], limit).to(device)
-
-
-def batches(x, size):
-    return [x[i:i + size] for i in range(0, len(x), size)]
+    x = val_windows(dataset_dir(args, ckpt, model), ckpt["config"]["train"]["seq_len"], limit)
+    return x.to(next(model.parameters()).device)
 
 
 # ----------------------------------------------------------------------------- recon
@@ -61,26 +56,24 @@ PAPER_ROBUST = {0.1: 1.00, 0.15: 1.00, 0.3: 0.79, 0.4: 0.44, 0.5: 0.20}  # arXiv
 def recon(model, x, batch_size=16, seed=0):
     """Reconstruction diagnostics, plus token accuracy after noising the posterior-mean latents along
     the flow path z_t = (1 - t) mu + t eps (the paper's latent-noise robustness)."""
-    vae, device = model.vae, x.device
+    vae = model.vae
     torch.manual_seed(seed)
     sums, robust = {}, {t: [] for t in ROBUST_T}  # per window
-    for xb in batches(x, batch_size):
+    for xb in x.split(batch_size):
         mu, logvar = vae.encode(xb)
-        d = vae.diagnostics(xb, (mu, logvar))
-        for t in ROBUST_T:
-            zt = interpolate(mu, torch.randn_like(mu), torch.full(mu.shape[:2], t, device=device))
-            robust[t] += (vae.decode(zt).argmax(-1) == xb).float().mean(1).tolist()
-        for k, v in d.items():
+        for k, v in vae.diagnostics(xb, (mu, logvar)).items():
             sums[k] = sums.get(k, 0.0) + v * len(xb)
+        for t in ROBUST_T:
+            zt = interpolate(mu, torch.randn_like(mu), torch.full(mu.shape[:2], t, device=x.device))
+            robust[t] += (vae.decode(zt).argmax(-1) == xb).float().mean(1).tolist()
     r = {k: v / len(x) for k, v in sums.items()}
     r.update(robustness={f"{t:g}": sum(v) / len(v) for t, v in robust.items()},
              robustness_windows={f"{t:g}": v for t, v in robust.items()}, windows=len(x), tokens=x.numel())
     print(f"token_acc {r['token_acc']:.4f} | masked_acc {r['masked_acc']:.4f} | logSNR {r['logsnr']:.2f} | "
-          f"sigma {r['sigma']:.4f} | KL {r['kl']:.2f} nats/token | {r['tokens']} held-out tokens")
-    print("latent-noise robustness (token accuracy after z_t = (1-t) mu + t eps):\n   t    ours   paper")
-    for t, acc in r["robustness"].items():
-        paper = PAPER_ROBUST.get(float(t))
-        print(f"  {t:>4}  {acc:.3f}  {'' if paper is None else f'{paper:.2f}'}")
+          f"sigma {r['sigma']:.4f} | KL {r['kl']:.2f} nats/token | {r['tokens']} held-out tokens\n"
+          "latent-noise robustness, token accuracy after z_t = (1-t) mu + t eps (the paper's in brackets): "
+          + ", ".join(f"t={t} {acc:.3f}" + (f" ({PAPER_ROBUST[float(t)]:.2f})" if float(t) in PAPER_ROBUST else "")
+                      for t, acc in r["robustness"].items()))
     return r
 
 
@@ -104,16 +97,12 @@ def history_gain(model, z, high=0.8, seed=0):
     with the true history, and with another sequence's (z rolled over the batch), under the same t and
     noise. Blocks after the first only (the first has no history). Returns the losses and the relative
     drop (other - true) / other, over all positions and over the first position of every block."""
-    B, L, _ = z.shape
-    bs = model.dit.cfg.block_size
+    (B, L, _), bs = z.shape, model.dit.cfg.block_size
     t = high + (1 - high) * torch.rand(B, math.ceil(L / bs), generator=torch.Generator().manual_seed(seed))
-    cfg = eval_flow_cfg(model)
-    losses = []
+    cfg, losses, pos, r = eval_flow_cfg(model), [], torch.arange(L, device=z.device), {}
     for history in (z, z.roll(1, 0)):
         torch.manual_seed(seed)  # the same noise for both
         losses.append(fm_loss(model.dit, z, cfg, t_block=t.to(z.device), history=history)[1]["per_token"])
-    pos = torch.arange(L, device=z.device)
-    r = {}
     for name, sel in (("", pos >= bs), ("_first", (pos >= bs) & (pos % bs == 0))):
         true, other = (l[:, sel].mean().item() for l in losses)
         r.update({f"fm_high_t{name}": true, f"fm_high_t_other{name}": other, f"fm_history_gain{name}": (other - true) / other})
@@ -129,7 +118,7 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
     cfg = eval_flow_cfg(model)
     ts, losses, zs = [], [], []
     for _ in range(repeats):  # several t / noise draws per window
-        for xb in batches(x, batch_size):
+        for xb in x.split(batch_size):
             z = model.vae.sample(*model.vae.encode(xb))  # what the prior models: posterior samples
             _, st = fm_loss(model.dit, z, cfg)
             ts.append(st["t"].flatten().float().cpu()); losses.append(st["per_token"].flatten().float().cpu())
@@ -143,9 +132,9 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
              latent_var=s2.tolist(), t_dist=f"{cfg.t_dist}(loc={cfg.t_loc}, scale={cfg.t_scale})", tokens=len(t))
     r.update(history_gain(model, z, seed=seed))
     print(f"held-out FM loss {r['fm_loss']:.4f} per channel | Gaussian baseline {r['fm_loss_gauss']:.4f} | "
-          f"ratio {r['ratio']:.3f} | t ~ {r['t_dist']} | {r['tokens']} tokens\n    t bin     ours   gauss  ratio")
-    for k, v in r["bins"].items():
-        print(f"  {k}  {v:.4f}  {r['bins_gauss'][k]:.4f}  {v / r['bins_gauss'][k]:.3f}")
+          f"ratio {r['ratio']:.3f} | t ~ {r['t_dist']} | {r['tokens']} tokens\nper t bin, ours / Gaussian = ratio: "
+          + ", ".join(f"{k} {v:.4f} / {r['bins_gauss'][k]:.4f} = {v / r['bins_gauss'][k]:.3f}"
+                      for k, v in r["bins"].items()))
     print(f"t >= 0.8, true history vs another sequence's: {r['fm_high_t']:.4f} vs {r['fm_high_t_other']:.4f} "
           f"(fm_history_gain {r['fm_history_gain']:.3f}); first position of a block: {r['fm_high_t_first']:.4f} vs "
           f"{r['fm_high_t_other_first']:.4f} (gain {r['fm_history_gain_first']:.3f})")
@@ -156,14 +145,11 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
 
 @torch.no_grad()
 def nll(model, x, samples=1, ode_steps=32, batch_size=8, seed=0):
-    """Cola: the ELBO (samples > 1: IWAE) bound on held-out windows (arXiv 2605.06548 §3.1.1, App. A).
-    AR: the exact NLL of tokens 2..L of each window. Nats per token, PPL, bits per UTF-8 byte (the axis
-    both share)."""
+    """Cola: the ELBO (samples > 1: IWAE) bound on held-out windows (arXiv 2605.06548 §3.1.1, App. A). AR: the
+    exact NLL of tokens 2..L of each window. Nats per token, PPL, bits per UTF-8 byte (the axis both share)."""
     torch.manual_seed(seed)
-    bound = isinstance(model, Cola)
-    elbo = iwae = 0.0
-    parts = {}
-    for xb in tqdm(batches(x, batch_size), desc="nll", leave=False):
+    bound, elbo, iwae, parts = isinstance(model, Cola), 0.0, 0.0, {}
+    for xb in tqdm(x.split(batch_size), desc="nll", leave=False):
         if not bound:
             elbo += model.score(xb).sum().item()
             continue
@@ -178,37 +164,128 @@ def nll(model, x, samples=1, ode_steps=32, batch_size=8, seed=0):
     total = -(iwae if samples > 1 and bound else elbo)
     r = dict(nll=total / n_tok, ppl=math.exp(total / n_tok), bpb=total / n_bytes / math.log(2),
              params=model.num_params(), tokens=n_tok, bytes=n_bytes, exact=not bound)
-    if not bound:
-        print(f"NLL {r['nll']:.4f} nats/token (exact, AR) | PPL {r['ppl']:.3f} | {r['bpb']:.4f} bits/byte | "
-              f"{r['params'] / 1e6:.2f}M params | {r['tokens']} tokens")
-        return r
-    r.update(nll_elbo=-elbo / n_tok, nll_iwae=-iwae / n_tok if samples > 1 else None,
-             recon_nats=-parts["log_px"] / n_tok, prior_nats=-parts["log_pz"] / n_tok,
-             entropy_nats=-parts["log_q"] / n_tok, samples=samples, ode_steps=ode_steps,
-             note="upper bound on the NLL (ELBO/IWAE; CNF prior density by midpoint steps and a Hutchinson "
-                  "trace); held-out windows, whose first block has no history")
-    print(f"NLL <= {r['nll']:.4f} nats/token ({'IWAE' if samples > 1 else 'ELBO'}, K={samples}, {ode_steps} ODE steps) "
-          f"| PPL <= {r['ppl']:.3f} | {r['bpb']:.4f} bits/byte | {r['params'] / 1e6:.2f}M params | {n_tok} tokens")
-    print(f"  terms per token: -log p(x|z) {r['recon_nats']:.4f} | -log p(z) {r['prior_nats']:.4f} | "
-          f"log q(z|x) {-r['entropy_nats']:.4f}")
+    kind, le = ("exact, AR", "") if not bound else (f"{'IWAE' if samples > 1 else 'ELBO'}, K={samples}, "
+                                                     f"{ode_steps} ODE steps", "<= ")
+    print(f"NLL {le}{r['nll']:.4f} nats/token ({kind}) | PPL {le}{r['ppl']:.3f} | {r['bpb']:.4f} bits/byte | "
+          f"{r['params'] / 1e6:.2f}M params | {n_tok} tokens")
+    if bound:
+        r.update(nll_elbo=-elbo / n_tok, nll_iwae=-iwae / n_tok if samples > 1 else None,
+                 recon_nats=-parts["log_px"] / n_tok, prior_nats=-parts["log_pz"] / n_tok,
+                 entropy_nats=-parts["log_q"] / n_tok, samples=samples, ode_steps=ode_steps,
+                 note="upper bound on the NLL (ELBO/IWAE; CNF prior density by midpoint steps and a Hutchinson "
+                      "trace); held-out windows, whose first block has no history")
+        print(f"  terms per token: -log p(x|z) {r['recon_nats']:.4f} | -log p(z) {r['prior_nats']:.4f} | "
+              f"log q(z|x) {-r['entropy_nats']:.4f}")
+    return r
+
+
+# ----------------------------------------------------------------------------- speed
+
+SPEED_PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+
+
+def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=True, compile=False):
+    """Seconds to generate new_tokens for `batch` copies of prompt (never stopping early)."""
+    sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = model.generate([prompt] * batch, new_tokens, steps=steps, cfg_scale=cfg_scale, use_cache=use_cache,
+                         stop_at_eot=False, compile=compile)
+    sync()
+    assert all(len(o) == new_tokens for o in out)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def speed(model, prompt, quick=False, compile=False):
+    """Sampler tokens/s and latency per block over a grid, and (Cola) the KV-cache speedup measured side by
+    side: the same sampler recomputing the whole history at every step. prompt: token ids (20: with block 16,
+    one full block in the cache and the tail pinned in the first block). compile: the compiled step, whose
+    graphs are specialised to each setting's shapes, so every setting first runs once untimed, compiling them."""
+    cola, bs, device = isinstance(model, Cola), model.block_size, next(model.parameters()).device
+    grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((8, 16) if cola else (0,))
+            for w in ((7.0, 1.0) if cola else (1.0,))] if not quick else [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
+    dtype = "bf16" if torch.is_autocast_enabled(device.type) else "fp32"
+    print(f"sampler speed on {device}, {dtype}, {torch.get_num_threads()} threads" + (", compiled step" * compile))
+    time_generate(model, prompt, 1, 16, 2, 7.0)  # warm-up
+    rows = []
+    for b, n, s, w in grid:
+        if compile:  # this setting's graphs, compiled before the clock starts (earlier ones dropped)
+            torch.compiler.reset()
+            time_generate(model, prompt, b, n, s, w, compile=True)
+        dt = time_generate(model, prompt, b, n, s, w, compile=compile)
+        rows.append(dict(batch=b, new_tokens=n, steps=s, cfg=w, seconds=dt, tok_s=b * n / dt,
+                         block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
+        print(f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
+              f"{rows[-1]['block_ms']:7.1f} ms/{'block' if cola else 'token'}", flush=True)
+    r = dict(device=str(device), dtype=dtype, threads=torch.get_num_threads(), compile=compile, rows=rows)
+    if cola:
+        n = 64 if quick else 256
+        cached, free = (time_generate(model, prompt, 1, n, 16, 7.0, use_cache=c) for c in (True, False))  # eager
+        r.update(cache_speedup=free / cached, cache_speedup_setting=f"batch 1, {n} new tokens, 16 steps, cfg 7",
+                 cached_seconds=cached, cache_free_seconds=free)
+        print(f"cache_speedup {free / cached:.2f}x ({r['cache_speedup_setting']}: cache-free {free:.2f} s, "
+              f"cached {cached:.2f} s)")
     return r
 
 
 # ----------------------------------------------------------------------------- bench
 
-def bench(model, context, args):
-    """A few-shot benchmark (data/benchmarks.py: the paper's generative protocol, or --protocol=rank)."""
-    if args.task not in bm.TASKS:
-        raise UserError(f"unknown --task {args.task!r}; choose from {', '.join(bm.TASKS)}")
-    items = bm.load_items(args.data, args.task)
-    r = bm.evaluate(model, context, args.task, items, args.protocol, args.limit, args.steps, args.cfg, seed=args.seed)
-    lo, hi = r["ci95"]
-    print(f"{r['task']} ({r['protocol']}, {r['shots']}-shot): accuracy {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on "
-          f"{r['n']} items | chance {r['chance']:.3f} | {r['truncated_prompts']} sequences left-truncated to the "
-          f"{context}-token context")
-    for ex in r["examples"]:
-        print(f"  gold {ex['answer']!r:20.20} generated {ex['generated'][:60]!r}")
-    return r
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, c - h), min(1.0, c + h)]
+
+
+def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
+    """A few-shot benchmark (data/benchmarks.py; the first SHOTS items are shots, never evaluated), prompts
+    left-truncated to the context: the paper's generative protocol, or --protocol=rank, the choice of highest
+    log p(prompt + choice) - log p(prompt) (for Cola ELBOs: an approximation, under common random numbers)."""
+    task, tok, steps, cfg_scale, seed = args.task, model.tok, args.steps, args.cfg, args.seed
+    if task not in bm.TASKS:
+        raise UserError(f"unknown --task {task!r}; choose from {', '.join(bm.TASKS)}")
+    items = bm.load_items(args.data, task)
+    if args.protocol == "rank" and not bm.is_multiple_choice(task):
+        raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
+    shots, todo = items[:bm.SHOTS[task]], items[bm.SHOTS[task]:][:args.limit]
+    prompts = [tok.encode(bm.build_prompt(task, it, shots)) for it in todo]
+    room = context - max_new_tokens if args.protocol == "generate" else context
+    truncated, correct, examples = 0, [], []
+    if args.protocol == "generate":
+        for i in tqdm(range(0, len(todo), batch_size), desc=task, leave=False):
+            chunk = [p[-room:] if room > 0 else [] for p in prompts[i:i + batch_size]]
+            truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
+            outs = model.generate(chunk, max_new_tokens, steps=steps, cfg_scale=cfg_scale, seed=seed)
+            for it, text in zip(todo[i:i + batch_size], map(tok.decode, outs)):
+                correct.append(bm.is_correct(task, it, text))
+                if len(examples) < 5:
+                    examples.append(dict(answer=it["answer"], generated=text))
+    else:
+        dev = next(model.parameters()).device
+        for it, p in tqdm(list(zip(todo, prompts)), desc=task, leave=False):
+            scores, base = [], {}  # base: log p(prompt) per truncation, computed once
+            for c in it["choices"]:
+                full = p + tok.encode(" " + c)
+                cut = max(0, len(full) - room)  # drop the same prompt prefix from both sequences
+                truncated += cut > 0
+                if cut not in base:
+                    torch.manual_seed(seed)
+                    base[cut] = model.score(torch.tensor([p[cut:]], device=dev), ode_steps=ode_steps)
+                torch.manual_seed(seed)
+                scores.append((model.score(torch.tensor([full[cut:]], device=dev), ode_steps=ode_steps) - base[cut]).item())
+            correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
+    k, n = sum(correct), len(correct)
+    chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if bm.is_multiple_choice(task) else 0.0
+    (lo, hi), acc = wilson(k, n), k / max(n, 1)
+    print(f"{task} ({args.protocol}, {len(shots)}-shot): accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}] on {n} items | chance "
+          f"{chance:.3f} | {truncated} sequences left-truncated to the {context}-token context" + "".join(
+              f"\n  gold {ex['answer']!r:20.20} generated {ex['generated'][:60]!r}" for ex in examples))
+    return dict(task=task, protocol=args.protocol, accuracy=acc, n=n, correct=k, chance=chance, ci95=[lo, hi],
+                shots=len(shots), truncated_prompts=truncated, context=context, steps=steps, cfg=cfg_scale,
+                examples=examples)
 
 
 # ----------------------------------------------------------------------------- quality
@@ -231,8 +308,7 @@ def quality(model, ckpt, args):
     (ceiling) and unigram-sampled tokens (floor). Words found in the training vocabulary, distinct word
     4-grams, byte entropy and, with --judge (an AR checkpoint), the judge's bits per byte (in fp32 under
     any --dtype, so that only the generator changes)."""
-    data_dir, tok = dataset_dir(args, ckpt, model), model.tok
-    context = ckpt["config"]["train"]["seq_len"]
+    data_dir, tok, context = dataset_dir(args, ckpt, model), model.tok, ckpt["config"]["train"]["seq_len"]
     if context - args.new_tokens < 1:
         raise UserError(f"--new_tokens={args.new_tokens} leaves no room for a prompt in the {context}-token context")
     pairs = tq.quality_prompts(data_dir, args.prompts, args.prompt_chars, tok, args.new_tokens)
@@ -258,24 +334,20 @@ def quality(model, ckpt, args):
             raise UserError(f"--judge {args.judge} is a Cola checkpoint; the judge must be an AR one (--model=ar)")
         for name, texts in rows.items():
             with torch.autocast(judge.tok_emb.weight.device.type, enabled=False):  # the yardstick: always fp32
-                context = judge_ckpt["config"]["train"]["seq_len"]
-                scored = [judge_bits(judge, context, p, c) for (p, _), c in zip(pairs, texts)]
+                scored = [judge_bits(judge, judge_ckpt["config"]["train"]["seq_len"], p, c)
+                          for (p, _), c in zip(pairs, texts)]
             bits, n_bytes = map(sum, zip(*scored))
             stats[name]["bpb"] = bits / max(n_bytes, 1)
             for s, (b, n) in zip(per_sample[name], scored):
                 s.update(bits=b, bytes=n)
-    r = dict(gen_bpb=stats["generated"].get("bpb"), gen_bpb_true=stats["true"].get("bpb"),
-             gen_bpb_unigram=stats["unigram"].get("bpb"),
-             self_judged=bool(args.judge) and os.path.samefile(args.judge, args.ckpt),
-             word_valid=stats["generated"]["word_valid"], word_valid_true=stats["true"]["word_valid"],
-             word_valid_unigram=stats["unigram"]["word_valid"],
-             distinct4=stats["generated"]["distinct4"], distinct4_true=stats["true"]["distinct4"],
-             byte_entropy=stats["generated"]["byte_entropy"], byte_entropy_true=stats["true"]["byte_entropy"],
-             stats=stats, settings=dict(prompts=len(pairs), new_tokens=args.new_tokens, prompt_chars=args.prompt_chars,
-                                        steps=args.steps, cfg=args.cfg, shift=args.shift, temperature=args.temperature,
-                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, judge=args.judge,
-                                        first_block=args.first_block,
-                                        dataset=data_dir),
+    r = dict(self_judged=bool(args.judge) and os.path.samefile(args.judge, args.ckpt))
+    for key, stat, names in (("gen_bpb", "bpb", rows), ("word_valid", "word_valid", rows),
+                             ("distinct4", "distinct4", ("generated", "true")),
+                             ("byte_entropy", "byte_entropy", ("generated", "true"))):
+        r.update({key + ("" if name == "generated" else "_" + name): stats[name].get(stat) for name in names})
+    settings = ("new_tokens", "prompt_chars", "steps", "cfg", "shift", "temperature", "top_k", "top_p", "seed", "judge",
+                "first_block")
+    r.update(stats=stats, settings=dict(prompts=len(pairs), dataset=data_dir, **{k: getattr(args, k) for k in settings}),
              samples=[dict(prompt=p, generated=g, true=c, scores=sc, true_scores=tc)
                       for (p, c), g, sc, tc in zip(pairs, gens, per_sample["generated"], per_sample["true"])])
     fmt = lambda v, f: "-" if v is None else format(v, f)
@@ -293,11 +365,9 @@ def quality(model, ckpt, args):
 
 def run_all(args, model, ckpt):
     """Every metric with a small budget (a quick report, not a final number)."""
-    x = held_out(args, ckpt, model, min(args.limit, 32))
-    r = {}
+    x, r = held_out(args, ckpt, model, min(args.limit, 32)), {}
     if isinstance(model, Cola):
-        r["recon"] = recon(model, x, seed=args.seed)
-        r["fm"] = fm(model, x, seed=args.seed)
+        r.update(recon=recon(model, x, seed=args.seed), fm=fm(model, x, seed=args.seed))
     r["nll"] = nll(model, x[:8], samples=1, ode_steps=16, seed=args.seed)
     cloze = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "benchmarks", "cloze.jsonl")
     if os.path.isfile(cloze):
@@ -316,6 +386,37 @@ COMMANDS = {"recon": "VAE reconstruction and latent-noise robustness",
             "speed": "sampler throughput and KV-cache speedup",
             "bench": "few-shot benchmark (generative protocol, or --protocol=rank)",
             "all": "everything with a small budget"}
+SAMPLING = ("bench", "all", "quality")  # the subcommands that generate: the sampler's options, sample.py's defaults
+OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt is every subcommand's but speed's
+    (COMMANDS, "--out", dict(help="write the results as JSON here")),
+    (COMMANDS, "--limit", dict(type=int, default=64, help="held-out windows (bench: items) to use")),
+    (COMMANDS, "--dataset", dict(help="a prepared dataset (data/NAME or a path); default: the checkpoint's own")),
+    (COMMANDS, "--device", dict(default="auto")),
+    (COMMANDS, "--dtype", dict(default="auto", choices=DTYPES, help="auto: bf16 autocast on CUDA (nll: fp32), else fp32")),
+    (COMMANDS, "--seed", dict(type=int, default=0)),
+    (["speed"], "--quick", dict(action="store_true", help="a small grid (smoke test)")),
+    (["speed"], "--compile", dict(action="store_true", help="time the compiled step (sample.py --compile)")),
+    (["speed"], "--random_init", dict(action="store_true", help="fresh weights from train.py's options given after it")),
+    (["nll"], "--samples", dict(type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")),
+    (["nll"], "--ode_steps", dict(type=int, default=32, help="midpoint steps of the CNF density")),
+    (["bench"], "--task", dict(required=True, help=", ".join(bm.TASKS))),
+    (["bench"], "--data", dict(required=True, help="JSONL items (data/benchmarks.py builds them)")),
+    (["bench"], "--protocol", dict(choices=("generate", "rank"), default="generate")),
+    (SAMPLING, "--steps", dict(type=int, default=16, help="Euler steps per block")),
+    (SAMPLING, "--cfg", dict(type=float, default=7.0, help="classifier-free guidance scale, 1 = off")),
+    (["quality"], "--judge", dict(help="an AR checkpoint (train.py --model=ar) that scores the text")),
+    (["quality"], "--prompts", dict(type=int, default=48, help="held-out prompts")),
+    (["quality"], "--new_tokens", dict(type=int, default=80, help="tokens generated per prompt")),
+    (["quality"], "--prompt_chars", dict(type=int, default=48, help="prompt length in characters (whole words)")),
+    (["quality"], "--shift", dict(type=float, default=1.0, help="time shift of the Euler steps")),
+    (["quality"], "--first_block", dict(default="clean", help="clean, repaint[:R[:M]], left_pad, right_pad")),
+    (["quality"], "--temperature", dict(type=float, default=0.0, help="0 = greedy decoding")),
+    (["quality"], "--top_k", dict(type=int, default=0)),
+    (["quality"], "--top_p", dict(type=float, default=1.0)),
+    (["quality"], "--batch_size", dict(type=int, default=16, help="prompts per generate call")),
+]
+AT_LEAST = dict(limit=1, samples=1, ode_steps=1, steps=1, prompts=1, new_tokens=1, prompt_chars=1, batch_size=1,
+                cfg=0, temperature=0, top_k=0)  # the least value of each number option (of the subcommands with it)
 
 
 def parse_args(argv):
@@ -324,102 +425,53 @@ def parse_args(argv):
     for name, help_ in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         p.add_argument("--ckpt", required=name != "speed", help="a checkpoint written by train.py")
-        p.add_argument("--out", default=None, help="write the results as JSON here")
-        p.add_argument("--limit", type=int, default=64, help="held-out windows (bench: items) to use")
-        p.add_argument("--dataset", default=None, help="a prepared dataset (data/NAME or a path) to evaluate on; "
-                                                       "default: the checkpoint's own")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--dtype", default="auto", choices=DTYPES,
-                       help="auto: bf16 autocast on CUDA (nll: fp32), fp32 elsewhere; bf16 also pays off on CPUs "
-                            "with native bf16 matmuls")
-        p.add_argument("--seed", type=int, default=0)
-        if name == "speed":
-            p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
-            p.add_argument("--compile", action="store_true", help="time the compiled step (sample.py --compile)")
-            p.add_argument("--random_init", action="store_true",
-                           help="time a model with fresh weights instead of --ckpt, built from train.py's options "
-                                "given after it (e.g. --config=small, --dit.block_size=16): any size, no training")
-        if name == "nll":
-            p.add_argument("--samples", type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")
-            p.add_argument("--ode_steps", type=int, default=32, help="midpoint steps of the CNF density")
-        if name == "bench":
-            p.add_argument("--task", required=True)
-            p.add_argument("--data", required=True, help="JSONL items (data/benchmarks.py builds them)")
-            p.add_argument("--protocol", choices=("generate", "rank"), default="generate")
-        if name in ("bench", "all", "quality"):  # the sampler's options, with sample.py's defaults
-            p.add_argument("--steps", type=int, default=16)
-            p.add_argument("--cfg", type=float, default=7.0)
-        if name == "quality":
-            p.add_argument("--judge", default=None, help="an AR checkpoint (train.py --model=ar) that scores the text")
-            p.add_argument("--prompts", type=int, default=48, help="held-out prompts")
-            p.add_argument("--new_tokens", type=int, default=80, help="tokens generated per prompt")
-            p.add_argument("--prompt_chars", type=int, default=48,
-                           help="prompt length in characters (cut to whole words; left-truncated to fit the context)")
-            p.add_argument("--shift", type=float, default=1.0, help="time shift of the Euler steps (> 1: more at high noise)")
-            p.add_argument("--first_block", default="clean",
-                           help="clean (the paper's), repaint[:R[:M]], left_pad, right_pad (cola.parse_first_block)")
-            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-            p.add_argument("--top_k", type=int, default=0)
-            p.add_argument("--top_p", type=float, default=1.0)
-            p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+        for names, flag, kw in OPTIONS:
+            if name in names:
+                p.add_argument(flag, **kw)
     args, model_options = ap.parse_known_args(argv)
-    args.model_options = model_options
+    args.model_options = model_options  # speed --random_init: train.py's options
     if model_options and not (args.cmd == "speed" and args.random_init):
         ap.error(f"unrecognized arguments: {' '.join(model_options)}")
     if args.cmd == "speed" and (args.ckpt is None) == (not args.random_init):
         ap.error("speed needs --ckpt or --random_init (one of them)")
-    if args.limit < 1:
-        ap.error("--limit must be >= 1")
-    if args.cmd == "nll" and (args.samples < 1 or args.ode_steps < 1):
-        ap.error("--samples and --ode_steps must be >= 1")
-    if args.cmd in ("bench", "all", "quality") and (args.steps < 1 or args.cfg < 0):
-        ap.error("--steps must be >= 1 and --cfg >= 0")
-    if args.cmd == "quality" and (min(args.prompts, args.new_tokens, args.batch_size, args.prompt_chars) < 1 or args.shift <= 0
-                                  or args.temperature < 0
-                                  or args.top_k < 0 or not 0 < args.top_p <= 1):
-        ap.error("--prompts, --new_tokens, --prompt_chars, --batch_size must be >= 1, --temperature and --top_k >= 0, --top_p in (0, 1]")
+    for key, low in AT_LEAST.items():
+        if getattr(args, key, low) < low:
+            ap.error(f"--{key} must be >= {low}")
     if args.cmd == "quality":
+        if args.shift <= 0 or not 0 < args.top_p <= 1:
+            ap.error("--shift must be > 0 and --top_p in (0, 1]")
+        if args.temperature == 0 and (args.top_k or args.top_p < 1):
+            ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
         try:
             parse_first_block(args.first_block)
         except ValueError as e:
             ap.error(str(e))
-    if args.cmd == "quality" and args.temperature == 0 and (args.top_k or args.top_p < 1):
-        ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, ckpt = random_model(args.model_options, device) if getattr(args, "random_init", False) \
-        else load_model(args.ckpt, device)
+    fresh = getattr(args, "random_init", False)  # speed on fresh weights: no dataset to take a prompt from
+    model, ckpt = random_model(args.model_options, device) if fresh else load_model(args.ckpt, device)
     if not isinstance(model, Cola) and args.cmd in ("recon", "fm"):
         raise UserError(f"{args.ckpt} is an AR baseline: `{args.cmd}` needs a Cola checkpoint")
     if args.cmd != "recon" and not model.can_generate:
         raise UserError(f"{args.ckpt} holds only a VAE; `{args.cmd}` needs a stage-2 checkpoint")
     t0 = time.time()
     torch.manual_seed(args.seed)
-    context = ckpt["config"]["train"]["seq_len"]
     # one precision for the whole command; a likelihood stays fp32 unless bf16 is asked for by name
     dtype = precision(device, "fp32" if args.cmd == "nll" and args.dtype == "auto" else args.dtype)
     model = cast_for(model, device, dtype)
+    x = lambda limit=args.limit: held_out(args, ckpt, model, limit)
+    run = dict(recon=lambda: recon(model, x(), seed=args.seed), fm=lambda: fm(model, x(), seed=args.seed),
+               nll=lambda: nll(model, x(), args.samples, args.ode_steps, seed=args.seed),
+               speed=lambda: speed(model, model.tok.encode(SPEED_PROMPT)[:20] if fresh else x(1)[0, :20].tolist(),
+                                   quick=args.quick, compile=args.compile),
+               bench=lambda: bench(model, ckpt["config"]["train"]["seq_len"], args),
+               quality=lambda: quality(model, ckpt, args), all=lambda: run_all(args, model, ckpt))
     with autocast(device, dtype):
-        if args.cmd == "recon":
-            result = recon(model, held_out(args, ckpt, model, args.limit), seed=args.seed)
-        elif args.cmd == "fm":
-            result = fm(model, held_out(args, ckpt, model, args.limit), seed=args.seed)
-        elif args.cmd == "nll":
-            result = nll(model, held_out(args, ckpt, model, args.limit), args.samples, args.ode_steps, seed=args.seed)
-        elif args.cmd == "quality":
-            result = quality(model, ckpt, args)
-        elif args.cmd == "speed":
-            fresh = args.random_init  # no dataset to take a held-out prompt from
-            prompt = model.tok.encode(SPEED_PROMPT)[:20] if fresh else held_out(args, ckpt, model, 1)[0, :20].tolist()
-            result = speed(model, prompt, quick=args.quick, compile=args.compile)
-        elif args.cmd == "bench":
-            result = bench(model, context, args)
-        else:
-            result = run_all(args, model, ckpt)
+        result = run[args.cmd]()
     result.update(ckpt=args.ckpt or "random_init " + " ".join(args.model_options), step=ckpt.get("step"),
                   stage=ckpt.get("stage"), device=str(device), dtype=dtype, wall_seconds=time.time() - t0)
     if args.out:

@@ -35,6 +35,7 @@ import torch
 import eval as evaluate
 import train
 from common import UserError, check_resume, run_main
+from config import RESUME_FREE, build_configs
 from studies import BPB_MARGIN, MARGIN, ROBUST_TOL, RUNS, STUDIES, TIE, compare_with_paper, mean_ci
 
 # --quick: a toy model and a few prompts, so a study runs in seconds (tests use it)
@@ -109,9 +110,9 @@ def ensure_run(ctx, name, seed=0):
     done = finished(ckpt)
     if done is not None:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            cfgs = train.build_configs(argv)
+            cfgs = build_configs(argv)
         try:  # a finished run is reused only if it is this very run (whoever trained it)
-            check_resume(done, cfgs, train.RESUME_FREE | {"init_vae"})
+            check_resume(done, cfgs, RESUME_FREE | {"init_vae"})
         except UserError as e:
             raise UserError(f"{out} holds another run: {e}; move it away or pick another --out") from None
         return ckpt

@@ -12,18 +12,15 @@ One prompt streams its text as blocks are decoded. Runs on CPU, CUDA or MPS (--d
 bf16 (--dtype; default: bf16 autocast on CUDA only), each step eager or compiled into one graph
 (--compile; layers.compiled_step: a CUDA graph on GPU).
 
-The sampler's timing lives here too (time_generate, speed, random_model): `eval.py speed` runs it.
+`eval.py speed` times the sampler.
 """
 import argparse
-import math
-import time
-from dataclasses import asdict
 
 import torch
 
-from ar import ARLM
-from cola import Cola, parse_first_block
-from common import DTYPES, UserError, autocast, cast_for, load_model, pick_device, run_main
+from cola import parse_first_block
+from common import DTYPES, UserError, autocast, cast_for, pick_device, run_main
+from config import load_model
 
 
 class Streamer:
@@ -36,72 +33,6 @@ class Streamer:
         text = self.tok.decode(ids).rstrip("\ufffd")
         print(text[len(self.shown):], end="", flush=True)
         self.shown = text
-
-
-# ----------------------------------------------------------------------------- speed (eval.py speed)
-
-SPEED_PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
-
-
-def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=True, compile=False):
-    """Seconds to generate new_tokens for `batch` copies of prompt (never stopping early)."""
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    out = model.generate([prompt] * batch, new_tokens, steps=steps, cfg_scale=cfg_scale, use_cache=use_cache,
-                         stop_at_eot=False, compile=compile)
-    sync()
-    assert all(len(o) == new_tokens for o in out)
-    return time.perf_counter() - t0
-
-
-@torch.no_grad()
-def speed(model, prompt, quick=False, compile=False):
-    """Sampler tokens/s and latency per block over a grid, and (Cola) the KV-cache speedup measured
-    side by side: the same sampler recomputing the whole history at every step. prompt: token ids
-    (20: with block 16, one full block in the cache and the tail pinned in the first block).
-    compile: the compiled step (Cola.generate, ARLM.generate); its graphs are specialised to each
-    setting's shapes, so every setting first runs once untimed, compiling them."""
-    cola = isinstance(model, Cola)
-    bs, unit = model.block_size, "block" if cola else "token"
-    grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((8, 16) if cola else (0,))
-            for w in ((7.0, 1.0) if cola else (1.0,))]
-    if quick:
-        grid = [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
-    device = next(model.parameters()).device
-    dtype = "bf16" if torch.is_autocast_enabled(device.type) else "fp32"
-    print(f"sampler speed on {device}, {dtype}, {torch.get_num_threads()} threads" + (", compiled step" * compile))
-    time_generate(model, prompt, 1, 16, 2, 7.0)  # warm-up
-    rows = []
-    for b, n, s, w in grid:
-        if compile:  # this setting's graphs, compiled before the clock starts (earlier ones dropped)
-            torch.compiler.reset()
-            time_generate(model, prompt, b, n, s, w, compile=True)
-        dt = time_generate(model, prompt, b, n, s, w, compile=compile)
-        rows.append(dict(batch=b, new_tokens=n, steps=s, cfg=w, seconds=dt, tok_s=b * n / dt,
-                         block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
-        print(f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
-              f"{rows[-1]['block_ms']:7.1f} ms/{unit}", flush=True)
-    r = dict(device=str(device), dtype=dtype, threads=torch.get_num_threads(), compile=compile, rows=rows)
-    if cola:
-        n = 64 if quick else 256
-        cached, free = (time_generate(model, prompt, 1, n, 16, 7.0, use_cache=c) for c in (True, False))  # eager
-        r.update(cache_speedup=free / cached, cache_speedup_setting=f"batch 1, {n} new tokens, 16 steps, cfg 7",
-                 cached_seconds=cached, cache_free_seconds=free)
-        print(f"cache_speedup {free / cached:.2f}x ({r['cache_speedup_setting']}: cache-free {free:.2f} s vs cached "
-              f"{cached:.2f} s)")
-    return r
-
-
-def random_model(options, device):
-    """A model with fresh weights, built as train.py would from its options (preset and overrides);
-    the DiT's zero-initialised layers are the only thing that differs from a trained model's compute."""
-    import train  # train.py's configuration system, nothing of its loop
-    cfgs = train.build_configs(options)
-    model = ARLM(cfgs["ar"]) if cfgs["train"].model == "ar" else Cola.build(cfgs, "joint")
-    ckpt = dict(config={k: asdict(v) for k, v in cfgs.items()}, stage="random_init", step=0)
-    return model.to(device).eval(), ckpt
 
 
 # ----------------------------------------------------------------------------- command line

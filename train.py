@@ -11,10 +11,11 @@ Train Cola DLM: stage 1 (text VAE), stage 2 (joint VAE + block-causal DiT), or b
 
 Options are --key=value: train options by name (--lr=1e-3), component options with a prefix
 (--vae.beta=1e-3, --dit.n_layer=6, --flow.t_loc=1.0); boolean options also as a bare --flag.
-Unknown keys are an error. The checkpoint out_dir/ckpt.pt carries every config, so sample.py and
-eval.py need only --ckpt; --resume continues a run exactly from it, and an out_dir that already
-holds a run is never overwritten without --overwrite. The losses live with the models
-(cola.Cola.forward, ar.ARLM.forward); this file is the loop around them.
+Unknown keys are an error; config.py holds the options, the presets and their checks. The
+checkpoint out_dir/ckpt.pt carries every config, so sample.py and eval.py need only --ckpt;
+--resume continues a run exactly from it, and an out_dir that already holds a run is never
+overwritten without --overwrite. The losses live with the models (cola.Cola.forward,
+ar.ARLM.forward); this file is the loop around them.
 
 Speed options (GPU): --compile compiles the whole training forward, loss included (and so its
 backward); validation runs eagerly. --dit.attn=flex runs the DiT's 2L training attention through
@@ -28,125 +29,19 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ar import ARConfig, ARLM
+from ar import ARLM
 from cola import Cola
 from common import (Log, StopFlag, UserError, all_reduce_mean, autocast, check_resume, load_checkpoint,
-                    load_vae_state, parse_overrides, print0, run_main, save_checkpoint, setup)
+                    load_vae_state, print0, run_main, save_checkpoint, setup)
+from config import PARTS, RESUME_FREE, build_configs
 from data.loader import BatchLoader, load_meta, resolve_data_dir, val_windows
-from dit import DiTConfig
-from flow import FlowConfig
-from vae import VAEConfig
-
-
-# ----------------------------------------------------------------------------- configuration
-
-@dataclass
-class TrainConfig:
-    model: str = "cola"         # "cola", or "ar": the autoregressive baseline (ar.py), same data and trainer
-    stage: str = "all"          # cola: "vae" (stage 1), "joint" (stage 2), "all" (1 then 2 into one out_dir)
-    config: str = "tiny"        # preset: tiny | small | paper (applied before other overrides)
-    dataset: str = "austen_bytes"  # data/NAME prepared by data/prepare.py, or a path
-    out_dir: str = "out"
-    init_vae: str = ""          # stage-1 checkpoint to start stage 2 from (--stage=joint); "scratch": a fresh VAE
-    resume: bool = False        # continue exactly from out_dir/ckpt.pt
-    overwrite: bool = False     # start afresh in an out_dir that already holds a run (replaces it)
-    seq_len: int = 128          # tokens per training window
-    batch_size: int = 16        # global batch in sequences (the invariant under DDP / accumulation)
-    micro_batch: int = 0        # sequences per forward per process; 0 = batch_size / world_size
-    vae_iters: int = 100        # stage-1 steps (held-out reconstruction passes 99% before step 100)
-    joint_iters: int = 300      # stage-2 steps
-    ar_iters: int = 600         # AR baseline steps: ~ the training FLOPs of the default Cola run
-    max_iters: int = 0          # if > 0, overrides vae_iters / joint_iters for the stage(s) run
-    lr: float = 2e-3            # peak learning rate (DiT; VAE in stage 1)
-    min_lr: float = 1e-4        # end of the cosine decay
-    warmup_iters: int = 50
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    vae_lr_ratio: float = 0.0   # stage 2: VAE lr = ratio x lr; 0 freezes the VAE (tiny; the paper's best and
-                                # the small/paper presets: 1.0, joint; RESULTS.md)
-    lambda_vae: float = 1.0     # stage 2 loss weights (paper §3.2.2, eq. 3.18; cola.Cola.forward)
-    lambda_fm: float = 1.0
-    lambda_ref: float = 1.0     # KL(q || q_ref) to the frozen stage-1 encoder
-    fm_grad_to_encoder: bool = False  # let FM gradients reach the encoder through the noisy block
-    eval_interval: int = 100
-    eval_windows: int = 64      # held-out windows per validation
-    log_interval: int = 20
-    ckpt_interval: int = 200
-    seed: int = 1337
-    device: str = "auto"        # auto = cuda > mps > cpu
-    compile: bool = False       # torch.compile the model (useful on CUDA)
-    stop_after: int = 0         # if > 0: save and exit after this many steps in this process (time-boxed jobs)
-
-
-PRESETS = {
-    "tiny": {},  # the dataclass defaults: byte latents, DiT block size 1, frozen VAE in stage 2 (RESULTS.md)
-    "small": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=64, lr=6e-4, min_lr=6e-5, vae_lr_ratio=1.0,
-                             vae_iters=5000, joint_iters=20000, warmup_iters=500, eval_interval=500, ckpt_interval=1000),
-                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=512, n_head=8),
-                  dit=dict(n_layer=12, width=768, n_head=12, block_size=16), ar=dict(n_layer=20, width=768, n_head=12)),
-    # the paper's 2.3B model (arXiv 2605.06548 Table 9); FFN width here follows SwiGLU's 8/3 rule, not the paper's 6144
-    "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5, vae_lr_ratio=1.0,
-                             vae_iters=20000, joint_iters=100000, warmup_iters=2000, eval_interval=1000),
-                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
-                  dit=dict(n_layer=24, width=2048, n_head=16, block_size=16), ar=dict(n_layer=40, width=2048, n_head=16)),
-}
-# options that may differ on --resume without changing the training itself
-RESUME_FREE = {"resume", "overwrite", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile",
-               "stage", "stop_after", "dit.attn"}
-
-
-def build_configs(argv):
-    cfgs = dict(train=TrainConfig(), vae=VAEConfig(), dit=DiTConfig(), flow=FlowConfig(), ar=ARConfig())
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "tiny")
-    if preset not in PRESETS:
-        raise UserError(f"unknown --config={preset}; choose from {', '.join(PRESETS)}")
-    for part, values in PRESETS[preset].items():
-        for k, v in values.items():
-            setattr(cfgs[part], k, v)
-    parse_overrides(argv, {"": cfgs["train"], **{k: v for k, v in cfgs.items() if k != "train"}},
-                    verbose=int(os.environ.get("RANK", 0)) == 0)
-    tc = cfgs["train"]
-    if tc.stage not in ("vae", "joint", "all"):
-        raise UserError(f"--stage must be vae, joint or all, got {tc.stage!r}")
-    if tc.model not in ("cola", "ar"):
-        raise UserError(f"--model must be cola or ar, got {tc.model!r}")
-    for name in ("eval_interval", "log_interval", "ckpt_interval", "batch_size", "seq_len", "eval_windows"):
-        if getattr(tc, name) < 1:
-            raise UserError(f"--{name} must be >= 1")
-    if cfgs["dit"].attn not in ("sdpa", "flex"):
-        raise UserError(f"--dit.attn must be sdpa or flex, got {cfgs['dit'].attn!r}")
-    if cfgs["flow"].t_dist not in ("logit_normal", "uniform"):
-        raise UserError(f"--flow.t_dist must be logit_normal or uniform, got {cfgs['flow'].t_dist!r}")
-    if cfgs["vae"].tokenizer not in ("bytes", "gpt2"):
-        raise UserError(f"--vae.tokenizer must be bytes or gpt2, got {cfgs['vae'].tokenizer!r}")
-    for part in ("vae", "dit", "ar"):
-        if cfgs[part].width % cfgs[part].n_head or (cfgs[part].width // cfgs[part].n_head) % 2:
-            raise UserError(f"--{part}.width must be a multiple of 2 x n_head (even head size for RoPE)")
-    given = {a[2:].split("=", 1)[0] for a in argv}
-    for key, why in (("dit.latent_dim", "it follows --vae.latent_dim"), ("vae.block_size", "it follows --dit.block_size"),
-                     ("ar.tokenizer", "it follows --vae.tokenizer")):
-        if key in given:
-            raise UserError(f"--{key} cannot be set: {why}")
-    if tc.resume and tc.overwrite:
-        raise UserError("--resume continues the run in out_dir, --overwrite replaces it: choose one")
-    if "init_vae" in given and tc.stage != "joint":
-        raise UserError("--init_vae is for --stage=joint (--stage=all trains its own stage 1)")
-    cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
-    cfgs["vae"].block_size = cfgs["dit"].block_size  # a block-causal decoder decodes the DiT's blocks
-    cfgs["ar"].tokenizer = cfgs["vae"].tokenizer     # one tokenizer per preset / dataset
-    if tc.model == "ar":
-        return dict(train=tc, ar=cfgs["ar"])
-    del cfgs["ar"]
-    return cfgs
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
@@ -352,9 +247,9 @@ def train(cfgs, env, stop):
 
 def print_help():
     print(__doc__.strip() + "\n\noptions (tiny defaults; --config=small/paper change some):")
-    for prefix, cfg in (("", TrainConfig()), ("vae.", VAEConfig()), ("dit.", DiTConfig()), ("flow.", FlowConfig()),
-                        ("ar.", ARConfig())):
-        print("  " + " ".join(f"--{prefix}{k}={v}" for k, v in asdict(cfg).items()))
+    for part, make in PARTS.items():
+        prefix = "" if part == "train" else part + "."
+        print("  " + " ".join(f"--{prefix}{k}={v}" for k, v in asdict(make()).items()))
 
 
 def main(argv=None):

@@ -2,7 +2,7 @@
 Few-shot benchmarks for `eval.py bench`: the item format, the prompt templates of the paper's
 few-shot generative evaluation (arXiv 2605.06548 scores generated text only: greedy, <= 32 new
 tokens, cut at the first newline, matched to the option text), answer normalisation and matching,
-the evaluation loop, and a builder for the JSONL files.
+and a builder for the JSONL files; eval.py runs the evaluation loop.
 
     python data/benchmarks.py                       # all tasks -> data/benchmarks/<task>.jsonl
     python data/benchmarks.py --tasks=cloze         # only the in-domain cloze task (no download)
@@ -19,7 +19,6 @@ Bad input (an unknown task, a missing or invalid file) raises common.UserError: 
 import glob
 import gzip
 import json
-import math
 import os
 import re
 import string
@@ -27,9 +26,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-
-import torch
-from tqdm import tqdm
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA_DIR))
@@ -118,66 +114,6 @@ def is_correct(task, item, generated):
     pred = normalize(extract_answer(task, generated))
     gold = [item["answer"]] + list(item.get("answers") or [])
     return pred != "" and pred in {normalize(g) for g in gold}
-
-
-# ----------------------------------------------------------------------------- evaluation (eval.py bench)
-
-def wilson(k, n, z=1.96):
-    """95% Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, c - h), min(1.0, c + h)]
-
-
-def fit_context(ids, room):
-    """Keep the last `room` tokens: few-shot prompts are left-truncated to the model's context."""
-    return ids[-room:] if room > 0 else []
-
-
-def evaluate(model, context, task, items, protocol="generate", limit=None, steps=16, cfg_scale=7.0,
-          max_new_tokens=32, batch_size=16, ode_steps=8, seed=0):
-    """The paper's few-shot generative protocol (greedy, <= 32 new tokens, cut at the first newline,
-    matched to the option text; data/benchmarks.py), or ranking choices by log-likelihood."""
-    tok = model.tok
-    shots, todo = items[:SHOTS[task]], items[SHOTS[task]:]  # shots are never evaluated
-    todo = todo[:limit] if limit else todo
-    prompts = [tok.encode(build_prompt(task, it, shots)) for it in todo]
-    room = context - max_new_tokens if protocol == "generate" else context
-    truncated, correct, examples = 0, [], []
-    if protocol == "generate":
-        for i in tqdm(range(0, len(todo), batch_size), desc=task, leave=False):
-            chunk = [fit_context(p, room) for p in prompts[i:i + batch_size]]
-            truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
-            outs = model.generate(chunk, max_new_tokens, steps=steps, cfg_scale=cfg_scale, seed=seed)
-            for it, o in zip(todo[i:i + batch_size], outs):
-                text = tok.decode(o)
-                correct.append(is_correct(task, it, text))
-                if len(examples) < 5:
-                    examples.append(dict(answer=it["answer"], generated=text))
-    else:  # rank: log p(choice | prompt) = log p(prompt + choice) - log p(prompt); for Cola both are ELBOs
-        # (an approximation, not a bound) evaluated with common random numbers
-        if not is_multiple_choice(task):
-            raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
-        dev = next(model.parameters()).device
-        for it, p in tqdm(list(zip(todo, prompts)), desc=task, leave=False):
-            scores, base = [], {}  # base: log p(prompt) per truncation, computed once
-            for c in it["choices"]:
-                full = p + tok.encode(" " + c)
-                cut = max(0, len(full) - room)  # drop the same prompt prefix from both sequences
-                truncated += cut > 0
-                if cut not in base:
-                    torch.manual_seed(seed)
-                    base[cut] = model.score(torch.tensor([p[cut:]], device=dev), ode_steps=ode_steps)
-                torch.manual_seed(seed)
-                scores.append((model.score(torch.tensor([full[cut:]], device=dev), ode_steps=ode_steps) - base[cut]).item())
-            correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
-    k, n = sum(correct), len(correct)
-    chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if is_multiple_choice(task) else 0.0
-    return dict(task=task, protocol=protocol, accuracy=k / max(n, 1), n=n, correct=k, chance=chance, ci95=wilson(k, n),
-                shots=len(shots), truncated_prompts=truncated, context=context, steps=steps, cfg=cfg_scale,
-                examples=examples)
 
 
 # ----------------------------------------------------------------------------- builder

@@ -9,6 +9,7 @@ import sample
 import train
 from ar import ARConfig, ARLM
 from common import UserError
+from config import build_configs
 from dit import DiT, DiTConfig
 from vae import TextVAE, VAEConfig
 
@@ -80,7 +81,7 @@ def test_train_sample_eval_on_an_ar_checkpoint(tmp_path, capsys):
 def test_preset_sizes_match_within_15_percent(preset):
     """Count parameters without building the big models: meta-device tensors cost nothing."""
     with torch.device("meta"):
-        cola = train.build_configs([f"--config={preset}"])
+        cola = build_configs([f"--config={preset}"])
         n_cola = sum(p.numel() for m in (TextVAE(cola["vae"]), DiT(cola["dit"])) for p in m.parameters())
-        n_ar = sum(p.numel() for p in ARLM(train.build_configs([f"--config={preset}", "--model=ar"])["ar"]).parameters())
+        n_ar = sum(p.numel() for p in ARLM(build_configs([f"--config={preset}", "--model=ar"])["ar"]).parameters())
     assert abs(n_ar - n_cola) / n_cola < 0.15, (n_ar, n_cola)

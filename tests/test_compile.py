@@ -18,6 +18,7 @@ import torch
 import torch.nn.attention.flex_attention as fa
 import torch.nn.functional as F
 
+import config
 import layers
 import train
 from cola import Cola
@@ -163,18 +164,18 @@ def test_flex_matches_sdpa_forward_and_backward(bs, monkeypatch):
 def test_flex_option(tmp_path):
     """--dit.attn is sdpa or flex; flex training is refused on CPU (no FlexAttention backward there)
     before anything runs; a run may resume with the other kernel."""
-    assert train.build_configs(["--dit.attn=flex"])["dit"].attn == "flex"
+    assert config.build_configs(["--dit.attn=flex"])["dit"].attn == "flex"
     with pytest.raises(UserError, match="sdpa or flex"):
-        train.build_configs(["--dit.attn=dense"])
+        config.build_configs(["--dit.attn=dense"])
     with pytest.raises(UserError, match="CUDA only"):
         train.main(["--dit.attn=flex", "--device=cpu", f"--out_dir={tmp_path}"])
     assert not any(tmp_path.iterdir())
-    ckpt = dict(config={k: asdict(v) for k, v in train.build_configs([]).items()})  # an sdpa run
-    cfgs = train.build_configs(["--dit.attn=flex"])
-    check_resume(ckpt, cfgs, train.RESUME_FREE)
+    ckpt = dict(config={k: asdict(v) for k, v in config.build_configs([]).items()})  # an sdpa run
+    cfgs = config.build_configs(["--dit.attn=flex"])
+    check_resume(ckpt, cfgs, config.RESUME_FREE)
     cfgs["dit"].n_layer += 1
     with pytest.raises(UserError, match="dit.n_layer"):
-        check_resume(ckpt, cfgs, train.RESUME_FREE)
+        check_resume(ckpt, cfgs, config.RESUME_FREE)
 
 
 def test_compiled_flex_forward_matches_sdpa():
@@ -366,7 +367,7 @@ def test_cli_compile(fresh_compiler, monkeypatch, tmp_path, capsys):
     model = tiny_cola("joint")
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(dict(config=dict(vae=asdict(model.vae.cfg), dit=asdict(model.dit.cfg),
-                                     train=asdict(train.TrainConfig(seq_len=32))),
+                                     train=asdict(config.TrainConfig(seq_len=32))),
                          vae=model.vae.state_dict(), dit=model.dit.state_dict(), stage="joint", step=1), path)
     texts = []
     for flag in ([], ["--compile"]):

@@ -673,14 +673,15 @@ def test_uint32_round_trip(tmp_path, monkeypatch, small_tasks, workers):
 
 def test_train_warns_when_a_run_repeats_its_data(tmp_path, capsys):
     import train
-    tc = train.build_configs(["--config=small"])["train"]
+    from config import build_configs
+    tc = build_configs(["--config=small"])["train"]
     capsys.readouterr()
     # small on the bundled corpus: each of its 1,156,705 GPT-2 training tokens ~567 times in stage 2
     assert round(train.warn_repeats("joint", tc, tc.joint_iters, 1_156_705)) == 567
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith("warning: stage joint would see each of the 1,156,705 "
                                                "training tokens of austen_gpt2 ~567 times") and "README" in out[0]
-    tc = train.build_configs([])["train"]  # tiny on austen_bytes (4,975,159 tokens): well under once
+    tc = build_configs([])["train"]  # tiny on austen_bytes (4,975,159 tokens): well under once
     assert train.warn_repeats("joint", tc, tc.joint_iters, 4_975_159) < 1 and not capsys.readouterr().out
     # a run says it as it starts: 1 step x 32 x 16 tokens over 40 tokens
     d = make_dataset(tmp_path / "ds", n_train=40, n_val=40)

@@ -9,11 +9,11 @@ import torch
 import eval as cola_eval
 from cola import Cola
 from common import UserError, save_checkpoint
+from config import TrainConfig
 from data import prepare
 from data import quality as tq
 from dit import DiT, DiTConfig
 from flow import FlowConfig, interpolate, sample_t
-from train import TrainConfig
 from vae import TextVAE, VAEConfig
 from tests.helpers import perturb
 

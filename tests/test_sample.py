@@ -7,9 +7,9 @@ import torch
 import sample
 from cola import Cola
 from common import UserError, save_checkpoint
+from config import TrainConfig
 from dit import DiT, DiTConfig
 from layers import pick_tokens
-from train import TrainConfig
 from vae import TextVAE, VAEConfig
 from tests.helpers import perturb
 

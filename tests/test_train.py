@@ -6,7 +6,8 @@ import torch
 
 from cola import Cola
 from common import UserError, save_checkpoint
-from train import build_configs, build_model, make_optimizer
+from config import build_configs
+from train import build_model, make_optimizer
 from tests.helpers import perturb
 
 TINY = ["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1", "--vae.mask_ratio=0.2", "--vae_lr_ratio=1",

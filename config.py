@@ -1,0 +1,141 @@
+"""
+Where a model is specified and made: from presets and --key=value overrides (build_configs: the options
+of train.py and of `eval.py speed --random_init`), or from a checkpoint (load_model). A module, not a
+script; train.py, sample.py, eval.py and repro.py import it.
+"""
+import os
+from dataclasses import asdict, dataclass
+
+from ar import ARConfig, ARLM
+from cola import Cola
+from common import UserError, load_checkpoint, parse_overrides
+from dit import DiTConfig
+from flow import FlowConfig
+from vae import VAEConfig
+
+
+@dataclass
+class TrainConfig:
+    """A run's own options (its model's are VAEConfig, DiTConfig, FlowConfig, ARConfig); --key=value sets them."""
+    model: str = "cola"         # "cola", or "ar": the autoregressive baseline (ar.py), same data and trainer
+    stage: str = "all"          # cola: "vae" (stage 1), "joint" (stage 2), "all" (1 then 2 into one out_dir)
+    config: str = "tiny"        # preset: tiny | small | paper (applied before other overrides)
+    dataset: str = "austen_bytes"  # data/NAME prepared by data/prepare.py, or a path
+    out_dir: str = "out"
+    init_vae: str = ""          # stage-1 checkpoint to start stage 2 from (--stage=joint); "scratch": a fresh VAE
+    resume: bool = False        # continue exactly from out_dir/ckpt.pt
+    overwrite: bool = False     # start afresh in an out_dir that already holds a run (replaces it)
+    seq_len: int = 128          # tokens per training window
+    batch_size: int = 16        # global batch in sequences (the invariant under DDP / accumulation)
+    micro_batch: int = 0        # sequences per forward per process; 0 = batch_size / world_size
+    vae_iters: int = 100        # stage-1 steps (held-out reconstruction passes 99% before step 100)
+    joint_iters: int = 300      # stage-2 steps
+    ar_iters: int = 600         # AR baseline steps: ~ the training FLOPs of the default Cola run
+    max_iters: int = 0          # if > 0, overrides vae_iters / joint_iters for the stage(s) run
+    lr: float = 2e-3            # peak learning rate (DiT; VAE in stage 1)
+    min_lr: float = 1e-4        # end of the cosine decay
+    warmup_iters: int = 50
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    vae_lr_ratio: float = 0.0   # stage 2: VAE lr = ratio x lr; 0 freezes the VAE (tiny; the paper's best and
+                                # the small/paper presets: 1.0, joint; RESULTS.md)
+    lambda_vae: float = 1.0     # stage 2 loss weights (paper §3.2.2, eq. 3.18; cola.Cola.forward)
+    lambda_fm: float = 1.0
+    lambda_ref: float = 1.0     # KL(q || q_ref) to the frozen stage-1 encoder
+    fm_grad_to_encoder: bool = False  # let FM gradients reach the encoder through the noisy block
+    eval_interval: int = 100
+    eval_windows: int = 64      # held-out windows per validation
+    log_interval: int = 20
+    ckpt_interval: int = 200
+    seed: int = 1337
+    device: str = "auto"        # auto = cuda > mps > cpu
+    compile: bool = False       # torch.compile the model (useful on CUDA)
+    stop_after: int = 0         # if > 0: save and exit after this many steps in this process (time-boxed jobs)
+
+
+# the option groups of a run: train options by name (--lr), the others with their prefix (--vae.beta)
+PARTS = dict(train=TrainConfig, vae=VAEConfig, dit=DiTConfig, flow=FlowConfig, ar=ARConfig)
+
+PRESETS = {
+    "tiny": {},  # the dataclass defaults: byte latents, DiT block size 1, frozen VAE in stage 2 (RESULTS.md)
+    "small": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=64, lr=6e-4, min_lr=6e-5, vae_lr_ratio=1.0,
+                             vae_iters=5000, joint_iters=20000, warmup_iters=500, eval_interval=500, ckpt_interval=1000),
+                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=512, n_head=8),
+                  dit=dict(n_layer=12, width=768, n_head=12, block_size=16), ar=dict(n_layer=20, width=768, n_head=12)),
+    # the paper's 2.3B model (arXiv 2605.06548 Table 9); FFN width here follows SwiGLU's 8/3 rule, not the paper's 6144
+    "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5, vae_lr_ratio=1.0,
+                             vae_iters=20000, joint_iters=100000, warmup_iters=2000, eval_interval=1000),
+                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
+                  dit=dict(n_layer=24, width=2048, n_head=16, block_size=16), ar=dict(n_layer=40, width=2048, n_head=16)),
+}
+# options that may differ on --resume without changing the training itself
+RESUME_FREE = {"resume", "overwrite", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile",
+               "stage", "stop_after", "dit.attn"}
+
+
+def build_configs(argv):
+    """The configs of a run from argv: the --config preset, then the --key=value overrides, checked;
+    {"train", "vae", "dit", "flow"} for Cola, {"train", "ar"} for the AR baseline."""
+    cfgs = {part: make() for part, make in PARTS.items()}
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "tiny")
+    if preset not in PRESETS:
+        raise UserError(f"unknown --config={preset}; choose from {', '.join(PRESETS)}")
+    for part, values in PRESETS[preset].items():
+        for k, v in values.items():
+            setattr(cfgs[part], k, v)
+    parse_overrides(argv, {("" if k == "train" else k): v for k, v in cfgs.items()},
+                    verbose=int(os.environ.get("RANK", 0)) == 0)
+    tc = cfgs["train"]
+    if tc.stage not in ("vae", "joint", "all"):
+        raise UserError(f"--stage must be vae, joint or all, got {tc.stage!r}")
+    if tc.model not in ("cola", "ar"):
+        raise UserError(f"--model must be cola or ar, got {tc.model!r}")
+    for name in ("eval_interval", "log_interval", "ckpt_interval", "batch_size", "seq_len", "eval_windows"):
+        if getattr(tc, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    if cfgs["dit"].attn not in ("sdpa", "flex"):
+        raise UserError(f"--dit.attn must be sdpa or flex, got {cfgs['dit'].attn!r}")
+    if cfgs["flow"].t_dist not in ("logit_normal", "uniform"):
+        raise UserError(f"--flow.t_dist must be logit_normal or uniform, got {cfgs['flow'].t_dist!r}")
+    if cfgs["vae"].tokenizer not in ("bytes", "gpt2"):
+        raise UserError(f"--vae.tokenizer must be bytes or gpt2, got {cfgs['vae'].tokenizer!r}")
+    for part in ("vae", "dit", "ar"):
+        if cfgs[part].width % cfgs[part].n_head or (cfgs[part].width // cfgs[part].n_head) % 2:
+            raise UserError(f"--{part}.width must be a multiple of 2 x n_head (even head size for RoPE)")
+    given = {a[2:].split("=", 1)[0] for a in argv}
+    for key, why in (("dit.latent_dim", "it follows --vae.latent_dim"), ("vae.block_size", "it follows --dit.block_size"),
+                     ("ar.tokenizer", "it follows --vae.tokenizer")):
+        if key in given:
+            raise UserError(f"--{key} cannot be set: {why}")
+    if tc.resume and tc.overwrite:
+        raise UserError("--resume continues the run in out_dir, --overwrite replaces it: choose one")
+    if "init_vae" in given and tc.stage != "joint":
+        raise UserError("--init_vae is for --stage=joint (--stage=all trains its own stage 1)")
+    cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
+    cfgs["vae"].block_size = cfgs["dit"].block_size  # a block-causal decoder decodes the DiT's blocks
+    cfgs["ar"].tokenizer = cfgs["vae"].tokenizer     # one tokenizer per preset / dataset
+    if tc.model == "ar":
+        return dict(train=tc, ar=cfgs["ar"])
+    del cfgs["ar"]
+    return cfgs
+
+
+def load_model(path, device="cpu"):
+    """The model of a train.py checkpoint, in eval mode on device: (cola.Cola or ar.ARLM, checkpoint).
+    Both offer generate, score and diagnostics; a stage-1 Cola checkpoint has no prior (dit None)."""
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or not ({"vae", "ar"} & set(ckpt)):
+        raise UserError(f"{path} is not a cola checkpoint (no model weights / configs in it)")
+    model = (ARLM if "ar" in ckpt else Cola).from_checkpoint(ckpt)
+    return model.to(device).eval(), ckpt
+
+
+def random_model(options, device):
+    """A model with fresh weights from train.py's options (preset and overrides), and a checkpoint-like record
+    of them: the DiT's zero-initialised layers are all that differs from a trained model's compute."""
+    cfgs = build_configs(options)
+    model = ARLM(cfgs["ar"]) if cfgs["train"].model == "ar" else Cola.build(cfgs, "joint")
+    ckpt = dict(config={k: asdict(v) for k, v in cfgs.items()}, stage="random_init", step=0)
+    return model.to(device).eval(), ckpt
