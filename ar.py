@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from layers import (PAD_POS, Transformer, append_tokens, causal_mask, compiled_step, init_weights, pick_tokens,
-                    sample_generators, step_slots, transformer_flops)
+from layers import (PAD_POS, Sampling, Transformer, append_tokens, causal_mask, init_weights, pick_tokens,
+                    sample_generators, transformer_flops)
 
 
 @dataclass
@@ -59,19 +59,10 @@ class ARLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def logits(self, x, pos, cache=None, past_pos=None, window=None, keys=None):
-        """x (B, L) at positions pos (B, L) -> logits (B, L, V). cache: a layers.KVCache whose slots
-        [0, Lp) hold earlier tokens at positions past_pos (B, Lp); window: each token sees the last
-        `window` tokens (itself included). keys: through layers.compiled_step, attending to the cache's
-        first `keys` slots (those after this call's at PAD_POS, which the causal rule hides)."""
-        pos_k = pos
-        if cache is not None:
-            pos_k = torch.cat([past_pos, pos], 1)
-            cache.span(past_pos.shape[1], pos_k.shape[1], keys)
-            if keys is not None:
-                pos_k = torch.cat([pos_k, pos_k.new_full((x.shape[0], keys - pos_k.shape[1]), PAD_POS)], 1)
-        network = self.network if keys is None else compiled_step(self.network, x.device.type == "cuda")
-        return network(x, pos, causal_mask(pos, pos_k, window=window), cache)
+    def logits(self, x, pos, window=None):
+        """x (B, L) at positions pos (B, L) -> logits (B, L, V); window: each token sees the last `window`
+        tokens (itself included)."""
+        return self.network(x, pos, causal_mask(pos, pos, window=window))
 
     def network(self, x, pos, mask, cache=None):
         """The model itself: tokens x (B, L) -> logits (B, L, V) under an attention mask (B, 1, L, Lk)."""
@@ -104,54 +95,53 @@ class ARLM(nn.Module):
         return {"loss": sum(self(xb)[0].item() * len(xb) for xb in batches) / len(x)}
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_at_eot=True,
-                 on_block=None, window=None, use_cache=True, compile=False, **sampler):
-        """KV-cached sampling for a batch of token-id prompts of any lengths (left-padded at PAD_POS,
-        which the causal rule hides): new ids per prompt, as Cola.generate. window: the most tokens any
-        position sees (the training seq_len; None = all), past which the oldest leave the cache.
-        use_cache=False recomputes every position at every token (the reference). compile=True runs
-        each new token's forward as one compiled graph (layers.compiled_step; as Cola.generate).
-        `sampler` takes the diffusion sampler's options (steps, cfg_scale, ...): they do not apply here."""
-        tok, dev, B = self.tok, self.tok_emb.weight.device, len(prompts)
-        gens = sample_generators(prompts, seed, dev)
+    def generate(self, prompts, max_new_tokens=64, window=None, on_block=None, use_cache=True, compile=False,
+                 **sampler):
+        """New ids per prompt, token by token, for a batch of token-id prompts of any lengths (left-padded at
+        PAD_POS, which the causal rule hides). It takes Cola.generate's arguments; of layers.Sampling's
+        options those of Cola's ODE (steps, cfg_scale, shift, first_block) do not apply. window: the most
+        tokens any position sees (None = all), past which the oldest leave the KV cache (layers.KVCache).
+        use_cache=False recomputes every position at every token (the reference). compile: the network's
+        forward through torch.compile; a new token's shapes are the same at every step."""
+        s, tok, dev, B = Sampling(**sampler), self.tok, self.tok_emb.weight.device, len(prompts)
+        gens = sample_generators(prompts, s.seed, dev)
         prompts = [p if len(p) else [tok.eot] for p in prompts]  # an empty prompt starts a new document
-        width = max(len(p) for p in prompts) if B else 1
-        x = torch.full((B, width), tok.pad, dtype=torch.long, device=dev)
-        pos = torch.full((B, width), PAD_POS, dtype=torch.long, device=dev)
+        W = max(len(p) for p in prompts) if B else 1
+        x = torch.full((B, W), tok.pad, dtype=torch.long, device=dev)
+        pos = torch.full((B, W), PAD_POS, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
-            x[i, width - len(p):] = torch.tensor(p, device=dev)
-            pos[i, width - len(p):] = torch.arange(len(p), device=dev)
-        cache = keys = None
-        if use_cache:  # allocated once: the prompt and every new token, or the window's worth
-            need = width + max_new_tokens
-            size = need if window is None else min(need, max(width, window))
-            if compile:  # each token attends to `keys` slots: a number that runs of any length share
-                keys = step_slots(need, window)
-                size = max(size, keys)
-            cache = self.transformer.new_cache(B, size, dev, static=compile)
-        last = self.logits(x, pos, cache, pos[:, :0], window)[:, -1:]  # (B, 1, V)
-        if use_cache and window is not None and width >= window:  # a prompt longer than the window
-            cache.evict(width - window + 1)
-            pos = pos[:, width - window + 1:]
-        nxt = pos[:, -1:] + 1  # (B, 1) next positions
+            x[i, W - len(p):] = torch.tensor(p, device=dev)
+            pos[i, W - len(p):] = torch.arange(len(p), device=dev)
+        net = torch.compile(self.network, dynamic=False) if compile else self.network
+        if use_cache:  # the prompt, then one slot per new token, or the window's worth
+            cache = self.transformer.new_cache(B, max(W, window or W + max_new_tokens), dev)
+            k_pos = torch.full((B, cache.k[0].shape[2]), PAD_POS, dtype=torch.long, device=dev)  # each slot's position
+            k_pos[:, :W] = pos
+            last = self.network(x, pos, causal_mask(pos, k_pos, window=window), cache.at(0, W))[:, -1:]  # (B, 1, V)
+        else:
+            last = self.logits(x, pos, window)[:, -1:]
+        n, nxt = W, pos[:, -1:] + 1  # slots filled, the next positions (B, 1)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         while not all(done):
-            ids = pick_tokens(last, temperature, top_k, top_p, gens, tok)  # (B, 1)
+            ids = pick_tokens(last, s, gens, tok)  # (B, 1)
             for i, new in enumerate(ids.tolist()):
-                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, tok.eot if stop_at_eot else None)
+                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, tok.eot if s.stop_at_eot else None)
                 if on_block is not None:
                     on_block(i, out[i])
             if all(done):
                 break
             if use_cache:
-                last = self.logits(ids, nxt, cache, pos, window, keys)  # (B, 1, V)
-                pos, nxt = torch.cat([pos, nxt], 1), nxt + 1
-                if window is not None and pos.shape[1] >= window:  # the window is full: the oldest token leaves
-                    cache.evict(1)
-                    pos = pos[:, 1:]
+                if window is not None and n >= window:  # the window is full: the oldest tokens leave
+                    cache.evict(n - window + 1)
+                    k_pos = torch.cat([k_pos[:, n - window + 1:], torch.full_like(k_pos[:, :n - window + 1], PAD_POS)], 1)
+                    n = window - 1
+                k_pos[:, n] = nxt[:, 0]
+                last = net(ids, nxt, causal_mask(nxt, k_pos, window=window), cache.at(n, 1))  # (B, 1, V)
+                n += 1
             else:
-                x, pos, nxt = torch.cat([x, ids], 1), torch.cat([pos, nxt], 1), nxt + 1
-                last = self.logits(x, pos, window=window)[:, -1:]
+                x, pos = torch.cat([x, ids], 1), torch.cat([pos, nxt], 1)
+                last = self.logits(x, pos, window)[:, -1:]
+            nxt = nxt + 1
         return out
 
     def flops(self, seq_len, **_):

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
-from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block, step_conditions
-from layers import PAD_POS, append_tokens, compiled_step, pick_tokens, sample_generators, step_slots
+from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block, time_grid
+from layers import PAD_POS, Sampling, append_tokens, attention_dtype, pick_tokens, rope_angles, sample_generators
 from vae import TextVAE, VAEConfig, gaussian_kl
 
 FIRST_BLOCK_MODES = ("clean", "repaint", "left_pad", "right_pad")
@@ -226,108 +226,51 @@ class Cola(nn.Module):
         return hist_z, hist_pos, tail, keep, start
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens=64, steps=16, cfg_scale=7.0, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=0, stop_at_eot=True, on_block=None, use_cache=True, trace=None, shift=1.0, first_block="clean",
-                 window=None, compile=False):
-        """New token ids for each prompt of a batch (lists of ints, any lengths), ending before the
-        first <|endoftext|> (stop_at_eot=False: always max_new_tokens). steps: Euler steps per block;
-        cfg_scale: guidance w (1 = off); shift > 1: more steps at high noise (flow.euler); temperature 0
-        decodes greedily, else top-k / top-p sampling. first_block: how the prompt's tail enters the first
-        block (parse_first_block; "clean" is the paper's clean-condition repaint).
-        window: the most tokens any position sees (the training seq_len; None = all). Past it the
-        oldest whole blocks leave the history, so generation runs on past the training context: the DiT
-        sees the last window / bs - 1 blocks before its own, the decoder (and the prompt's encoder)
-        the tokens within that span.
-        Each sample draws its noise from its own seed (prompt, repeat index), so its output does not
-        depend on the rest of the batch. on_block(i, ids) streams sample i after every block.
-        use_cache=False recomputes the history at every step (the reference the caches must match);
-        trace, a list, receives every block's (latents, logits).
-        compile=True runs the Euler steps through layers.compiled_step(dit): one graph for every step
-        of every block (and one for a first block that differs: prompt positions pinned, or no history),
-        its attention over a fixed number of cache slots, the window's (flow.sample_block's keys). A
-        graph is specialised to the batch size, the steps, guidance on or off and that number: a run
-        with new ones compiles anew, whatever its length (without a window: per power of 2)."""
-        tok, bs, B = self.tok, self.block_size, len(prompts)
+    def generate(self, prompts, max_new_tokens=64, window=None, on_block=None, use_cache=True, compile=False,
+                 **sampler):
+        """New token ids for each prompt of a batch (lists of ints, any lengths), ending before the first
+        <|endoftext|>. sampler: layers.Sampling's options by name (steps, cfg_scale, shift, first_block,
+        temperature, top_k, top_p, seed, stop_at_eot). Block after block (arXiv 2605.06548 §3.2.3):
+        noise -> guided Euler steps, the prompt's tail pinned (flow.sample_block) -> decode -> commit.
+        window: the most tokens any position sees (the training seq_len; None = all): past it the oldest
+        whole blocks leave the history, so generation runs on past the training context.
+        on_block(i, ids) streams sample i after every block. use_cache=False recomputes the history at
+        every step (the reference the caches must match). compile: the DiT's forward through
+        torch.compile; its shapes are the same at every step of every block (History), so it compiles
+        once per run's batch size, steps and guidance (and once more for a first block with no history)."""
+        s, tok, bs, B = Sampling(**sampler), self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
-        gens = sample_generators(prompts, seed, dev)
-        mode, reps, frac = parse_first_block(first_block)
-        wb = None if window is None else window // bs - 1  # history blocks the DiT sees
-        if wb is not None and wb < 1:
-            raise ValueError(f"window {window} leaves no history: it must span at least 2 blocks of {bs} tokens")
-        dec_window = None if wb is None else wb * bs + 1  # the decoder: a block's first token sees wb blocks
+        gens = sample_generators(prompts, s.seed, dev)  # each sample's noise: independent of the batch
+        mode, reps, frac = parse_first_block(s.first_block)
         if mode.endswith("_pad"):  # whole prompt blocks: <|endoftext|> on the prompt's left or right
             pads = [[tok.eot] * (-len(p) % bs) for p in prompts]
             prompts = [q + p if mode == "left_pad" else p + q for p, q in zip(prompts, pads)]
         hist_z, hist_pos, tail, keep, start = self.prompt_layout(prompts, window)
+        step = torch.compile(self.dit, dynamic=False) if compile else self.dit
+        hist = History(self, step, B, hist_pos.shape[1] + bs + max_new_tokens, s, window, use_cache)
+        hist.commit(hist_z, hist_pos, decoder=True)  # the prompt's full blocks
         repaint = None
         if mode == "repaint":  # its noise from streams of its own, so every later block draws as with "clean"
-            r_gens = sample_generators(prompts, -1 - seed, dev)
+            r_gens = sample_generators(prompts, -1 - s.seed, dev)
             repaint = (reps, frac, lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=dev)
                                                              for g in r_gens]))
-        zero_t, H = torch.zeros(1, device=dev), hist_pos.shape[1]  # prefill and commit: every token at t = 0
-        keys = None  # compiled: the number of cache slots every step attends to
-        mod = step_conditions(self.dit, steps, shift, dev)  # the step times' modulations, for every block
-
-        def slide(k_pos):  # past the window the oldest blocks leave both caches; k_pos: the cached positions
-            n = 0 if wb is None else max(0, k_pos.shape[1] - wb * bs)
-            if n:
-                dit_cache.evict(n), dec_cache.evict(n)
-            return k_pos[:, n:]
-
-        if use_cache:  # KV caches for the whole run, allocated once; prefilled with the prompt's full blocks
-            need = H + -(-(bs + max_new_tokens) // bs) * bs  # the prompt's full blocks and the generated ones
-            size = need if wb is None else min(need, max(H, wb * bs) + bs)
-            if compile:  # the steps attend to `keys` slots: a number that runs of any length share
-                keys = step_slots(need, None if wb is None else wb * bs + bs)
-                size = max(size, keys)
-            rows = 2 if cfg_scale != 1 else 1  # guided: [cond | uncond]
-            dit_cache = self.dit.new_cache(rows * B, size, dev, static=compile)
-            dec_cache = self.vae.decoder.new_cache(B, size, dev)
-            if H:
-                blk, clean = hist_pos // bs, torch.zeros_like(hist_pos, dtype=torch.bool)
-                self.dit(hist_z, zero_t, torch.zeros_like(hist_pos), hist_pos, block_mask(blk, clean, blk, clean, window=wb),
-                         dit_cache.span(0, H))
-                self.vae.decode_hidden(hist_z, hist_pos, dec_cache, hist_pos[:, :0], dec_window)
-                hist_pos = slide(hist_pos)  # a prompt longer than the window keeps its last blocks
-        offs = torch.arange(bs, device=dev)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
-        pinned = any(len(p) % bs for p in prompts)  # does the block hold prompt positions? the first one may
-        step_dit = compiled_step(self.dit, dev.type == "cuda") if keys else self.dit
         while not all(done):
-            pos = start[:, None] + offs  # (B, bs)
+            pos = start[:, None] + torch.arange(bs, device=dev)  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
-            z = torch.where(keep[..., None], tail, noise) if pinned else noise  # (B, bs, d) at t = 1, the tail clean
-            history = dict(cache=dit_cache) if use_cache else dict(hist_z=hist_z)
-            z = sample_block(step_dit, z, pos, keep if pinned else None, hist_pos, steps=steps, cfg_scale=cfg_scale,
-                             shift=shift, repaint=repaint, window=wb, mod=mod, keys=keys, **history)
-            if pinned:  # the prompt's own latents stand (partial repaint moved them)
-                z = torch.where(keep[..., None], tail, z)
-            if use_cache:
-                logits = self.vae.decode(z, pos, dec_cache, hist_pos, dec_window)  # (B, bs, V)
-            else:
-                logits = self.vae.decode(torch.cat([hist_z, z], 1), torch.cat([hist_pos, pos], 1), window=dec_window)
-                logits = logits[:, -bs:]
-            if trace is not None:
-                trace.append((z.clone(), logits.clone()))
-            ids = pick_tokens(logits, temperature, top_k, top_p, gens, tok)  # (B, bs)
+            z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
+            guided = s.cfg_scale != 1 and hist.n > 0  # with no history at all, cond == uncond
+            z = sample_block(hist.dit_net(pos, guided), z, keep, guided, s, repaint, self.dit.cfg.self_cond)
+            z = torch.where(keep[..., None], tail, z)  # the prompt's own latents stand (partial repaint moved them)
+            ids = pick_tokens(hist.decode(z, pos), s, gens, tok)  # (B, bs)
             for i, (new, pinned) in enumerate(zip(ids.tolist(), keep.tolist())):  # the one wait per block
                 new = [t for t, p in zip(new, pinned) if not p]  # prompt tokens stand
-                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, tok.eot if stop_at_eot else None)
+                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, tok.eot if s.stop_at_eot else None)
                 if on_block is not None:
                     on_block(i, out[i])
-            if all(done):
-                break
-            # commit: the finished block joins the history as clean latents (t = 0), in the slots it used
-            k_pos = torch.cat([hist_pos, pos], 1)
-            if use_cache:
-                clean = torch.zeros_like(k_pos, dtype=torch.bool)
-                mask = block_mask(pos // bs, clean[:, -bs:], k_pos // bs, clean, window=wb)
-                self.dit(z, zero_t, torch.zeros_like(pos), pos, mask, dit_cache.span(hist_pos.shape[1], k_pos.shape[1]))
-                k_pos = slide(k_pos)
-            else:  # the cache-free reference keeps every latent and applies the window in its masks
-                hist_z = torch.cat([hist_z, z], 1)
-            hist_pos, start, keep = k_pos, start + bs, torch.zeros_like(keep)
-            repaint, pinned = None, False  # only the first block holds prompt tokens
+            if not all(done):
+                hist.commit(z, pos)  # the finished block joins the history as clean latents (t = 0)
+                start, keep, repaint = start + bs, torch.zeros_like(keep), None  # only the first block holds prompt
         return out
 
     # ------------------------------------------------------------------------- likelihood
@@ -356,3 +299,101 @@ class Cola(nn.Module):
         """log p(x) per sequence (B,), estimated by a one-sample ELBO (a lower bound in expectation)."""
         return self.log_weights(x, 1, ode_steps)[0][0]
 
+
+
+class History:
+    """What a generation has behind it, as the DiT and the decoder see it: the clean latents of the prompt
+    and of every committed block, in KV caches of a fixed number of slots (layers.KVCache: written in
+    place, attended through masks), with the position of every slot (PAD_POS: empty). Past the window
+    the oldest blocks leave both caches. With guidance the DiT's cache has 2B rows, [cond | uncond]: the
+    history lives in the first B, the unconditional rows see their block alone. use_cache=False keeps the
+    latents instead and rebuilds the caches from them at every step: the reference the caches must match."""
+
+    def __init__(self, model, step, B, need, s, window, use_cache):
+        self.model, self.step, self.B, self.bs, self.use_cache = model, step, B, model.block_size, use_cache
+        self.wb = None if window is None else window // self.bs - 1  # history blocks the DiT sees
+        if self.wb is not None and self.wb < 1:
+            raise ValueError(f"window {window} leaves no history: it must span at least 2 blocks of {self.bs} tokens")
+        self.dec_window = None if self.wb is None else self.wb * self.bs + 1  # a block's first token sees wb blocks
+        self.size = -(-need // self.bs) * self.bs if self.wb is None else self.wb * self.bs + self.bs
+        self.rows = 2 if s.cfg_scale != 1 else 1
+        ts, _ = time_grid(s.steps, s.shift)  # the DiT's time table: entry 0 for t = 0, i + 1 for step i's t
+        self.mod = model.dit.condition(torch.tensor([0.0] + ts[:-1], device=next(model.parameters()).device))
+        self.latents = []  # use_cache=False: every committed (z, pos)
+        self.reset(self.size)
+
+    def reset(self, size):
+        dit, dec, dev = self.model.dit, self.model.vae.decoder, self.mod.device
+        self.dit_cache = dit.new_cache(self.rows * self.B, size, dev)
+        self.dec_cache = dec.new_cache(self.B, size, dev)
+        self.pos = torch.full((self.B, size), PAD_POS, dtype=torch.long, device=dev)  # (B, size)
+        self.n = 0  # slots filled
+
+    def commit(self, z, pos, decoder=False):
+        """Clean latents z (B, L, d) at positions pos (B, L) join the history at t = 0, in slots n..n+L-1
+        of the DiT's cache and, with decoder, of the decoder's (decode wrote a generated block's there)."""
+        if not self.use_cache:
+            self.latents.append((z, pos))
+            self.n += pos.shape[1]
+            return
+        n, L, bs, dit = self.n, pos.shape[1], self.bs, self.model.dit
+        if n + L > self.pos.shape[1]:  # a prompt longer than the window: room for it, evicted below
+            self.reset(n + L + bs)
+        self.pos[:, n:n + L] = pos
+        clean = torch.zeros_like(self.pos, dtype=torch.bool)
+        mask = block_mask(pos // bs, clean[:, :L], self.pos // bs, clean, window=self.wb)
+        dit(z, torch.zeros(1, device=z.device), torch.zeros_like(pos), pos, mask, self.dit_cache.at(n, L))
+        if decoder:
+            self.model.vae.decode_hidden(z, pos, self.dec_cache.at(n, L), self.pos, self.dec_window)
+        self.n += L
+        old = 0 if self.wb is None else self.n - self.wb * bs
+        if old > 0:  # past the window the oldest blocks leave
+            self.dit_cache.evict(old), self.dec_cache.evict(old)
+            self.pos = torch.cat([self.pos[:, old:], torch.full_like(self.pos[:, :old], PAD_POS)], 1)
+            self.n -= old
+
+    def rebuild(self):
+        """use_cache=False: every latent so far computed again, into new caches."""
+        if self.latents:
+            z, pos = (torch.cat(x, 1) for x in zip(*self.latents))
+            self.use_cache, wb, self.wb = True, self.wb, None  # the window lives in the masks: nothing leaves
+            self.reset(pos.shape[1] + self.bs)
+            self.commit(z, pos, decoder=True)
+            self.use_cache, self.wb = False, wb
+
+    def dit_net(self, pos, guided):
+        """The DiT as flow.sample_block calls it for the block at positions pos (B, bs): its queries at pos
+        (and guided, an unconditional copy at positions 0..bs-1, where a first block sits), its keys every
+        slot, the block's own written to slots n..n+bs-1 at every step."""
+        if not self.use_cache:
+            self.rebuild()
+        n, bs, (B, S) = self.n, self.bs, self.pos.shape
+        q_pos, k_pos = pos, self.pos.clone()
+        k_pos[:, n:n + bs] = pos
+        if guided:
+            q_pos = torch.cat([pos, torch.arange(bs, device=pos.device).expand(B, bs)])  # (2B, bs)
+            k_pos = torch.cat([k_pos, torch.full_like(k_pos, PAD_POS)])  # (2B, S): no history for uncond
+            k_pos[B:, n:n + bs] = q_pos[B:]
+        slot = torch.arange(S, device=pos.device)
+        noisy = ((slot >= n) & (slot < n + bs)).expand_as(k_pos)  # (rB, S)
+        mask = block_mask(q_pos // bs, torch.ones_like(q_pos, dtype=torch.bool), k_pos // bs, noisy, window=self.wb)
+        # additive, once for every step (what SDPA would make of a boolean mask at every call)
+        mask = torch.zeros(mask.shape, device=pos.device, dtype=attention_dtype(pos.device)).masked_fill_(~mask, float("-inf"))
+        rope, fresh = rope_angles(q_pos, self.model.dit.cfg.width // self.model.dit.cfg.n_head), True
+
+        def net(z, steps, sc):  # the step's adaLN modulations (mod) and rotary tables (rope) come computed
+            nonlocal fresh
+            if not (self.use_cache or fresh):  # the reference: the history computed again at every step
+                self.rebuild()
+            fresh = False
+            return self.step(z, None, steps, q_pos, mask, self.dit_cache.at(n, bs), sc=sc, mod=self.mod, rope=rope)
+        return net
+
+    def decode(self, z, pos):
+        """Logits (B, bs, V) of the finished block z at positions pos, written to the decoder's cache."""
+        if not self.use_cache:
+            self.rebuild()
+        n, bs = self.n, pos.shape[1]
+        k_pos = self.pos.clone()
+        k_pos[:, n:n + bs] = pos
+        return self.model.vae.decode(z, pos, self.dec_cache.at(n, bs), k_pos, self.dec_window)

@@ -201,7 +201,7 @@ class DiT(nn.Module):
         mod: condition(t) computed beforehand (t unused); rope: rope_angles(pos) computed beforehand
         (the sampler's steps share a block's positions).
         mask (B, 1, L, Lk) from block_mask, over this call's tokens or, with a layers.KVCache, over the
-        cache's slots [0, hi); sc (B, L, d): the self-conditioning estimate of the clean latents (None =
+        cache's slots (all of them); sc (B, L, d): the self-conditioning estimate of the clean latents (None =
         zeros; only with cfg.self_cond).
         """
         B, L = z.shape[:2]
@@ -219,9 +219,10 @@ class DiT(nn.Module):
             x = block(x, mods[i], rope, mask, cache, i)  # (B, L, W)
         return self.final_layer(x, mods[-1])  # (B, L, d)
 
-    def new_cache(self, batch, size, device, static=False):
+    def new_cache(self, batch, size, device):
         c = self.cfg
-        return KVCache(c.n_layer, batch, c.n_head, c.width // c.n_head, size, device, static=static)
+        return KVCache(c.n_layer, batch, c.n_head, c.width // c.n_head, size, device)
+
 
 if __name__ == "__main__":
     torch.manual_seed(0)

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 
 from dit import block_mask, flex_mask_2L, layout_2L
-from layers import PAD_POS, attention_dtype, rope_angles
 
 
 @dataclass
@@ -156,103 +155,39 @@ def euler_repaint(velocity, z, known, keep, steps, reps=1, frac=1.0, noise=torch
 
 
 @torch.no_grad()
-def step_conditions(dit, steps, shift=1.0, device=None):
-    """The adaLN modulations (dit.condition) of a block's solve: entry 0 for t = 0 (pinned positions,
-    the history), entry i + 1 for step i's t. The same for every block: a sampler computes them once."""
-    ts, _ = time_grid(steps, shift)
-    return dit.condition(torch.tensor([0.0] + ts[:-1], device=device))
+def sample_block(net, z, keep, guided, s, repaint=None, self_cond=False):
+    """One latent block by Euler integration from t = 1 (noise) to 0 with classifier-free guidance
+    (arXiv 2605.06548 §3.2.3, App. B.1) and clean-condition repaint (§5.2).
 
-
-@torch.no_grad()
-def sample_block(dit, noise, pos, keep, hist_pos=None, cache=None, hist_z=None, steps=16, cfg_scale=7.0, shift=1.0,
-                 repaint=None, window=None, mod=None, keys=None):
-    """Generate one latent block by Euler integration with CFG and clean-condition repaint.
-
-    noise (B, bs, d): z at t = 1, except positions `keep` (B, bs), which hold clean prompt latents
-    that stay pinned with t = 0 (repaint), or None: nothing pinned. pos (B, bs): the block's positions.
-    The history, clean latents at positions hist_pos (B, Lp) (padding at PAD_POS), comes either as the
-    DiT's KV cache (a layers.KVCache whose slots [0, Lp) hold it; the block's keys go to slots
-    [Lp, Lp + bs), and with guidance it needs 2B rows: the first B hold the history) or, cache-free, as
-    the latents hist_z (B, Lp, d), recomputed at every step. window: the DiT sees only the last
-    `window` history blocks.
-    CFG (paper §3.2.3, App. B.1): v = v_u + w (v_c - v_u); v_c sees history + block, v_u the block alone
-    at positions 0..bs-1. Both run in one batched forward; with no history the uncond pass is skipped.
-    Everything but the DiT forward itself (mask, rotary tables, the times' modulations unless the caller
-    passes them) is computed once per block, and the step loop never waits on the device. A
-    self-conditioned DiT reads the previous step's estimate of the clean block, z - t v (zero at the
-    first step). shift: see euler.
-    repaint = (reps, frac, noise_fn) replaces the clean pinning by partial repaint (euler_repaint): the
-    positions `keep` then run at the block's t like the rest, and their clean latents are only re-imposed.
-    mod: step_conditions(dit, steps, shift), from a caller that samples many blocks.
-    keys: with a cache, the steps attend to its first `keys` slots (KVCache.span), those past the block
-    masked: one number for a whole generation, so that a compiled DiT (Cola.generate(compile=True))
-    runs one graph for every step of every block.
+    z (B, bs, d): Gaussian noise, except at positions keep (B, bs): the prompt's clean latents, pinned at
+    t = 0 throughout. net(z, step, sc): the DiT with its history, positions and mask bound (cola.History),
+    for latents z (rB, bs, d), each token's step of the solve (0 = clean: t = 0; i + 1: step i's t) and
+    the self-conditioning input sc. Guided, rB = 2B rows [conditional | unconditional], one batched
+    forward: v = v_u + w (v_c - v_u). s: a layers.Sampling (steps, cfg_scale, shift).
+    repaint = (reps, frac, noise_fn): partial repaint (euler_repaint) instead of pinning the prompt.
+    self_cond: the DiT also reads its last estimate of the clean block, z - t v (zero at the first step).
     """
-    B, bs = noise.shape[0], dit.cfg.block_size
-    assert noise.shape[1] == bs, f"noise holds {noise.shape[1]} positions, the DiT's blocks {bs}"
-    dev = noise.device
-    Lp = 0 if hist_pos is None else hist_pos.shape[1]
-    guided = Lp > 0 and cfg_scale != 1.0
-    rows = 2 if guided else 1  # a guided batch stacks [cond | uncond]: rB = rows x B below
-    q_pos = torch.cat([pos, torch.arange(bs, device=dev).expand(B, bs)]) if guided else pos  # (rB, bs)
-    q_noisy = torch.ones_like(q_pos, dtype=torch.bool)  # (rB, bs)
-    k_pos, k_noisy, k_valid = q_pos, q_noisy, None  # no history: the block attends to itself only
-    if Lp:
-        h_pos = hist_pos.repeat(rows, 1)  # (rB, Lp)
-        h_valid = torch.ones_like(h_pos, dtype=torch.bool)  # (rB, Lp)
-        if guided:
-            h_valid[B:] = False  # the unconditional rows see no history
-        k_pos = torch.cat([h_pos, q_pos], 1)  # (rB, Lp + bs)
-        k_noisy = torch.cat([torch.zeros_like(h_valid), q_noisy], 1)  # (rB, Lp + bs)
-        k_valid = torch.cat([h_valid, torch.ones_like(q_noisy)], 1)  # (rB, Lp + bs)
-        if cache is None:  # cache-free: the history tokens are queries too
-            hist_z = hist_z.repeat(rows, 1, 1)  # (rB, Lp, d)
-            q_pos, q_noisy = k_pos, k_noisy  # (rB, Lp + bs)
-    if cache is not None:
-        cache.span(Lp, Lp + bs, keys)  # every step writes the block's keys/values to the same slots
-        if keys is not None:  # the slots after the block's: hidden (and at PAD_POS)
-            pad = torch.zeros(k_pos.shape[0], keys - k_pos.shape[1], dtype=torch.long, device=dev)
-            k_valid = torch.ones_like(k_noisy) if k_valid is None else k_valid
-            k_pos, k_noisy, k_valid = torch.cat([k_pos, pad + PAD_POS], 1), torch.cat([k_noisy, pad.bool()], 1), \
-                torch.cat([k_valid, pad.bool()], 1)  # (rB, keys)
-    # (rB, 1, Lq, Lp + bs), Lq = bs with a KV cache, Lp + bs cache-free (Lp = 0: no history); additive
-    # (0 / -inf, what SDPA would make of a boolean mask at every call): built once for all the steps
-    mask = block_mask(q_pos // bs, q_noisy, k_pos // bs, k_noisy, k_valid, window)
-    mask = torch.zeros(mask.shape, device=dev, dtype=attention_dtype(dev)).masked_fill_(~mask, float("-inf"))
-
-    ts, _ = time_grid(steps, shift)
-    step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}  # the DiT's time table: see step_conditions
-    mod = step_conditions(dit, steps, shift, dev) if mod is None else mod
-    rope = rope_angles(q_pos, dit.cfg.width // dit.cfg.n_head)  # the rotary tables of the queries' positions
-    if keep is None:  # nothing pinned (every block but a prompt's first): nothing to repaint either
-        repaint = None
-    pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the network's input
-    if pin is None and q_pos.shape[1] == bs:  # every query at the step's t: one table entry, broadcast
-        moving = torch.ones(1, 1, dtype=torch.long, device=dev)
-    else:
-        at_t = torch.ones_like(q_pos[:, -bs:]) if pin is None else (~pin).long().repeat(rows, 1)  # (rB, bs)
-        moving = torch.cat([torch.zeros_like(q_pos[:, :-bs]), at_t], 1)  # (rB, Lq): 1 = at the step's t, 0 = clean
-    estimate = torch.zeros_like(noise) if dit.cfg.self_cond else None  # (B, bs, d) self-conditioning input
+    rows = 2 if guided else 1
+    ts, _ = time_grid(s.steps, s.shift)
+    step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}
+    pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the DiT's input
+    moving = (~pin).long().repeat(rows, 1)  # (rB, bs): 1 = at the step's t, 0 = clean
+    estimate = torch.zeros_like(z) if self_cond else None  # (B, bs, d)
 
     def velocity(z, t):
         nonlocal estimate
-        zz = z.repeat(rows, 1, 1)  # (rB, bs, d)
         sc = None if estimate is None else estimate.repeat(rows, 1, 1)  # (rB, bs, d)
-        if Lp and cache is None:  # the clean history runs again at t = 0 in front of the block
-            zz = torch.cat([hist_z, zz], 1)  # (rB, Lp + bs, d)
-            sc = None if sc is None else torch.cat([torch.zeros_like(hist_z), sc], 1)  # (rB, Lp + bs, d)
-        v = dit(zz, None, moving * step_of[t], q_pos, mask, cache, sc=sc, mod=mod, rope=rope)[:, -bs:]  # (rB, bs, d)
+        v = net(z.repeat(rows, 1, 1), moving * step_of[t], sc)  # (rB, bs, d)
         if guided:
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
-            v = torch.lerp(v_u, v_c, cfg_scale)  # v_u + w (v_c - v_u): (B, bs, d)
+            v = torch.lerp(v_u, v_c, s.cfg_scale)  # v_u + w (v_c - v_u)
         if estimate is not None:  # pinned positions: their clean latent
-            estimate = z - t * v if pin is None else torch.where(pin[..., None], z, z - t * v)
+            estimate = torch.where(pin[..., None], z, z - t * v)
         return v  # (B, bs, d)
 
     if repaint is not None:
-        reps, frac, noise_fn = repaint
-        return euler_repaint(velocity, noise, noise, keep, steps, reps, frac, noise_fn, shift)  # (B, bs, d)
-    return euler(velocity, noise, steps, keep, shift)  # (B, bs, d)
+        return euler_repaint(velocity, z, z, keep, s.steps, *repaint, shift=s.shift)
+    return euler(velocity, z, s.steps, keep, s.shift)
 
 
 # ----------------------------------------------------------------------------- likelihood

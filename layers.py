@@ -12,6 +12,7 @@ values in a KVCache: buffers allocated once, written in place, that every attent
 import functools
 import math
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -65,74 +66,34 @@ def attention_dtype(device):
 
 
 class KVCache:
-    """Keys and values of every attention layer for up to `size` tokens, one (B, H, size, hd) tensor of
-    each per layer, allocated once and written in place. The owner picks the slots the next forwards
-    fill with `span(lo, hi)`; those forwards attend to slots [0, hi): what is already there and their
-    own tokens (a call with fewer rows than the cache uses its first rows). Keys are stored with RoPE
-    applied, so the caller's mask, built from the slots' positions, alone decides who sees what."""
+    """Keys and values of every attention layer for `size` slots, one (B, H, size, hd) tensor of each per
+    layer, allocated once and written in place (the pattern of gpt-fast). `at(lo, n)` names the slots the
+    next forwards write; they attend to every slot, and the caller's mask, built from the positions of the
+    slots' tokens (PAD_POS for an empty one), alone decides who sees what. So a forward's shapes never
+    change, and torch.compile builds one graph for all of them. Keys are stored with RoPE applied; a call
+    with fewer rows than the cache uses its first rows."""
 
-    def __init__(self, n_layer, batch, n_head, head_dim, size, device=None, dtype=None, static=False):
-        dtype = attention_dtype(device) if dtype is None else dtype
-        shape = (batch, n_head, size, head_dim)
+    def __init__(self, n_layer, batch, n_head, head_dim, size, device=None):
+        shape, dtype = (batch, n_head, size, head_dim), attention_dtype(device)
         # zeros, never garbage: a masked-out slot must not be NaN
-        bufs = [buf.zero_() for buf in static_buffers(2 * n_layer, shape, dtype, device)] if static else \
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2 * n_layer)]
-        self.k, self.v = bufs[:n_layer], bufs[n_layer:]
-        self.lo, self.hi, self.keys, self.slots = 0, 0, None, None
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.slots = None
 
-    def span(self, lo, hi, keys=None):
-        """keys (>= hi): the next forwards write their slots by index and attend to the first `keys`
-        slots, whatever hi (the caller's mask hides those at hi and after). With one `keys` for a whole
-        generation their shapes never change, so one compiled graph (a CUDA graph on GPU) serves it."""
-        self.lo, self.hi, self.keys = lo, hi, keys
-        self.slots = None if keys is None else torch.arange(lo, hi, device=self.k[0].device)
+    def at(self, lo, n):
+        self.slots = torch.arange(lo, lo + n, device=self.k[0].device)
         return self
 
     def update(self, layer, k, v):
-        """Store this call's keys/values (b, H, hi - lo, hd) and return those to attend to (b, H, hi, hd),
-        or (b, H, keys, hd)."""
-        k_buf, v_buf = self.k[layer], self.v[layer]
-        if k.shape[0] < k_buf.shape[0]:
-            k_buf, v_buf = k_buf[:k.shape[0]], v_buf[:k.shape[0]]
-        if self.keys is not None:  # written in place by index: a compiled graph copies no buffer
-            k_buf.index_copy_(2, self.slots, k), v_buf.index_copy_(2, self.slots, v)
-            return k_buf[:, :, :self.keys], v_buf[:, :, :self.keys]
-        k_buf[:, :, self.lo:self.hi] = k
-        v_buf[:, :, self.lo:self.hi] = v
-        return k_buf[:, :, :self.hi], v_buf[:, :, :self.hi]
+        """Write this call's keys/values (b, H, n, hd) to its slots; return every slot's (b, H, size, hd)."""
+        k_buf, v_buf = self.k[layer][:k.shape[0]], self.v[layer][:k.shape[0]]
+        k_buf.index_copy_(2, self.slots, k), v_buf.index_copy_(2, self.slots, v)
+        return k_buf, v_buf
 
     def evict(self, n):
         """Drop the oldest n slots, moving the rest to the front: a sliding window over the history."""
         for buf in self.k + self.v:
             buf[:, :, :-n] = buf[:, :, n:].clone()
-
-
-@functools.lru_cache(maxsize=4)
-def static_buffers(n, shape, dtype, device):
-    """n tensors that every KV cache of this shape reuses (KVCache(static=True)), at fixed addresses
-    marked as such: a CUDA graph that writes them is recorded once, not at every generate call. (Up to
-    4 shapes are kept alive; generations that share them must not overlap.)"""
-    bufs = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n)]
-    for buf in bufs:
-        torch._dynamo.mark_static_address(buf)
-    return bufs
-
-
-def step_slots(need, window=None):
-    """How many cache slots a compiled step attends to (KVCache.span's keys) in a run that fills `need`:
-    the window's, or without one `need` rounded up to a power of 2, so that runs of any length share a
-    few numbers, and so a few graphs."""
-    return window if window is not None else 1 << (need - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=8)
-def compiled_step(step, cuda):
-    """A sampler's step (the DiT, the AR network) compiled for fixed shapes, one graph per set of
-    shapes, on CUDA replayed as a CUDA graph (mode="reduce-overhead"): a small model's sampling time is
-    mostly the launch overhead of many small kernels. Its KV cache is read with KVCache.span(keys=...).
-    Past torch's recompile limit (8 sets of shapes per function) the step runs eager, with torch's
-    warning. (The compiled steps of up to 8 models are kept alive.)"""
-    return torch.compile(step, dynamic=False, mode="reduce-overhead" if cuda else None)
 
 
 class Attention(nn.Module):
@@ -147,7 +108,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim)
 
     def forward(self, x, rope, mask, cache=None, layer=0):
-        """x (B, L, W) -> (B, L, W). mask (B, 1, L, Lk): Lk = L, or the cache's hi with a KVCache; or a
+        """x (B, L, W) -> (B, L, W). mask (B, 1, L, Lk): Lk = L, or the cache's size with a KVCache; or a
         FlexAttention BlockMask over this call's L tokens (no cache)."""
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim)  # (B, L, 3, H, hd)
@@ -159,7 +120,7 @@ class Attention(nn.Module):
         qk = apply_rope(qk, rope).to(qkv.dtype)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, L, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, hi, hd): the cached tokens and this call's
+            k, v = cache.update(layer, k, v)  # (B, H, size, hd): every slot, this call's written
         if isinstance(mask, BlockMask):
             assert cache is None, "a BlockMask covers this call's tokens only"
             flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
@@ -210,8 +171,8 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, cache, i)
         return self.norm(x)
 
-    def new_cache(self, batch, size, device, static=False):
-        return KVCache(len(self.blocks), batch, self.blocks[0].attn.n_head, self.head_dim, size, device, static=static)
+    def new_cache(self, batch, size, device):
+        return KVCache(len(self.blocks), batch, self.blocks[0].attn.n_head, self.head_dim, size, device)
 
 
 def init_weights(module, n_layer):
@@ -233,6 +194,21 @@ def transformer_flops(n_layer, width, attended):
 
 # ----------------------------------------------------------------------------- decoding (cola.py and ar.py)
 
+@dataclass
+class Sampling:
+    """A generator's options, as Cola.generate and ARLM.generate take them by name (a misspelled one is an
+    error). The first four steer Cola's ODE; the AR baseline has none and ignores them."""
+    steps: int = 16             # Euler steps per block
+    cfg_scale: float = 7.0      # classifier-free guidance w (1 = off)
+    shift: float = 1.0          # > 1: more steps at high noise (flow.time_grid)
+    first_block: str = "clean"  # how the prompt's tail enters the first block (cola.parse_first_block)
+    temperature: float = 0.0    # 0 decodes greedily, else top-k / top-p sampling
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0               # with the prompt, seeds each sample's noise (sample_generators)
+    stop_at_eot: bool = True    # end a sample at <|endoftext|> (else always max_new_tokens)
+
+
 def sample_generators(prompts, seed, device):
     """One RNG per sample, seeded from (seed, the prompt, its repeat index in the batch), so a prompt's
     output does not depend on what else is in the batch; repeats of one prompt get different streams."""
@@ -244,25 +220,24 @@ def sample_generators(prompts, seed, device):
     return gens
 
 
-def pick_tokens(logits, temperature, top_k, top_p, generators, tok=None):
-    """logits (B, L, V) -> token ids (B, L): greedy at temperature 0, else top-k / top-p sampling with
-    each row's own generator. With tok, only real tokens and <|endoftext|> can be picked (never
-    <|mask|>, <|pad|> or the vocabulary padding)."""
-    if temperature == 0:  # the ids after eot (specials, vocabulary padding) are the banned ones: leave them out
+def pick_tokens(logits, s, generators, tok=None):
+    """logits (B, L, V) -> token ids (B, L): greedy at temperature 0, else top-k / top-p sampling (s: a
+    Sampling) with each row's own generator. With tok, only real tokens and <|endoftext|> can be picked
+    (never <|mask|>, <|pad|> or the vocabulary padding)."""
+    if s.temperature == 0:  # the ids after eot (specials, vocabulary padding) are the banned ones: leave them out
         allowed = logits if tok is None else logits[..., :tok.eot + 1]
         return allowed.float().argmax(-1)  # fp32: a bf16 argmax runs some 10x slower on a CPU
     if tok is not None:
-        banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        banned[tok.eot + 1:] = True  # the specials after eot and the vocabulary padding
-        logits = logits.masked_fill(banned, float("-inf"))
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.clone()
+        logits[..., tok.eot + 1:] = float("-inf")  # the specials after eot and the vocabulary padding
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), -1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if s.top_p < 1.0:
         sorted_logits, idx = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set with mass >= top_p
+        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set with mass >= top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])

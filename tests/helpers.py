@@ -23,3 +23,19 @@ def random_dit(bs=4, width=32):
     dit = DiT(DiTConfig(n_layer=2, width=width, n_head=2, block_size=bs))
     perturb(dit)
     return dit.eval()
+
+
+def generate_blocks(model, *args, **kw):
+    """model.generate(*args, **kw) and every block's (latents, logits) as Cola decodes them."""
+    seen, decode = [], model.vae.decode
+
+    def spy(z, *a, **k):
+        logits = decode(z, *a, **k)
+        seen.append((z.clone(), logits.clone()))
+        return logits
+
+    model.vae.decode = spy
+    try:
+        return model.generate(*args, **kw), seen
+    finally:
+        del model.vae.decode

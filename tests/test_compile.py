@@ -19,13 +19,12 @@ import torch.nn.attention.flex_attention as fa
 import torch.nn.functional as F
 
 import config
-import layers
 import train
 from cola import Cola
 from common import UserError, check_resume, save_checkpoint
 from dit import DiT, DiTConfig, attention_sparsity, block_mask, flex_mask_2L, layout_2L
 from flow import FlowConfig, fm_loss
-from tests.helpers import perturb
+from tests.helpers import generate_blocks, perturb
 from vae import TextVAE, VAEConfig
 
 
@@ -245,8 +244,8 @@ def test_bf16_generation_matches_fp32(monkeypatch):
     torch.manual_seed(0)
     model = tiny_cola("joint").eval()
     kw = dict(max_new_tokens=8, steps=3, stop_at_eot=False)
-    ref, half, seen = [], [], set()
-    model.generate([list(b"Hello"), []], trace=ref, **kw)
+    seen = set()
+    _, ref = generate_blocks(model, [list(b"Hello"), []], **kw)
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None):
@@ -256,7 +255,7 @@ def test_bf16_generation_matches_fp32(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     with bf16():
         assert model.dit.new_cache(1, 4, "cpu").k[0].dtype == torch.bfloat16
-        model.generate([list(b"Hello"), []], trace=half, **kw)
+        _, half = generate_blocks(model, [list(b"Hello"), []], **kw)
     assert model.dit.new_cache(1, 4, "cpu").k[0].dtype == torch.float32
     assert seen == {(torch.bfloat16,) * 3}
     assert len(half) == len(ref) == 3  # until the first prompt has its 8: 3 + 4 + 1 new tokens
@@ -283,10 +282,9 @@ def test_cast_for_bf16_matches_autocast():
     with autocast("cpu", "bf16"):
         assert torch.equal(twin.dit(z, t, t_index, pos, mask), ref)
         kw = dict(max_new_tokens=8, steps=3, stop_at_eot=False)
-        ref_trace, trace = [], []
         with bf16():
-            model.generate([list(b"Hello"), []], trace=ref_trace, **kw)
-        twin.generate([list(b"Hello"), []], trace=trace, **kw)
+            _, ref_trace = generate_blocks(model, [list(b"Hello"), []], **kw)
+        _, trace = generate_blocks(twin, [list(b"Hello"), []], **kw)
     for (z1, l1), (z0, l0) in zip(trace, ref_trace):
         assert torch.allclose(z1, z0, atol=5e-2) and torch.allclose(l1.float(), l0.float(), atol=5e-2)
     assert (precision("cpu"), precision("cpu", "bf16"), precision("cpu", "fp32")) == ("fp32", "bf16", "fp32")
@@ -300,14 +298,12 @@ def test_cast_for_bf16_matches_autocast():
 def fresh_compiler():
     """No compiled code, from this test or an earlier one, is reused or left behind."""
     torch.compiler.reset()
-    layers.compiled_step.cache_clear()
     yield
     torch.compiler.reset()
-    layers.compiled_step.cache_clear()
 
 
 def count_graphs(monkeypatch):
-    """torch.compile as layers.compiled_step calls it, but fullgraph (a graph break fails the test) and
+    """torch.compile as generate(compile=True) calls it, but fullgraph (a graph break fails the test) and
     with a backend that counts the graphs and runs them."""
     graphs, compile_ = [], torch.compile
 
@@ -315,35 +311,32 @@ def count_graphs(monkeypatch):
         graphs.append(gm)
         return gm.forward
 
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=counting, fullgraph=True,
-                                                                         dynamic=kw["dynamic"]))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=counting, fullgraph=True, **kw))
     return graphs
 
 
-@pytest.mark.parametrize("cfg_scale, window, prompts", [
-    (1.0, 16, [b"Hello, wor", b"It is a truth universally acknowledged"]),  # 10 and 38 (> window) bytes
-    (7.0, 16, [b"Hello, wor", b"It is a truth universally acknowledged"]),
-    (7.0, None, [b"Hello, wor", b"It is a truth universally acknowledged"]),
-    (7.0, 16, [b"", b""]),  # no history at the first block: unguided, half the rows
+@pytest.mark.parametrize("cfg_scale, window, prompts, n_graphs", [
+    (1.0, 16, [b"Hello, wor", b"It is a truth universally acknowledged"], 1),  # 10 and 38 (> window) bytes
+    (7.0, 16, [b"Hello, wor", b"It is a truth universally acknowledged"], 1),
+    (7.0, None, [b"Hello, wor", b"It is a truth universally acknowledged"], 1),
+    (7.0, 16, [b"", b""], 2),  # no history at the first block: unguided, half the rows
 ])
-def test_compiled_sampler_is_one_graph(cfg_scale, window, prompts, fresh_compiler, monkeypatch):
-    """generate(compile=True): the Euler step is one graph for every block after the first (which has
-    its own: prompt positions at t = 0, or no history), on to past the window; a second call compiles
-    nothing and, on caches reused from the first, samples the same. Attending to a fixed number of
-    cache slots, those past the block masked, gives the eager sampler's latents and tokens."""
+def test_compiled_sampler_is_one_graph(cfg_scale, window, prompts, n_graphs, fresh_compiler, monkeypatch):
+    """generate(compile=True): the Euler step is one graph for every step of every block, on to past the
+    window (a first block with no history, unguided, has its own); a second call compiles nothing. The
+    compiled step samples the eager sampler's latents and tokens."""
     graphs = count_graphs(monkeypatch)
     model = tiny_cola("joint").eval()
     prompts = [list(p) for p in prompts]
     kw = dict(max_new_tokens=30, steps=2, cfg_scale=cfg_scale, seed=2, window=window, stop_at_eot=False)
-    ref, out = [], []
-    eager = model.generate(prompts, trace=ref, **kw)
-    assert model.generate(prompts, trace=out, compile=True, **kw) == eager
-    assert len(out) == len(ref) >= 8
+    eager, ref = generate_blocks(model, prompts, **kw)
+    compiled, out = generate_blocks(model, prompts, compile=True, **kw)
+    assert compiled == eager and len(out) == len(ref) >= 8
     for (z, logits), (z_ref, logits_ref) in zip(out, ref):
         assert torch.allclose(z, z_ref, atol=1e-5) and torch.allclose(logits, logits_ref, atol=1e-5)
-    assert len(graphs) == 2
+    assert len(graphs) == n_graphs
     assert model.generate(prompts, compile=True, **kw) == eager
-    assert len(graphs) == 2
+    assert len(graphs) == n_graphs
 
 
 def test_compiled_sampler_inductor(fresh_compiler):
@@ -351,10 +344,9 @@ def test_compiled_sampler_inductor(fresh_compiler):
     samples what the eager step samples, its first block's prompt positions pinned."""
     model = tiny_cola("joint").eval()
     kw = dict(max_new_tokens=12, steps=2, seed=0, stop_at_eot=False)
-    ref, out = [], []
-    eager = model.generate([list(b"Hello, wor")], trace=ref, **kw)  # two whole blocks and 2 bytes
-    assert model.generate([list(b"Hello, wor")], trace=out, compile=True, **kw) == eager
-    assert len(out) == len(ref) == 4
+    eager, ref = generate_blocks(model, [list(b"Hello, wor")], **kw)  # two whole blocks and 2 bytes
+    compiled, out = generate_blocks(model, [list(b"Hello, wor")], compile=True, **kw)
+    assert compiled == eager and len(out) == len(ref) == 4
     for (z, logits), (z_ref, logits_ref) in zip(out, ref):
         assert torch.allclose(z, z_ref, atol=1e-4) and torch.allclose(logits, logits_ref, atol=1e-4)
 
@@ -383,26 +375,20 @@ def test_cli_compile(fresh_compiler, monkeypatch, tmp_path, capsys):
     assert r["compile"] and len(graphs) == 3 + 2
 
 
-@pytest.mark.parametrize("window", [8, None])
-def test_compiled_ar_sampler_is_one_graph(window, fresh_compiler, monkeypatch):
-    """ARLM.generate(compile=True): one graph for every new token, past the window too, shared by a
-    run of another length; each token's logits are those of the whole sequence recomputed."""
+@pytest.mark.parametrize("window, n_graphs", [(8, 1), (None, 2)])
+def test_compiled_ar_sampler_is_one_graph(window, n_graphs, fresh_compiler, monkeypatch):
+    """ARLM.generate(compile=True): one graph for every new token, past the window too (runs of any
+    length share it: the cache holds the window), and the eager tokens."""
     from ar import ARConfig, ARLM
     graphs = count_graphs(monkeypatch)
     torch.manual_seed(0)
     ar = ARLM(ARConfig(n_layer=2, width=32, n_head=2)).eval()
     perturb(ar)
-    x, pos = torch.randint(0, 256, (2, 12)), torch.arange(12).expand(2, 12)
-    cache = ar.transformer.new_cache(2, 16, "cpu")
-    ar.logits(x[:, :4], pos[:, :4], cache, pos[:, :0])  # the prompt, eager
-    for t in range(4, 12):
-        step = ar.logits(x[:, t:t + 1], pos[:, t:t + 1], cache, pos[:, :t], keys=16)
-        assert torch.allclose(step, ar.logits(x[:, :t + 1], pos[:, :t + 1])[:, -1:], atol=1e-5)
     prompts = [list(b"Hello"), list(b"It is a truth")]  # 5 and 13 (> window) bytes
-    for n in (20, 30):  # each token attends to the window's 8 slots, or to 64 in both runs
+    for n in (20, 30):  # without a window the cache holds the run: one graph per length
         kw = dict(max_new_tokens=n, window=window, stop_at_eot=False)
         assert ar.generate(prompts, compile=True, **kw) == ar.generate(prompts, **kw)
-        assert len(graphs) == 2  # (one of them the logits' check above: a cache of 16)
+    assert len(graphs) == n_graphs
 
 
 def test_compiled_sampler_past_the_recompile_limit(fresh_compiler, monkeypatch):
@@ -413,6 +399,6 @@ def test_compiled_sampler_past_the_recompile_limit(fresh_compiler, monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     model = tiny_cola("joint").eval()
     kw = dict(max_new_tokens=8, steps=2, window=16, stop_at_eot=False)
-    for b in (1, 2, 3, 4):  # 2 graphs for each batch size
+    for b in (1, 2, 3, 4):  # a graph for each batch size
         prompts = [list(b"Hello, wor")] * b
         assert model.generate(prompts, compile=True, **kw) == model.generate(prompts, **kw)

@@ -7,6 +7,7 @@ import torch
 import cola
 from cola import parse_first_block
 from flow import euler_repaint, renoise, time_grid
+from tests.helpers import generate_blocks
 from tests.test_sample import random_cola
 
 PROMPTS = [list(b"Hello, wor"), list(b"ab"), list(b"abcd"), []]  # tails of 2, 2, 0 (whole block), 0 (empty)
@@ -15,9 +16,8 @@ PROMPTS = [list(b"Hello, wor"), list(b"ab"), list(b"abcd"), []]  # tails of 2, 2
 def test_clean_condition_keeps_the_prompt_tail_bit_identical():
     model = random_cola()
     _, _, tail, keep, _ = model.prompt_layout(PROMPTS)
-    trace = []
-    model.generate(PROMPTS, max_new_tokens=6, steps=5, cfg_scale=7.0, seed=2, trace=trace)
-    z_first = trace[0][0]  # (B, bs, d): the first block's latents after the last Euler step
+    _, blocks = generate_blocks(model, PROMPTS, max_new_tokens=6, steps=5, cfg_scale=7.0, seed=2)
+    z_first = blocks[0][0]  # (B, bs, d): the first block's latents after the last Euler step
     assert keep.sum() == 4
     assert torch.equal(z_first[keep], tail[keep])  # bit for bit: the encoder's clean latents
     assert not torch.equal(z_first[~keep], tail[~keep])
@@ -114,9 +114,8 @@ def test_every_mode_caches_exactly_and_ignores_the_batch(first_block):
 def test_partial_repaint_differs_from_clean_only_where_the_prompt_ends_mid_block():
     model = random_cola()
     kw = dict(max_new_tokens=8, steps=4, seed=6, stop_at_eot=False)
-    (clean, rep) = traces = [], []
-    model.generate(PROMPTS, trace=clean, **kw)
-    model.generate(PROMPTS, trace=rep, first_block="repaint:1:1.0", **kw)
+    _, clean = generate_blocks(model, PROMPTS, **kw)
+    _, rep = generate_blocks(model, PROMPTS, first_block="repaint:1:1.0", **kw)
     _, _, tail, keep, _ = model.prompt_layout(PROMPTS)
     for i, (zc, _), (zr, _) in zip(range(3), clean, rep):
         assert torch.allclose(zc[2:], zr[2:], atol=1e-5)  # whole-block and empty prompts: nothing to repaint

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dit import DiT, DiTConfig, block_mask
-from flow import FlowConfig, cnf_logp, euler, fit_gmm, fm_loss, prior_logp, sample_block, sample_t
+from flow import FlowConfig, cnf_logp, euler, fit_gmm, fm_loss, prior_logp, sample_block, sample_t, time_grid
+from layers import PAD_POS, Sampling
 from tests.helpers import per_token, random_dit
 
 
@@ -69,47 +70,46 @@ def test_self_conditioning_trains_its_input_and_starts_as_a_no_op():
     assert dit.sc_embedder.weight.grad.abs().sum() > 0  # the estimate reaches the loss
 
 
-def history(dit, B, n_blocks):
-    """Clean latents of n_blocks blocks for B sequences, their positions and the DiT's KV cache."""
-    bs = dit.cfg.block_size
-    L = n_blocks * bs
-    pos = torch.arange(L).expand(B, L)
-    blk, clean = pos // bs, torch.zeros(B, L, dtype=torch.bool)
-    z = torch.randn(B, L, 16)
-    cache = dit.new_cache(2 * B, L + bs, "cpu")  # 2B rows: room for the unconditional half of CFG
-    dit(z, *per_token(torch.zeros(B, L)), pos, block_mask(blk, clean, blk, clean), cache.span(0, L))
-    return z, pos, cache
-
-
 def test_cfg_one_equals_conditional_and_guidance_formula():
-    dit = random_dit()
-    z_hist, hist_pos, cache = history(dit, 2, 2)
-    noise = torch.randn(2, 4, 16)
-    pos = 8 + torch.arange(4).expand(2, 4)
-    keep = torch.zeros(2, 4, dtype=torch.bool)
+    """sample_block against Euler written out by hand: w = 1 is the conditional model, w = 0 the block
+    alone, any other w the guidance formula v_u + w (v_c - v_u) computed in one batched forward; pinned
+    latents stay bit-identical."""
+    dit, B, L, bs = random_dit(), 2, 8, 4
+    hist_pos, pos, alone_pos = torch.arange(L).expand(B, L), L + torch.arange(bs).expand(B, bs), torch.arange(bs).expand(B, bs)
+    cache = dit.new_cache(2 * B, L + bs, "cpu")  # 2B rows: room for the unconditional half; the history in the first B
+    clean = torch.zeros(B, L + bs, dtype=torch.bool)
+    k_hist = torch.cat([hist_pos, torch.full((B, bs), PAD_POS)], 1)  # slots L.. are empty
+    dit(torch.randn(B, L, 16), *per_token(torch.zeros(B, L)), hist_pos, block_mask(hist_pos // bs, clean[:, :L], k_hist // bs, clean),
+        cache.at(0, L))
+    k_cond = torch.cat([hist_pos, pos], 1)  # (B, L + bs)
+    k_alone = torch.cat([torch.full((B, L), PAD_POS), alone_pos], 1)  # the unconditional rows see no history
+    ts = time_grid(4)[0]
+    mod = dit.condition(torch.tensor([0.0] + ts[:-1]))
+
+    def mask(q_pos, k_pos):
+        noisy = (torch.arange(L + bs) >= L).expand(len(q_pos), L + bs)
+        return block_mask(q_pos // bs, torch.ones_like(q_pos, dtype=torch.bool), k_pos // bs, noisy)
+
+    def net(q_pos, k_pos):  # the DiT as cola.History binds it for a block in slots L..L+bs-1
+        m = mask(q_pos, k_pos)
+        return lambda z, step, sc: dit(z, None, step, q_pos, m, cache.at(L, bs), mod=mod)
+
+    noise = torch.randn(B, bs, 16)
+    keep = torch.zeros(B, bs, dtype=torch.bool)
     keep[0, :3] = True  # sample 0: three prompt latents inside the block
-    args = dict(pos=pos, keep=keep, steps=4)
-    cond = sample_block(dit, noise.clone(), hist_pos=hist_pos, cache=cache, cfg_scale=1.0, **args)
-    # the conditional path by hand: one Euler loop over the DiT with history in the cache
-    by_hand = noise.clone()
-    blk = torch.cat([hist_pos, pos], 1) // 4
-    noisy = torch.cat([torch.zeros_like(hist_pos), torch.ones_like(pos)], 1).bool()
-    mask = block_mask(pos // 4, torch.ones_like(keep), blk, noisy)
-    for i in range(4):
-        t = torch.full((2, 4), 1 - i / 4).masked_fill(keep, 0.0)
-        v = dit(by_hand, *per_token(t), pos, mask, cache.span(8, 12)).masked_fill(keep[..., None], 0.0)
-        by_hand = by_hand - 0.25 * v
-    assert torch.allclose(cond, by_hand, atol=1e-6)
-    # w = 0 is the unconditional model: the block alone
-    alone = sample_block(dit, noise.clone(), cfg_scale=1.0, **{**args, "pos": torch.arange(4).expand(2, 4)})
-    w0 = sample_block(dit, noise.clone(), hist_pos=hist_pos, cache=cache, cfg_scale=0.0, **args)
-    assert torch.allclose(w0, alone, atol=1e-5) and not torch.allclose(cond, alone)
-    # cached == cache-free, and repaint keeps pinned latents bit-identical, for every guidance scale
-    for w in (1.0, 7.0):
-        out = sample_block(dit, noise.clone(), hist_pos=hist_pos, cache=cache, cfg_scale=w, **args)
-        free = sample_block(dit, noise.clone(), hist_pos=hist_pos, hist_z=z_hist, cfg_scale=w, **args)
-        assert torch.allclose(out, free, atol=1e-5)
+    guided = net(torch.cat([pos, alone_pos]), torch.cat([k_cond, k_alone]))
+    for w in (1.0, 0.0, 7.0):
+        out = sample_block(guided if w != 1 else net(pos, k_cond), noise, keep, w != 1, Sampling(steps=4, cfg_scale=w))
+        by_hand = noise.clone()
+        for i in range(4):
+            t = torch.full((B, bs), ts[i]).masked_fill(keep, 0.0)
+            v_c = dit(by_hand, *per_token(t), pos, mask(pos, k_cond), cache.at(L, bs))
+            v_u = dit(by_hand, *per_token(t), alone_pos, mask(alone_pos, k_alone), cache.at(L, bs))
+            by_hand = by_hand - 0.25 * (v_u + w * (v_c - v_u)).masked_fill(keep[..., None], 0.0)
+        assert torch.allclose(out, by_hand, atol=1e-5), w
         assert torch.equal(out[keep], noise[keep]) and not torch.equal(out[~keep], noise[~keep])
+    alone = sample_block(net(alone_pos, k_alone), noise, keep, False, Sampling(steps=4, cfg_scale=1.0))
+    assert not torch.allclose(alone, sample_block(net(pos, k_cond), noise, keep, False, Sampling(steps=4)), atol=1e-3)
 
 
 def test_flow_fits_gaussian_mixture():
