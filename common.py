@@ -110,7 +110,7 @@ DTYPES = ("auto", "fp32", "bf16")
 def autocast(device, dtype="auto"):
     """The precision of a forward: "auto" is bf16 autocast where it is fast and supported (CUDA) and full
     fp32 elsewhere; "bf16" asks for bf16 autocast anywhere (on a CPU it pays off only with native bf16
-    matmuls, AVX512-BF16 or AMX: README, 'Sampler speed'); "fp32" never autocasts. Under bf16 autocast
+    matmuls, AVX512-BF16 or AMX: RESULTS.md, 'Sampler speed'); "fp32" never autocasts. Under bf16 autocast
     the matmuls and the KV caches are bf16 while the residual streams, latents and losses stay fp32."""
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16) if precision(kind, dtype) == "bf16" else contextlib.nullcontext()

@@ -10,7 +10,7 @@ A thin command line over the model's own generate(): cola.Cola.generate samples 
 arXiv 2605.06548 §3.2.3), ar.ARLM.generate token by token; --steps / --cfg apply to Cola only.
 One prompt streams its text as blocks are decoded. Runs on CPU, CUDA or MPS (--device), in fp32 or
 bf16 (--dtype; default: bf16 autocast on CUDA only), each step eager or compiled into one graph
-(--compile; layers.compiled_step: a CUDA graph on GPU).
+(--compile: torch.compile of the DiT / the AR network).
 
 `eval.py speed` times the sampler.
 """
@@ -58,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also pays off on CPUs with native bf16 "
-                         "matmuls (README, 'Sampler speed')")
+                         "matmuls (RESULTS.md, 'Sampler speed')")
     ap.add_argument("--compile", action="store_true",
                     help="run each sampler step (Cola: an Euler step; AR: a token) as one compiled graph, a CUDA "
                          "graph on GPU (compiling takes seconds to a minute: worth it for long or many samples)")
