@@ -4,7 +4,7 @@ and, in stage 2, a frozen copy of the stage-1 encoder. One class carries the tra
 stages, generation and the likelihood bound, as ar.py's ARLM does for the AR baseline, so train.py,
 sample.py and eval.py talk to either through the same calls:
 
-    model, ckpt = common.load_model("out/ckpt.pt")
+    model, ckpt = config.load_model("out/ckpt.pt")
     loss, stats = model(x)                                  # the stage's training loss on tokens x (B, L)
     new_ids = model.generate(prompts, max_new_tokens=64)    # lists of token ids in, lists out
     logp = model.score(x)                                   # log p(x) per sequence (here: the ELBO)
@@ -53,10 +53,23 @@ def parse_first_block(spec):
     return mode, reps, frac
 
 
+def pad_prompts(prompts, mode, eot, bs):
+    """The padding modes: <|endoftext|> on the prompt's left ("left_pad") or right ("right_pad") up to a
+    whole number of blocks, so that no block is shared by prompt and continuation."""
+    pads = [[eot] * (-len(p) % bs) for p in prompts]
+    return [q + p if mode == "left_pad" else p + q for p, q in zip(prompts, pads)]
+
+
+def repaint_noise(prompts, seed, device):
+    """Partial repaint's noise: streams of its own per sample, so every later block draws as with "clean"."""
+    gens = sample_generators(prompts, -1 - seed, device)
+    return lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=device) for g in gens])
+
+
 class Cola(nn.Module):
     """VAE + DiT (+ frozen reference encoder) in one module, so one optimizer and one DDP wrapper cover
     stage 2. Stage 1 is the same class with dit = None. The stage-2 loss weights and the VAE's learning
-    rate ratio are the trainer's options (train.py TrainConfig), passed in by name."""
+    rate ratio are the trainer's options (config.TrainConfig), passed in by name."""
 
     def __init__(self, vae, dit=None, ref=None, flow_cfg=None, lambda_vae=1.0, lambda_fm=1.0, lambda_ref=1.0,
                  vae_lr_ratio=1.0, fm_grad_to_encoder=False):
@@ -242,18 +255,13 @@ class Cola(nn.Module):
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, s.seed, dev)  # each sample's noise: independent of the batch
         mode, reps, frac = parse_first_block(s.first_block)
-        if mode.endswith("_pad"):  # whole prompt blocks: <|endoftext|> on the prompt's left or right
-            pads = [[tok.eot] * (-len(p) % bs) for p in prompts]
-            prompts = [q + p if mode == "left_pad" else p + q for p, q in zip(prompts, pads)]
+        if mode.endswith("_pad"):
+            prompts = pad_prompts(prompts, mode, tok.eot, bs)
         hist_z, hist_pos, tail, keep, start = self.prompt_layout(prompts, window)
         step = torch.compile(self.dit, dynamic=False) if compile else self.dit
         hist = History(self, step, B, hist_pos.shape[1] + bs + max_new_tokens, s, window, use_cache)
         hist.commit(hist_z, hist_pos, decoder=True)  # the prompt's full blocks
-        repaint = None
-        if mode == "repaint":  # its noise from streams of its own, so every later block draws as with "clean"
-            r_gens = sample_generators(prompts, -1 - s.seed, dev)
-            repaint = (reps, frac, lambda like: torch.stack([torch.randn(like.shape[1:], generator=g, device=dev)
-                                                             for g in r_gens]))
+        repaint = (reps, frac, repaint_noise(prompts, s.seed, dev)) if mode == "repaint" else None
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         while not all(done):
             pos = start[:, None] + torch.arange(bs, device=dev)  # (B, bs)
@@ -315,12 +323,11 @@ class History:
         if self.wb is not None and self.wb < 1:
             raise ValueError(f"window {window} leaves no history: it must span at least 2 blocks of {self.bs} tokens")
         self.dec_window = None if self.wb is None else self.wb * self.bs + 1  # a block's first token sees wb blocks
-        self.size = -(-need // self.bs) * self.bs if self.wb is None else self.wb * self.bs + self.bs
         self.rows = 2 if s.cfg_scale != 1 else 1
         ts, _ = time_grid(s.steps, s.shift)  # the DiT's time table: entry 0 for t = 0, i + 1 for step i's t
         self.mod = model.dit.condition(torch.tensor([0.0] + ts[:-1], device=next(model.parameters()).device))
         self.latents = []  # use_cache=False: every committed (z, pos)
-        self.reset(self.size)
+        self.reset(-(-need // self.bs) * self.bs if self.wb is None else self.wb * self.bs + self.bs)
 
     def reset(self, size):
         dit, dec, dev = self.model.dit, self.model.vae.decoder, self.mod.device
@@ -336,30 +343,31 @@ class History:
             self.latents.append((z, pos))
             self.n += pos.shape[1]
             return
-        n, L, bs, dit = self.n, pos.shape[1], self.bs, self.model.dit
-        if n + L > self.pos.shape[1]:  # a prompt longer than the window: room for it, evicted below
-            self.reset(n + L + bs)
-        self.pos[:, n:n + L] = pos
-        clean = torch.zeros_like(self.pos, dtype=torch.bool)
-        mask = block_mask(pos // bs, clean[:, :L], self.pos // bs, clean, window=self.wb)
-        dit(z, torch.zeros(1, device=z.device), torch.zeros_like(pos), pos, mask, self.dit_cache.at(n, L))
-        if decoder:
-            self.model.vae.decode_hidden(z, pos, self.dec_cache.at(n, L), self.pos, self.dec_window)
-        self.n += L
-        old = 0 if self.wb is None else self.n - self.wb * bs
+        self.write(z, pos, decoder)
+        old = 0 if self.wb is None else self.n - self.wb * self.bs
         if old > 0:  # past the window the oldest blocks leave
             self.dit_cache.evict(old), self.dec_cache.evict(old)
             self.pos = torch.cat([self.pos[:, old:], torch.full_like(self.pos[:, :old], PAD_POS)], 1)
             self.n -= old
 
+    def write(self, z, pos, decoder):
+        n, L, bs = self.n, pos.shape[1], self.bs
+        if n + L > self.pos.shape[1]:  # a prompt longer than the window: room for all of it (commit evicts)
+            self.reset(n + L + bs)
+        self.pos[:, n:n + L] = pos
+        clean = torch.zeros_like(self.pos, dtype=torch.bool)
+        mask = block_mask(pos // bs, clean[:, :L], self.pos // bs, clean, window=self.wb)
+        self.model.dit(z, torch.zeros(1, device=z.device), torch.zeros_like(pos), pos, mask, self.dit_cache.at(n, L))
+        if decoder:
+            self.model.vae.decode_hidden(z, pos, self.dec_cache.at(n, L), self.pos, self.dec_window)
+        self.n += L
+
     def rebuild(self):
-        """use_cache=False: every latent so far computed again, into new caches."""
+        """use_cache=False: every latent so far computed again, into new caches (the window in the masks)."""
         if self.latents:
             z, pos = (torch.cat(x, 1) for x in zip(*self.latents))
-            self.use_cache, wb, self.wb = True, self.wb, None  # the window lives in the masks: nothing leaves
             self.reset(pos.shape[1] + self.bs)
-            self.commit(z, pos, decoder=True)
-            self.use_cache, self.wb = False, wb
+            self.write(z, pos, decoder=True)
 
     def dit_net(self, pos, guided):
         """The DiT as flow.sample_block calls it for the block at positions pos (B, bs): its queries at pos
