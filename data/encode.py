@@ -1,18 +1,13 @@
 """
-Text -> token ids on every core, streamed: how data/prepare.py tokenizes. A module, not a script.
-
-Text is cut into chunks only where both tokenizers always end a token, so the chunks' ids, joined, are
-exactly the ids of the whole (token_chunks). Chunks go to a pool of processes in tasks of about
-TASK_CHARS characters, at most 2 tasks per worker in flight, and come back in order (encode_stream):
-the input is pulled only as fast as it is encoded, so memory stays bounded, and the output is the
-same for any number of workers.
-    from data.encode import encode_stream, make_pool, token_chunks
+Text -> token ids on every core, streamed: how data/prepare.py tokenizes (a module, not a script).
+Text is cut into chunks where both tokenizers always end a token, so the chunks' ids, joined, are the
+ids of the whole (token_chunks). Tasks of about TASK_CHARS characters go to a pool of processes, at
+most 2 per worker in flight, and come back in order (encode_stream): the input is pulled only as fast
+as it is encoded, so memory stays bounded, and the output is the same for any number of workers.
 """
 import collections
 import contextlib
-import math
 import multiprocessing
-import os
 import re
 import signal
 import sys
@@ -23,16 +18,6 @@ TASK_CHARS = 1_000_000  # text per tokenization task
 # a non-space character followed by a space: the GPT-2 pre-tokenizer (both tokenizers use it) always
 # ends a piece there, so text cut at such points encodes to exactly the ids of the whole
 TOKEN_BOUNDARY = re.compile(r"\S(?=\s)")
-
-
-def cpu_count():
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def useful_workers(workers, size):
-    """At most one worker per task of an input of `size` characters (or bytes): a small one gets no pool."""
-    return max(1, min(workers, math.ceil(size / TASK_CHARS)))
 
 
 def token_chunks(text, start=0, end=None, size=None):
@@ -69,9 +54,8 @@ def encode_in_worker(task):
 
 
 def make_pool(tok, dtype, workers):
-    """A pool of `workers` tokenizing processes to use as a context manager (it ends them on exit);
-    for one worker, None: encode here. Forked where possible, so the workers share what this process
-    has loaded instead of importing it again."""
+    """A pool of `workers` tokenizing processes as a context manager (None for one worker: encode
+    here), forked where possible so the workers share what this process has loaded."""
     if workers == 1:
         return contextlib.nullcontext()
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
@@ -108,9 +92,3 @@ def encode_stream(segments, tok, dtype, pool=None, workers=1):
             yield from zip(keys, result.get())
     for keys, result in pending:
         yield from zip(keys, result.get())
-
-
-def encode_text(text, tok, dtype):
-    """One text -> its ids and <|endoftext|>, encoded here a chunk at a time."""
-    chunks = ((None, chunk, last) for chunk, last in token_chunks(text))
-    return np.concatenate([ids for _, ids in encode_stream(chunks, tok, dtype)])

@@ -1,21 +1,16 @@
 """
-Batches of token windows from the flat token files that data/prepare.py writes (uint16, or uint32
-for a vocabulary over 65,536 ids: meta.json's "dtype"; a dataset without one is uint16).
+Batches of token windows from the token files data/prepare.py writes (uint16, or uint32 as meta.json's
+"dtype" says). A missing dataset, or one too short for seq_len, raises common.UserError.
 
-    from data.loader import BatchLoader, resolve_data_dir, val_windows
     data_dir = resolve_data_dir("austen_bytes")            # or a path to any prepared folder
     loader = BatchLoader(data_dir, "train", batch_size=32, seq_len=128, seed=0)
     x = loader.get(step, start=8 * rank, count=8)          # (8, 128) int64: this rank's rows of the step's batch
     xv = val_windows(data_dir, seq_len=128, n_windows=64) # fixed evaluation windows
 
-The global batch of training step k is batch_size random windows whose offsets come from
-np.random.default_rng([seed, k]). Every process draws the same offsets and reads only its own rows
-(start, count), so ranks see different data, 1 process with gradient accumulation and N processes
-see the same global batch, and the data position of a run is just its step: resuming needs nothing
-else. Validation windows are evenly spaced and use no randomness at all.
-A missing dataset, or one too short for seq_len, raises common.UserError (one `error:` line).
+The global batch of step k is batch_size windows at offsets from np.random.default_rng([seed, k]):
+every process draws the same offsets and reads only its own rows, so 1 process with gradient
+accumulation and N processes see the same global batch, and resuming a run needs only its step.
 """
-
 import json
 import os
 
@@ -33,10 +28,9 @@ def resolve_data_dir(name_or_path):
     for d in (name_or_path, os.path.join(DATA_DIR, name_or_path)):
         if os.path.isdir(d) and os.path.isfile(os.path.join(d, "meta.json")):
             return os.path.abspath(d)
-    raise UserError(
-        f"no prepared dataset at {name_or_path!r} (nor {os.path.join(DATA_DIR, name_or_path)}); "
-        f"run `python data/prepare.py` (bundled corpus) or "
-        f"`python data/prepare.py --input PATH --name NAME` (your text) first")
+    raise UserError(f"no prepared dataset at {name_or_path!r} (nor {os.path.join(DATA_DIR, name_or_path)}); "
+                    f"run `python data/prepare.py` (bundled corpus) or "
+                    f"`python data/prepare.py --input PATH --name NAME` (your text) first")
 
 
 def load_meta(data_dir):
@@ -49,22 +43,15 @@ def load_meta(data_dir):
             raise UserError(f"{path} is not valid JSON ({e}); run `python data/prepare.py` again") from None
 
 
-def token_dtype(data_dir):
-    """The dtype of the dataset's token files: meta.json's "dtype", uint16 where it has none (datasets
-    prepared before uint32 existed)."""
-    name = load_meta(data_dir).get("dtype", "uint16")
-    if name not in ("uint16", "uint32"):
-        raise UserError(f"{os.path.join(data_dir, 'meta.json')}: unknown dtype {name!r} (expected uint16 or uint32)")
-    return np.dtype(name)
-
-
 def open_split(data_dir, split, min_tokens):
     """Memory-map <split>.bin read-only, checking it holds at least min_tokens tokens."""
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; run `python data/prepare.py`")
-    dtype = token_dtype(data_dir)
-    n = os.path.getsize(path) // dtype.itemsize
+    dtype = load_meta(data_dir).get("dtype", "uint16")  # none: a dataset prepared before uint32 existed
+    if dtype not in ("uint16", "uint32"):
+        raise UserError(f"{os.path.join(data_dir, 'meta.json')}: unknown dtype {dtype!r} (expected uint16 or uint32)")
+    n = os.path.getsize(path) // np.dtype(dtype).itemsize
     if n < min_tokens:
         raise UserError(f"{path} has {n} tokens, fewer than the {min_tokens} needed (seq_len "
                         f"too long for this dataset?)")
@@ -84,8 +71,8 @@ class BatchLoader:
     def __init__(self, data_dir, split, batch_size, seq_len, seed=0):
         self.data_dir, self.split = data_dir, split
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.n_tokens = len(open_split(data_dir, split, seq_len + 1))  # fail early, not at step 1
-        self.dtype = token_dtype(data_dir)
+        data = open_split(data_dir, split, seq_len + 1)  # fail early, not at step 1
+        self.n_tokens, self.dtype = len(data), data.dtype
 
     def get(self, step, start=0, count=None):
         """Rows start..start+count of step's global batch -> (count, seq_len) int64."""
@@ -100,12 +87,10 @@ class BatchLoader:
 
 
 def val_windows(data_dir, seq_len, n_windows, rank=0, world_size=1):
-    """n_windows windows of seq_len tokens, evenly spaced over val.bin (first one at the start,
-    last one at the end). With world_size > 1, rank r gets windows r, r + world_size, ... so the
-    ranks split the same fixed set without overlap. Returns (n_local, seq_len) int64."""
+    """n_windows windows of seq_len tokens evenly spaced over val.bin, from its start to its end; rank
+    r of world_size gets windows r, r + world_size, ... -> (n_local, seq_len) int64."""
     assert 0 <= rank < world_size and n_windows >= 1
     data = open_split(data_dir, "val", seq_len)
-    offsets = np.linspace(0, len(data) - seq_len, n_windows).round().astype(np.int64)
-    offsets = offsets[rank::world_size]  # this rank's share
+    offsets = np.linspace(0, len(data) - seq_len, n_windows).round().astype(np.int64)[rank::world_size]
     x = np.stack([data[i:i + seq_len] for i in offsets]) if len(offsets) else np.zeros((0, seq_len))
     return torch.from_numpy(x.astype(np.int64))  # (n_local, T)

@@ -1,12 +1,9 @@
 """
-Held-out prompts and text statistics for `eval.py quality` (the model side lives there).
-
-Generated text is measured the way small diffusion-LM work does it, at a size two CPU cores afford:
-the share of generated words that are real words (found in the training split's vocabulary: a
-cheap, readable proxy, not a published standard), the share of distinct word 4-grams per sample and
-the byte entropy per sample (low values flag repetitive, degenerate samples, as BD3-LM's entropy
-check does), next to the true continuations (the ceiling) and unigram-sampled tokens (the floor).
-An AR judge's bits per byte (eval.py) completes the picture.
+Held-out prompts and text statistics for `eval.py quality` (the model side lives there): the share
+of generated words found in the training split's vocabulary (a cheap proxy, not a published
+standard), distinct word 4-grams and byte entropy per sample (low values flag repetitive samples, as
+BD3-LM's entropy check does), next to the true continuations (the ceiling) and unigram-sampled
+tokens (the floor).
 """
 import bisect
 import itertools
@@ -21,9 +18,8 @@ from data.tokenizer import get_tokenizer
 
 
 def quality_prompts(data_dir, n, prompt_chars, tok, new_tokens):
-    """n (prompt, true continuation) pairs of the validation split, evenly spaced over its documents:
-    a prompt of up to prompt_chars characters that starts and ends at a word boundary, and the next
-    new_tokens tokens of the text. The same for every model of a tokenizer and context."""
+    """n (prompt, true continuation) pairs evenly spaced over the validation split's documents: a
+    prompt of up to prompt_chars characters, whole words, and the next new_tokens tokens of the text."""
     docs = [d for d in split_texts(data_dir, "val") if len(d) > prompt_chars + 16 * new_tokens]
     if not docs:
         raise UserError(f"the validation split of {data_dir} has no document long enough for these prompts")
@@ -52,9 +48,8 @@ def words(text):
 
 
 def text_stats(texts, vocab):
-    """word_valid: share of alphabetic words found in vocab (pooled). distinct4: per-sample share of
-    distinct whitespace-word 4-grams, averaged over samples with at least 4 words. byte_entropy: per-sample
-    unigram entropy of the UTF-8 bytes in bits, averaged (low = repetitive)."""
+    """word_valid: share of alphabetic words found in vocab (pooled). Per sample, averaged: distinct4, the
+    share of distinct whitespace-word 4-grams (samples of 4+ words), and byte_entropy in bits."""
     ws = [w for t in texts for w in words(t)]
     d4, ent = [], []
     for t in texts:

@@ -1,17 +1,12 @@
 """
-Tokenizers: the one place they are built. Everything else calls get_tokenizer(name).
-
-Two tokenizers, both plain tiktoken Encodings built offline (no download, no cache dir):
+Tokenizers: the one place they are built; everything else calls get_tokenizer(name). Both are plain
+tiktoken Encodings built offline, with three special tokens right after the base vocab:
   gpt2  - GPT-2 BPE (r50k_base) from the bundled rank file data/gpt2.tiktoken
   bytes - every UTF-8 byte is one token (ids 0..255); keeps the output head tiny for CPU runs
-Both get three special tokens right after the base vocab, in the order of EXTRA_TOKENS.
-
-    from data.tokenizer import get_tokenizer
     tok = get_tokenizer("gpt2")
-    ids = tok.encode("Hello world!") + [tok.eot]
-    text = tok.decode(ids)          # specials are dropped on decode
+    text = tok.decode(tok.encode("Hello world!") + [tok.eot])   # specials are dropped on decode
+A quick self-check: python data/tokenizer.py
 """
-
 import base64
 import functools
 import os
@@ -23,17 +18,6 @@ NAMES = ("bytes", "gpt2")
 # GPT-2's pre-tokenizer regex (what tiktoken's r50k_base uses)
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2.tiktoken")
-
-
-def load_ranks(path):
-    """Read a tiktoken rank file: one `base64(token_bytes) rank` per line."""
-    ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
 
 
 class Tokenizer:
@@ -57,10 +41,8 @@ class Tokenizer:
     def decode(self, ids):
         """ids (list, tensor or ndarray) -> text. Specials and padding ids (>= n_vocab) are dropped;
         byte sequences that are not valid UTF-8 (e.g. a cut multi-byte char) become U+FFFD."""
-        if hasattr(ids, "tolist"):  # torch.Tensor / np.ndarray
-            ids = ids.tolist()
-        first_special = self.eot  # specials sit right after the base vocab
-        ids = [int(i) for i in ids if 0 <= int(i) < first_special]
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids  # torch.Tensor / np.ndarray
+        ids = [int(i) for i in ids if 0 <= int(i) < self.eot]  # specials sit right after the base vocab
         return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def __repr__(self):
@@ -71,14 +53,15 @@ class Tokenizer:
 def get_tokenizer(name):
     """Build (once per process) the tokenizer called name: 'gpt2' or 'bytes'."""
     if name == "gpt2":
-        return Tokenizer("gpt2", load_ranks(GPT2_RANKS))
+        with open(GPT2_RANKS, "rb") as f:  # one `base64(token bytes) rank` per line
+            pairs = (line.split() for line in f if line.strip())
+            return Tokenizer("gpt2", {base64.b64decode(token): int(rank) for token, rank in pairs})
     if name == "bytes":
         return Tokenizer("bytes", {bytes([i]): i for i in range(256)})
     raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(NAMES)}")
 
 
 if __name__ == "__main__":
-    # quick self-check: python data/tokenizer.py
     for name in NAMES:
         tok = get_tokenizer(name)
         text = "Hello world! <|endoftext|> héllo 🐳"

@@ -1,13 +1,15 @@
 """
-What a user hands the data/ scripts (prepare.py, benchmarks.py) - a command line, UTF-8 text, JSONL -
-read with mistakes reported as common.UserError: one `error:` line naming the option, or the file and
-the byte offset or line. A module, not a script:
-    from data.userinput import ArgumentParser, decode_utf8, json_lines
+What a user hands data/prepare.py and data/benchmarks.py (a command line, UTF-8 text, JSONL), read with
+mistakes reported as common.UserError: one `error:` line naming the option, or the file and the byte
+offset or line. A module, not a script.
 """
 import argparse
 import codecs
+import contextlib
 import gzip
+import io
 import json
+import zlib
 
 from common import UserError
 
@@ -19,20 +21,22 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def decode_utf8(data, path):
-    """bytes -> str (a BOM dropped, every \\r\\n and \\r read as \\n); invalid UTF-8 is an error
-    naming the file and the byte offset of the first bad byte."""
-    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        text = data[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: invalid UTF-8 at byte offset {skip + e.start}") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+@contextlib.contextmanager
+def open_text(path):
+    """A UTF-8 file, gzip'd or not -> (the file's bytes, a text stream of it: a BOM dropped, every \\r\\n
+    and \\r read as \\n). Invalid UTF-8 met while reading is an error naming the byte offset."""
+    with open(path, "rb") as raw, io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw,
+                                                   encoding="utf-8-sig", newline=None) as f:
+        try:
+            yield raw, f
+        except UnicodeDecodeError:  # a second pass finds the offset: the stream does not know it
+            raise UserError(f"{path}: invalid UTF-8 at byte offset {invalid_utf8_offset(path)}") from None
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a truncated or corrupt .gz
+            raise UserError(f"{path}: {e}") from None
 
 
 def invalid_utf8_offset(path):
-    """Byte offset (in the uncompressed text) of the first invalid UTF-8 in a file, gzip'd or not,
-    read in blocks: for a reader that streams text and so does not know where it failed."""
+    """Byte offset (in the uncompressed text) of the first invalid UTF-8 in a file, gzip'd or not."""
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         while True:
@@ -48,9 +52,9 @@ def invalid_utf8_offset(path):
 
 
 def json_lines(lines, path):
-    """(line number, value) of every non-blank line of a JSONL text (or stream of lines); bad JSON is
-    an error naming the line. Lines end at "\\n" only: U+2028 and friends may sit inside JSON strings."""
-    for lineno, line in enumerate(lines.split("\n") if isinstance(lines, str) else lines, 1):
+    """(line number, value) of every non-blank line of a JSONL stream of lines; bad JSON is an error
+    naming the line. Lines end at "\\n" only: U+2028 and friends may sit inside JSON strings."""
+    for lineno, line in enumerate(lines, 1):
         if line.strip():
             try:
                 yield lineno, json.loads(line)

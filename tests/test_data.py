@@ -26,7 +26,7 @@ import data.loader
 import data.prepare
 from common import UserError, run_main
 from data.loader import BatchLoader, load_meta, resolve_data_dir, split_texts, val_windows
-from data.prepare import BOOKS, main as prepare, read_books, split_lone, split_text
+from data.prepare import BOOKS, main as prepare, read_books, split_lone, split_point
 from data.tokenizer import EXTRA_TOKENS, Tokenizer, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +183,12 @@ def test_prepare_single_line_document(tmp_path):
     _, splits = read_dataset(str(tmp_path / "ds"))
     (train,), (val,) = splits["train"], splits["val"]
     assert train + " " + val == doc and 0 < len(val) < 0.1 * len(doc)
+
+
+def split_text(text, val_fraction):
+    """One document -> (train, val) as prepare.py cuts it; (text, "") when it cannot be cut."""
+    end, start = split_point(text, val_fraction)
+    return text[:end], text[start:]
 
 
 def test_split_text():
