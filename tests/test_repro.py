@@ -119,3 +119,5 @@ def test_list_names_every_study(capsys):
     assert all(name in out for name in studies.STUDIES)
     with pytest.raises(UserError, match="unknown study"):
         repro.main(["nope", "--quick"])
+    with pytest.raises(UserError, match="--seeds must be >= 1"):  # one `error:` line, not argparse's usage text
+        repro.main(["cfg", "--seeds=0"])
