@@ -1,9 +1,8 @@
 """
-Helpers shared by the scripts (train.py, sample.py, eval.py, data/): the one-line error convention,
-command-line overrides, device, precision and DDP setup, run logging and checkpoint I/O. Each lives
-here once and is imported. It imports no model module: config.py makes the models.
+Helpers shared by the scripts (train.py, sample.py, eval.py, data/): one-line errors, --key=value
+overrides, device, precision and DDP setup, run logging, checkpoint I/O. Imports no model: config.py
+makes the models.
 """
-import ast
 import collections
 import contextlib
 import dataclasses
@@ -35,34 +34,12 @@ def run_main(main):
 
 # ----------------------------------------------------------------------------- command line
 
-def parse_value(text, default):
-    """Parse a command-line string to the type of the default it overrides."""
-    if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise UserError(f"expected a boolean, got {text!r}")
-    if isinstance(default, str) or default is None:
-        return text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise UserError(f"cannot parse {text!r} as {type(default).__name__}")
-    if isinstance(default, float) and isinstance(value, int):
-        value = float(value)
-    if type(value) is not type(default):
-        raise UserError(f"expected {type(default).__name__}, got {text!r}")
-    return value
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def parse_overrides(argv, configs, verbose=True):
-    """Apply --key=value arguments to dataclass configs.
-
-    configs maps a prefix to a dataclass instance: {"": train_cfg, "vae": vae_cfg, ...}; "--lr=1e-3"
-    sets train_cfg.lr, "--vae.beta=0.01" sets vae_cfg.beta, and a bare "--resume" means
-    "--resume=true" for a boolean option. Unknown keys are an error; every override is printed.
-    """
+    """Apply --key=value arguments to dataclass configs, {prefix: instance}: with {"": train, "vae": vae},
+    --lr=1e-3 sets train.lr and --vae.beta=0.01 vae.beta; a bare --flag sets a boolean option true."""
     for arg in argv:
         if not arg.startswith("--"):
             raise UserError(f"arguments look like --key=value (or --flag for a boolean), got {arg!r}")
@@ -71,56 +48,49 @@ def parse_overrides(argv, configs, verbose=True):
         cfg = configs.get(prefix)
         if cfg is None or name not in {f.name for f in dataclasses.fields(cfg)}:
             raise UserError(f"unknown option --{key}")
-        if not eq:  # a bare --flag sets a boolean option
-            if not isinstance(getattr(cfg, name), bool):
-                raise UserError(f"--{key} needs a value: --{key}=VALUE")
-            text = "true"
-        try:
-            setattr(cfg, name, parse_value(text, getattr(cfg, name)))
-        except UserError as e:
-            raise UserError(f"--{key}: {e}")
+        default = getattr(cfg, name)
+        if not eq and not isinstance(default, bool):
+            raise UserError(f"--{key} needs a value: --{key}=VALUE")
+        try:  # to the type of the default it overrides
+            value = BOOLEANS[text.lower() if eq else "true"] if isinstance(default, bool) else type(default)(text)
+        except (KeyError, ValueError):
+            raise UserError(f"--{key}: expected {type(default).__name__}, got {text!r}")
+        setattr(cfg, name, value)
         if verbose:
-            print(f"override: {key} = {getattr(cfg, name)!r}")
+            print(f"override: {key} = {value!r}")
 
 
 # ----------------------------------------------------------------------------- device / DDP
 
 def pick_device(name="auto"):
     """cuda > mps > cpu, or the device named (checked)."""
-    if name != "auto":
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"unknown --device {name!r}")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device={name} but CUDA is not available here")
-        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UserError(f"--device={name} but MPS is not available here")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    if name == "auto":
+        return next(kind for kind, ok in available.items() if ok)
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}")
+    if not available.get(kind, True):
+        raise UserError(f"--device={name} but {kind.upper()} is not available here")
+    return name
 
 
 DTYPES = ("auto", "fp32", "bf16")
 
 
 def autocast(device, dtype="auto"):
-    """The precision of a forward: "auto" is bf16 autocast where it is fast and supported (CUDA) and full
-    fp32 elsewhere; "bf16" asks for bf16 autocast anywhere (on a CPU it pays off only with native bf16
-    matmuls, AVX512-BF16 or AMX: RESULTS.md, 'Sampler speed'); "fp32" never autocasts. Under bf16 autocast
-    the matmuls and the KV caches are bf16 while the residual streams, latents and losses stay fp32."""
+    """The precision of a forward: "auto" is bf16 autocast on CUDA, fp32 elsewhere; "bf16" anywhere (on a CPU
+    it pays off only with native bf16 matmuls: RESULTS.md, 'Sampler speed'); "fp32" never autocasts. Under
+    bf16 the matmuls and KV caches are bf16; residual streams, latents and losses stay fp32."""
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16) if precision(kind, dtype) == "bf16" else contextlib.nullcontext()
 
 
 def cast_for(model, device, dtype="auto"):
-    """The model, ready for inference under autocast(device, dtype): with bf16, the weights of its
-    Linear and Embedding layers are stored in bf16 once. Autocast would give the matmuls the same bf16
-    weights, but it keeps its casts only for weights that require grad, so a frozen VAE (the tied
-    51 MB output head of a GPT-2 vocabulary above all) would be cast again at every call."""
+    """The model, ready for inference under autocast(device, dtype): with bf16, its Linear and Embedding
+    weights are stored in bf16 once. Autocast caches its casts only for weights that require grad, so a
+    frozen model (the tied 51 MB GPT-2 output head above all) would be cast again at every call."""
     if precision(device, dtype) == "bf16":
         for m in model.modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
@@ -141,8 +111,7 @@ Env = collections.namedtuple("Env", "rank world local_rank device")
 
 
 def setup(device_name="auto"):
-    """Device and DDP: DDP is on exactly when RANK is set (torchrun), gloo on CPU, nccl on CUDA.
-    Returns Env(rank, world, local_rank, device)."""
+    """Device and DDP -> Env: DDP is on exactly when RANK is set (torchrun), gloo on CPU, nccl on CUDA."""
     rank, world, local_rank = 0, 1, 0
     device = pick_device(device_name)
     if "RANK" in os.environ:
@@ -158,7 +127,7 @@ def setup(device_name="auto"):
 
 
 def print0(*args):
-    """print on rank 0 only (every process under torchrun has RANK; a plain run is rank 0)."""
+    """print on rank 0 only (a plain run is rank 0)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, flush=True)
 
@@ -202,7 +171,7 @@ class Log:
 
     def __init__(self, stage, tc, env, flops, step, max_iters):
         self.stage, self.tc, self.flops, self.max_iters = stage, tc, flops, max_iters
-        self.file = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if env.rank == 0 else None
+        self.path = os.path.join(tc.out_dir, "metrics.jsonl") if env.rank == 0 else None
         self.t_start = self.t_last = time.time()
         self.start = self.last = step
 
@@ -213,9 +182,9 @@ class Log:
         self.t_last += time.time() - t
 
     def write(self, **row):
-        if self.file:
-            self.file.write(json.dumps(dict(stage=self.stage, **row)) + "\n")
-            self.file.flush()
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(stage=self.stage, **row)) + "\n")
 
     def val(self, step, stats):
         print0(f"val {self.stage} step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))
@@ -234,10 +203,6 @@ class Log:
                + f" | {tok_s * self.flops['train'] / 1e12:.3f} TFLOP/s | eta {eta / 60:.1f} min")
         self.write(step=step, split="train", lr=lr, dt=dt, tok_s=tok_s, grad_norm=grad_norm,
                    stage_flops=step * tc.batch_size * tc.seq_len * self.flops["train"], **stats)
-
-    def close(self):
-        if self.file:
-            self.file.close()
 
 
 # ----------------------------------------------------------------------------- checkpoints

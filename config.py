@@ -1,7 +1,6 @@
 """
-Where a model is specified and made: from presets and --key=value overrides (build_configs: the options
-of train.py and of `eval.py speed --random_init`), or from a checkpoint (load_model). A module, not a
-script; train.py, sample.py, eval.py and repro.py import it.
+Where a model is specified and made: from presets and --key=value overrides (build_configs: train.py's
+options, and `eval.py speed --random_init`'s), or from a checkpoint (load_model). Imported, not run.
 """
 import os
 from dataclasses import asdict, dataclass
@@ -39,8 +38,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    vae_lr_ratio: float = 0.0   # stage 2: VAE lr = ratio x lr; 0 freezes the VAE (tiny; the paper's best and
-                                # the small/paper presets: 1.0, joint; RESULTS.md)
+    vae_lr_ratio: float = 0.0   # stage 2: VAE lr = ratio x lr; 0 freezes it (tiny; small/paper: 1.0, RESULTS.md)
     lambda_vae: float = 1.0     # stage 2 loss weights (paper §3.2.2, eq. 3.18; cola.Cola.forward)
     lambda_fm: float = 1.0
     lambda_ref: float = 1.0     # KL(q || q_ref) to the frozen stage-1 encoder
@@ -70,6 +68,8 @@ PRESETS = {
                   vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
                   dit=dict(n_layer=24, width=2048, n_head=16, block_size=16), ar=dict(n_layer=40, width=2048, n_head=16)),
 }
+CHOICES = {"stage": ("vae", "joint", "all"), "model": ("cola", "ar"), "dit.attn": ("sdpa", "flex"),
+           "flow.t_dist": ("logit_normal", "uniform"), "vae.tokenizer": ("bytes", "gpt2")}
 # options that may differ on --resume without changing the training itself
 RESUME_FREE = {"resume", "overwrite", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile",
                "stage", "stop_after", "dit.attn"}
@@ -88,19 +88,13 @@ def build_configs(argv):
     parse_overrides(argv, {("" if k == "train" else k): v for k, v in cfgs.items()},
                     verbose=int(os.environ.get("RANK", 0)) == 0)
     tc = cfgs["train"]
-    if tc.stage not in ("vae", "joint", "all"):
-        raise UserError(f"--stage must be vae, joint or all, got {tc.stage!r}")
-    if tc.model not in ("cola", "ar"):
-        raise UserError(f"--model must be cola or ar, got {tc.model!r}")
+    for key, choices in CHOICES.items():
+        part, _, name = key.rpartition(".")
+        if (value := getattr(cfgs[part or "train"], name)) not in choices:
+            raise UserError(f"--{key} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
     for name in ("eval_interval", "log_interval", "ckpt_interval", "batch_size", "seq_len", "eval_windows"):
         if getattr(tc, name) < 1:
             raise UserError(f"--{name} must be >= 1")
-    if cfgs["dit"].attn not in ("sdpa", "flex"):
-        raise UserError(f"--dit.attn must be sdpa or flex, got {cfgs['dit'].attn!r}")
-    if cfgs["flow"].t_dist not in ("logit_normal", "uniform"):
-        raise UserError(f"--flow.t_dist must be logit_normal or uniform, got {cfgs['flow'].t_dist!r}")
-    if cfgs["vae"].tokenizer not in ("bytes", "gpt2"):
-        raise UserError(f"--vae.tokenizer must be bytes or gpt2, got {cfgs['vae'].tokenizer!r}")
     for part in ("vae", "dit", "ar"):
         if cfgs[part].width % cfgs[part].n_head or (cfgs[part].width // cfgs[part].n_head) % 2:
             raise UserError(f"--{part}.width must be a multiple of 2 x n_head (even head size for RoPE)")
@@ -116,10 +110,7 @@ def build_configs(argv):
     cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
     cfgs["vae"].block_size = cfgs["dit"].block_size  # a block-causal decoder decodes the DiT's blocks
     cfgs["ar"].tokenizer = cfgs["vae"].tokenizer     # one tokenizer per preset / dataset
-    if tc.model == "ar":
-        return dict(train=tc, ar=cfgs["ar"])
-    del cfgs["ar"]
-    return cfgs
+    return dict(train=tc, ar=cfgs["ar"]) if tc.model == "ar" else {k: v for k, v in cfgs.items() if k != "ar"}
 
 
 def load_model(path, device="cpu"):

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -29,7 +30,7 @@ from config import load_model, random_model
 from data import benchmarks as bm
 from data import quality as tq
 from data.loader import load_meta, resolve_data_dir, val_windows
-from flow import FlowConfig, fm_by_t, fm_loss, interpolate, sample_t
+from flow import fm_by_t, fm_loss, interpolate, sample_t
 
 
 def dataset_dir(args, ckpt, model):
@@ -86,20 +87,15 @@ def gauss_baseline(s2, t):
     return (1 + s2 - (t - (1 - t) * s2) ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean(-1)
 
 
-def eval_flow_cfg(model):
-    """The model's flow settings without the prompt-boundary pinning (held-out losses score every position)."""
-    return FlowConfig(**{**model.flow_cfg.__dict__, "p_prompt_block": 0.0})
-
-
 @torch.no_grad()
 def history_gain(model, z, high=0.8, seed=0):
-    """What the prior takes from its history: held-out FM loss at high noise (t ~ U(high, 1) per block)
-    with the true history, and with another sequence's (z rolled over the batch), under the same t and
-    noise. Blocks after the first only (the first has no history). Returns the losses and the relative
-    drop (other - true) / other, over all positions and over the first position of every block."""
+    """What the prior takes from its history: held-out FM loss at high noise (t ~ U(high, 1) per block,
+    blocks after the first) with the true history and with another sequence's (z rolled over the batch),
+    same t and noise; the relative drop (other - true) / other, at all positions and at block starts."""
     (B, L, _), bs = z.shape, model.dit.cfg.block_size
     t = high + (1 - high) * torch.rand(B, math.ceil(L / bs), generator=torch.Generator().manual_seed(seed))
-    cfg, losses, pos, r = eval_flow_cfg(model), [], torch.arange(L, device=z.device), {}
+    cfg = replace(model.flow_cfg, p_prompt_block=0.0)  # held-out losses score every position
+    losses, pos, r = [], torch.arange(L, device=z.device), {}
     for history in (z, z.roll(1, 0)):
         torch.manual_seed(seed)  # the same noise for both
         losses.append(fm_loss(model.dit, z, cfg, t_block=t.to(z.device), history=history)[1]["per_token"])
@@ -111,12 +107,10 @@ def history_gain(model, z, high=0.8, seed=0):
 
 @torch.no_grad()
 def fm(model, x, batch_size=16, seed=0, repeats=4):
-    """Held-out FM loss per channel (training t distribution, no prompt-boundary pinning), per t-bin,
-    next to the Gaussian baseline fm_loss_gauss computed from the measured per-channel variance; and
-    the history gain at high noise (history_gain)."""
+    """Held-out FM loss per channel (training t distribution, no prompt-boundary pinning), overall and per t
+    bin, next to the Gaussian baseline of the measured latent variance; and the history gain (history_gain)."""
     torch.manual_seed(seed)
-    cfg = eval_flow_cfg(model)
-    ts, losses, zs = [], [], []
+    cfg, ts, losses, zs = replace(model.flow_cfg, p_prompt_block=0.0), [], [], []
     for _ in range(repeats):  # several t / noise draws per window
         for xb in x.split(batch_size):
             z = model.vae.sample(*model.vae.encode(xb))  # what the prior models: posterior samples
@@ -198,10 +192,9 @@ def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=
 
 @torch.no_grad()
 def speed(model, prompt, quick=False, compile=False):
-    """Sampler tokens/s and latency per block over a grid, and (Cola) the KV-cache speedup measured side by
-    side: the same sampler recomputing the whole history at every step. prompt: token ids (20: with block 16,
-    one full block in the cache and the tail pinned in the first block). compile: the compiled step, whose
-    graphs are specialised to each setting's shapes, so every setting first runs once untimed, compiling them."""
+    """Sampler tokens/s and latency per block over a grid; for Cola also the KV-cache speedup (the same sampler
+    recomputing its history at every step). prompt: token ids (20: with block 16, one full block in the cache
+    and a pinned tail). compile: the compiled step; each setting first runs once untimed, compiling its graphs."""
     cola, bs, device = isinstance(model, Cola), model.block_size, next(model.parameters()).device
     grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((8, 16) if cola else (0,))
             for w in ((7.0, 1.0) if cola else (1.0,))] if not quick else [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
@@ -245,8 +238,6 @@ def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
     left-truncated to the context: the paper's generative protocol, or --protocol=rank, the choice of highest
     log p(prompt + choice) - log p(prompt) (for Cola ELBOs: an approximation, under common random numbers)."""
     task, tok, steps, cfg_scale, seed = args.task, model.tok, args.steps, args.cfg, args.seed
-    if task not in bm.TASKS:
-        raise UserError(f"unknown --task {task!r}; choose from {', '.join(bm.TASKS)}")
     items = bm.load_items(args.data, task)
     if args.protocol == "rank" and not bm.is_multiple_choice(task):
         raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
@@ -303,23 +294,22 @@ def judge_bits(judge, context, prompt, cont):
     return nats / math.log(2), len(tok.enc.decode_bytes(c))
 
 
-def quality(model, ckpt, args):
-    """Generated text, measured: continuations of held-out prompts, next to the true continuations
-    (ceiling) and unigram-sampled tokens (floor). Words found in the training vocabulary, distinct word
-    4-grams, byte entropy and, with --judge (an AR checkpoint), the judge's bits per byte (in fp32 under
-    any --dtype, so that only the generator changes)."""
+def quality(model, ckpt, args, batch_size=16):
+    """Generated text, measured: continuations of held-out prompts next to the true ones (ceiling) and
+    unigram-sampled tokens (floor): words in the training vocabulary, distinct word 4-grams, byte entropy,
+    and with --judge (an AR checkpoint, in fp32 under any --dtype so only the generator changes) bits/byte."""
     data_dir, tok, context = dataset_dir(args, ckpt, model), model.tok, ckpt["config"]["train"]["seq_len"]
-    if context - args.new_tokens < 1:
-        raise UserError(f"--new_tokens={args.new_tokens} leaves no room for a prompt in the {context}-token context")
+    pad = args.first_block.endswith("_pad")
+    room = context - args.new_tokens  # prompt tokens that fit; a padded prompt fits with its padding
+    if pad:
+        room -= room % model.block_size
+    if room < 1:
+        raise UserError(f"--new_tokens={args.new_tokens} leaves no room for a{' padded' * pad} prompt in the "
+                        f"{context}-token context")
     pairs = tq.quality_prompts(data_dir, args.prompts, args.prompt_chars, tok, args.new_tokens)
-    room = context - args.new_tokens  # prompt tokens that fit; padded prompts must fit with their padding
-    if args.first_block.endswith("_pad"):
-        room = room // model.block_size * model.block_size
-        if room < 1:
-            raise UserError(f"--new_tokens={args.new_tokens} leaves no whole block for a padded prompt")
     gens = []
-    for i in tqdm(range(0, len(pairs), args.batch_size), desc="quality", leave=False):
-        prompts = [tok.encode(p)[-room:] for p, _ in pairs[i:i + args.batch_size]]
+    for i in tqdm(range(0, len(pairs), batch_size), desc="quality", leave=False):
+        prompts = [tok.encode(p)[-room:] for p, _ in pairs[i:i + batch_size]]
         gens += [tok.decode(o) for o in model.generate(prompts, args.new_tokens, steps=args.steps, cfg_scale=args.cfg,
                                                        shift=args.shift, temperature=args.temperature, top_k=args.top_k,
                                                        top_p=args.top_p, seed=args.seed, first_block=args.first_block)]
@@ -379,13 +369,7 @@ def run_all(args, model, ckpt):
     return r
 
 
-COMMANDS = {"recon": "VAE reconstruction and latent-noise robustness",
-            "fm": "held-out flow-matching loss vs the Gaussian baseline, and what the prior takes from its history",
-            "nll": "likelihood bound: NLL per token, PPL, bits per byte",
-            "quality": "generated text: real words, distinct 4-grams, entropy, bits per byte under an AR judge",
-            "speed": "sampler throughput and KV-cache speedup",
-            "bench": "few-shot benchmark (generative protocol, or --protocol=rank)",
-            "all": "everything with a small budget"}
+COMMANDS = ("recon", "fm", "nll", "quality", "speed", "bench", "all")  # what each does: the docstring above
 SAMPLING = ("bench", "all", "quality")  # the subcommands that generate: the sampler's options, sample.py's defaults
 OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt is every subcommand's but speed's
     (COMMANDS, "--out", dict(help="write the results as JSON here")),
@@ -399,7 +383,7 @@ OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt i
     (["speed"], "--random_init", dict(action="store_true", help="fresh weights from train.py's options given after it")),
     (["nll"], "--samples", dict(type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")),
     (["nll"], "--ode_steps", dict(type=int, default=32, help="midpoint steps of the CNF density")),
-    (["bench"], "--task", dict(required=True, help=", ".join(bm.TASKS))),
+    (["bench"], "--task", dict(required=True, choices=bm.TASKS)),
     (["bench"], "--data", dict(required=True, help="JSONL items (data/benchmarks.py builds them)")),
     (["bench"], "--protocol", dict(choices=("generate", "rank"), default="generate")),
     (SAMPLING, "--steps", dict(type=int, default=16, help="Euler steps per block")),
@@ -413,17 +397,16 @@ OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt i
     (["quality"], "--temperature", dict(type=float, default=0.0, help="0 = greedy decoding")),
     (["quality"], "--top_k", dict(type=int, default=0)),
     (["quality"], "--top_p", dict(type=float, default=1.0)),
-    (["quality"], "--batch_size", dict(type=int, default=16, help="prompts per generate call")),
 ]
-AT_LEAST = dict(limit=1, samples=1, ode_steps=1, steps=1, prompts=1, new_tokens=1, prompt_chars=1, batch_size=1,
-                cfg=0, temperature=0, top_k=0)  # the least value of each number option (of the subcommands with it)
+AT_LEAST = dict(limit=1, samples=1, ode_steps=1, steps=1, prompts=1, new_tokens=1, prompt_chars=1, cfg=0,
+                temperature=0, top_k=0)  # the least value of each number option (of the subcommands with it)
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description="Evaluate a Cola DLM (or AR baseline) checkpoint.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, help_ in COMMANDS.items():
-        p = sub.add_parser(name, help=help_)
+    for name in COMMANDS:
+        p = sub.add_parser(name)
         p.add_argument("--ckpt", required=name != "speed", help="a checkpoint written by train.py")
         for names, flag, kw in OPTIONS:
             if name in names:

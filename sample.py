@@ -6,17 +6,11 @@ Generate text from a checkpoint of train.py: Cola DLM, or the AR baseline (--mod
     python sample.py --ckpt=out/ckpt.pt --prompts_file=prompts.txt --steps=8 --cfg=5
 
 A thin command line over the model's own generate(): cola.Cola.generate samples block after block
-(Euler steps with classifier-free guidance, the prompt's tail pinned by clean-condition repaint,
-arXiv 2605.06548 §3.2.3), ar.ARLM.generate token by token; --steps / --cfg apply to Cola only.
-One prompt streams its text as blocks are decoded. Runs on CPU, CUDA or MPS (--device), in fp32 or
-bf16 (--dtype; default: bf16 autocast on CUDA only), each step eager or compiled into one graph
-(--compile: torch.compile of the DiT / the AR network).
-
-`eval.py speed` times the sampler.
+(guided Euler steps, the prompt's tail pinned: arXiv 2605.06548 §3.2.3; --steps, --cfg), ar.ARLM.generate
+token by token. One prompt streams its text as blocks are decoded. CPU, CUDA or MPS (--device), fp32 or
+bf16 (--dtype), each step eager or one compiled graph (--compile). `eval.py speed` times the sampler.
 """
 import argparse
-
-import torch
 
 from cola import parse_first_block
 from common import DTYPES, UserError, autocast, cast_for, pick_device, run_main
@@ -35,42 +29,31 @@ class Streamer:
         self.shown = text
 
 
-# ----------------------------------------------------------------------------- command line
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Generate text with a Cola DLM (or AR baseline) checkpoint.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     ap.add_argument("--prompt", default=None, help='prompt text ("" = unconditional)')
     ap.add_argument("--prompts_file", default=None, help="one prompt per line (\\n inside a prompt: write \\\\n)")
-    ap.add_argument("--max_new_tokens", type=int, default=None,
-                    help="default 128; any length: past the training context the oldest blocks leave the window")
+    ap.add_argument("--max_new_tokens", type=int, default=128,
+                    help="default 128; past the training context the oldest blocks leave the window")
     ap.add_argument("--steps", type=int, default=16, help="Euler steps per block (Cola)")
     ap.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale w, 1 = off (Cola)")
-    ap.add_argument("--shift", type=float, default=1.0, help="time shift of the Euler steps, > 1: more at high noise (Cola)")
-    ap.add_argument("--first_block", default="clean",
-                    help="how the prompt's tail enters the first block: clean (the paper's), repaint[:R[:M]], "
-                         "left_pad, right_pad (Cola; cola.parse_first_block)")
+    ap.add_argument("--first_block", default="clean", help="how the prompt's tail enters the first block (Cola): "
+                                                           "clean (the paper's), repaint[:R[:M]], left_pad, right_pad")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", choices=DTYPES,
-                    help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also pays off on CPUs with native bf16 "
-                         "matmuls (RESULTS.md, 'Sampler speed')")
-    ap.add_argument("--compile", action="store_true",
-                    help="run each sampler step (Cola: an Euler step; AR: a token) as one compiled graph, a CUDA "
-                         "graph on GPU (compiling takes seconds to a minute: worth it for long or many samples)")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on CUDA, fp32 elsewhere")
+    ap.add_argument("--compile", action="store_true", help="each sampler step (Cola: an Euler step; AR: a token) "
+                                                           "as one compiled graph (compiling takes seconds to a minute)")
     args = ap.parse_args(argv)
-    if args.steps < 1:
-        ap.error("--steps must be >= 1")
-    if args.cfg < 0 or args.shift <= 0:
-        ap.error("--cfg must be >= 0 and --shift > 0")
-    if not 0 < args.top_p <= 1:
-        ap.error("--top_p must be in (0, 1]")
-    if args.temperature < 0 or args.top_k < 0 or (args.max_new_tokens or 0) < 0 or args.num_samples < 1:
-        ap.error("--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1")
+    if args.steps < 1 or args.num_samples < 1 or args.cfg < 0:
+        ap.error("--steps and --num_samples must be >= 1, --cfg >= 0")
+    if min(args.temperature, args.top_k, args.max_new_tokens) < 0 or not 0 < args.top_p <= 1:
+        ap.error("--temperature, --top_k, --max_new_tokens must be >= 0 and --top_p in (0, 1]")
     if args.temperature == 0 and (args.top_k or args.top_p < 1):
         ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
     try:
@@ -81,10 +64,12 @@ def main(argv=None):
         ap.error("give --prompt or --prompts_file")
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
-    model = cast_for(model, device, args.dtype)
     if not model.can_generate:
         raise UserError(f"{args.ckpt} holds only a VAE (stage 1); sampling needs a stage-2 checkpoint")
-    tok = model.tok
+    model, tok = cast_for(model, device, args.dtype), model.tok
+    context = ckpt["config"]["train"]["seq_len"]  # past it, a sliding window (Cola.generate, ARLM.generate)
+    if context < 2 * model.block_size:
+        raise UserError(f"the model's context ({context} tokens) holds less than two blocks of {model.block_size}")
     texts = [args.prompt] if args.prompt is not None else []
     if args.prompts_file:
         try:
@@ -94,18 +79,12 @@ def main(argv=None):
             raise UserError(f"cannot read --prompts_file: {e}")
     if not texts:
         raise UserError(f"no prompts in {args.prompts_file}")
-    context = ckpt["config"]["train"]["seq_len"]  # past it, a sliding window (Cola.generate, ARLM.generate)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 128
-    if context < 2 * model.block_size:
-        raise UserError(f"the model's context ({context} tokens) holds less than two blocks of {model.block_size}")
     prompts = [tok.encode(text) for text in texts for _ in range(args.num_samples)]
-    torch.manual_seed(args.seed)
     stream = Streamer(tok) if len(prompts) == 1 else None
     if stream:
         print(texts[0], end="", flush=True)
     with autocast(device, args.dtype):
-        outs = model.generate(prompts, args.max_new_tokens, steps=args.steps, cfg_scale=args.cfg, shift=args.shift,
+        outs = model.generate(prompts, args.max_new_tokens, steps=args.steps, cfg_scale=args.cfg,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               on_block=stream, first_block=args.first_block, window=context, compile=args.compile)
     if stream:

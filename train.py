@@ -9,19 +9,14 @@ Train Cola DLM: stage 1 (text VAE), stage 2 (joint VAE + block-causal DiT), or b
     python train.py --config=small --dit.attn=flex --compile --out_dir=out_small  # FlexAttention for the DiT (CUDA)
     torchrun --standalone --nproc_per_node=4 train.py --config=small --out_dir=out_small4
 
-Options are --key=value: train options by name (--lr=1e-3), component options with a prefix
-(--vae.beta=1e-3, --dit.n_layer=6, --flow.t_loc=1.0); boolean options also as a bare --flag.
-Unknown keys are an error; config.py holds the options, the presets and their checks. The
-checkpoint out_dir/ckpt.pt carries every config, so sample.py and eval.py need only --ckpt;
---resume continues a run exactly from it, and an out_dir that already holds a run is never
-overwritten without --overwrite. The losses live with the models (cola.Cola.forward,
-ar.ARLM.forward); this file is the loop around them.
+Options are --key=value (--help lists them; config.py holds them, the presets and their checks): train
+options by name (--lr=1e-3), the others with a prefix (--vae.beta=1e-3, --dit.n_layer=6); a boolean
+also as a bare --flag. out_dir/ckpt.pt carries every config, so sample.py and eval.py need only --ckpt;
+--resume continues a run exactly, and a run is never overwritten without --overwrite. The losses live
+with the models (cola.Cola.forward, ar.ARLM.forward); this file is the loop around them.
 
-Speed options (GPU): --compile compiles the whole training forward, loss included (and so its
-backward); validation runs eagerly. --dit.attn=flex runs the DiT's 2L training attention through
-FlexAttention, which skips the tiles of the score matrix the mask hides (~3/4 of it:
-dit.attention_sparsity) where SDPA computes every score and masks it; CUDA only (torch has no
-FlexAttention backward on CPU); sampling keeps SDPA.
+--compile compiles the whole training forward, loss included; validation runs eagerly. --dit.attn=flex
+skips the tiles of the DiT's 2L score matrix the mask hides (~3/4: dit.attention_sparsity); CUDA only.
 """
 import contextlib
 import math
@@ -83,16 +78,16 @@ def micro_seed(seed, stage, step, i):
 
 
 @torch.no_grad()
-def evaluate(model, x_val, device, batch_size):
-    """Held-out diagnostics of the model (a flat dict of floats), under a fixed seed in a forked RNG
-    so validation never perturbs the training stream."""
+def evaluate(model, x_val, env, batch_size):
+    """Held-out diagnostics averaged over ranks, under a fixed seed in a forked RNG so that validation
+    never perturbs the training stream."""
     model.eval()
-    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices), autocast(device):
+    devices = [torch.device(env.device).index or 0] if str(env.device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices), autocast(env.device):
         torch.manual_seed(1234)
         stats = model.diagnostics(x_val, batch_size)
     model.train()
-    return stats
+    return all_reduce_mean({k: torch.tensor(v, device=env.device) for k, v in stats.items()}, env.world)
 
 
 # ----------------------------------------------------------------------------- run-level helpers
@@ -183,8 +178,7 @@ def train_stage(stage, cfgs, env, stop):
 
     def validate():
         with log.paused():
-            stats = evaluate(model, x_val, env.device, micro)
-            log.val(step, all_reduce_mean({k: torch.tensor(v, device=env.device) for k, v in stats.items()}, env.world))
+            log.val(step, evaluate(model, x_val, env, micro))
 
     while step < max_iters:
         if step % tc.eval_interval == 0:
@@ -223,7 +217,6 @@ def train_stage(stage, cfgs, env, stop):
             sys.exit(0)
     if step > log.start:
         validate()  # the final model
-    log.close()
     print0(f"stage {stage} done in {(time.time() - log.t_start) / 60:.1f} min -> {ckpt_path}")
 
 
@@ -245,17 +238,14 @@ def train(cfgs, env, stop):
         train_stage("joint", cfgs, env, stop)
 
 
-def print_help():
-    print(__doc__.strip() + "\n\noptions (tiny defaults; --config=small/paper change some):")
-    for part, make in PARTS.items():
-        prefix = "" if part == "train" else part + "."
-        print("  " + " ".join(f"--{prefix}{k}={v}" for k, v in asdict(make()).items()))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
-        return print_help()
+        print(__doc__.strip() + "\n\noptions (tiny defaults; --config=small/paper change some):")
+        for part, make in PARTS.items():
+            prefix = "" if part == "train" else part + "."
+            print("  " + " ".join(f"--{prefix}{k}={v}" for k, v in asdict(make()).items()))
+        return
     cfgs = build_configs(argv)
     env = setup(cfgs["train"].device)
     cuda = str(env.device).startswith("cuda")
