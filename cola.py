@@ -250,7 +250,8 @@ class Cola(nn.Module):
         on_block(i, ids) streams sample i after every block. use_cache=False recomputes the history at
         every step (the reference the caches must match). compile: the DiT's forward through
         torch.compile; its shapes are the same at every step of every block (History), so it compiles
-        once per run's batch size, steps and guidance (and once more for a first block with no history)."""
+        once per run's batch size, steps and guidance (and once more for a first block that differs:
+        prompt positions pinned, or no history and so unguided)."""
         s, tok, bs, B = Sampling(**sampler), self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, s.seed, dev)  # each sample's noise: independent of the batch
@@ -258,6 +259,7 @@ class Cola(nn.Module):
         if mode.endswith("_pad"):
             prompts = pad_prompts(prompts, mode, tok.eot, bs)
         hist_z, hist_pos, tail, keep, start = self.prompt_layout(prompts, window)
+        keep = keep if any(len(p) % bs for p in prompts) else None  # a prompt's tail in the first block?
         step = torch.compile(self.dit, dynamic=False) if compile else self.dit
         hist = History(self, step, B, hist_pos.shape[1] + bs + max_new_tokens, s, window, use_cache)
         hist.commit(hist_z, hist_pos, decoder=True)  # the prompt's full blocks
@@ -266,19 +268,20 @@ class Cola(nn.Module):
         while not all(done):
             pos = start[:, None] + torch.arange(bs, device=dev)  # (B, bs)
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
-            z = torch.where(keep[..., None], tail, noise)  # (B, bs, d) at t = 1, the prompt's tail clean
+            z = noise if keep is None else torch.where(keep[..., None], tail, noise)  # (B, bs, d), the tail clean
             guided = s.cfg_scale != 1 and hist.n > 0  # with no history at all, cond == uncond
             z = sample_block(hist.dit_net(pos, guided), z, keep, guided, s, repaint, self.dit.cfg.self_cond)
-            z = torch.where(keep[..., None], tail, z)  # the prompt's own latents stand (partial repaint moved them)
-            ids = pick_tokens(hist.decode(z, pos), s, gens, tok)  # (B, bs)
-            for i, (new, pinned) in enumerate(zip(ids.tolist(), keep.tolist())):  # the one wait per block
-                new = [t for t, p in zip(new, pinned) if not p]  # prompt tokens stand
+            if keep is not None:  # the prompt's own latents stand (partial repaint moved them)
+                z = torch.where(keep[..., None], tail, z)
+            ids = pick_tokens(hist.decode(z, pos), s, gens, tok).tolist()  # (B, bs): the one wait per block
+            for i, new in enumerate(ids):
+                new = new if keep is None else [t for t, p in zip(new, keep[i].tolist()) if not p]  # prompt tokens stand
                 done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, tok.eot if s.stop_at_eot else None)
                 if on_block is not None:
                     on_block(i, out[i])
             if not all(done):
                 hist.commit(z, pos)  # the finished block joins the history as clean latents (t = 0)
-                start, keep, repaint = start + bs, torch.zeros_like(keep), None  # only the first block holds prompt
+                start, keep, repaint = start + bs, None, None  # only the first block holds prompt tokens
         return out
 
     # ------------------------------------------------------------------------- likelihood

@@ -160,7 +160,7 @@ def sample_block(net, z, keep, guided, s, repaint=None, self_cond=False):
     (arXiv 2605.06548 §3.2.3, App. B.1) and clean-condition repaint (§5.2).
 
     z (B, bs, d): Gaussian noise, except at positions keep (B, bs): the prompt's clean latents, pinned at
-    t = 0 throughout. net(z, step, sc): the DiT with its history, positions and mask bound (cola.History),
+    t = 0 throughout (keep None: nothing pinned, every token at the step's t, one time-table row for all). net(z, step, sc): the DiT with its history, positions and mask bound (cola.History),
     for latents z (rB, bs, d), each token's step of the solve (0 = clean: t = 0; i + 1: step i's t) and
     the self-conditioning input sc. Guided, rB = 2B rows [conditional | unconditional], one batched
     forward: v = v_u + w (v_c - v_u). s: a layers.Sampling (steps, cfg_scale, shift).
@@ -170,8 +170,9 @@ def sample_block(net, z, keep, guided, s, repaint=None, self_cond=False):
     rows = 2 if guided else 1
     ts, _ = time_grid(s.steps, s.shift)
     step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}
+    repaint = None if keep is None else repaint  # nothing known, nothing to repaint
     pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the DiT's input
-    moving = (~pin).long().repeat(rows, 1)  # (rB, bs): 1 = at the step's t, 0 = clean
+    moving = torch.ones(1, 1, dtype=torch.long, device=z.device) if pin is None else (~pin).long().repeat(rows, 1)
     estimate = torch.zeros_like(z) if self_cond else None  # (B, bs, d)
 
     def velocity(z, t):
@@ -182,7 +183,7 @@ def sample_block(net, z, keep, guided, s, repaint=None, self_cond=False):
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
             v = torch.lerp(v_u, v_c, s.cfg_scale)  # v_u + w (v_c - v_u)
         if estimate is not None:  # pinned positions: their clean latent
-            estimate = torch.where(pin[..., None], z, z - t * v)
+            estimate = z - t * v if pin is None else torch.where(pin[..., None], z, z - t * v)
         return v  # (B, bs, d)
 
     if repaint is not None:

@@ -316,15 +316,17 @@ def count_graphs(monkeypatch):
 
 
 @pytest.mark.parametrize("cfg_scale, window, prompts, n_graphs", [
-    (1.0, 16, [b"Hello, wor", b"It is a truth universally acknowledged"], 1),  # 10 and 38 (> window) bytes
-    (7.0, 16, [b"Hello, wor", b"It is a truth universally acknowledged"], 1),
-    (7.0, None, [b"Hello, wor", b"It is a truth universally acknowledged"], 1),
+    (1.0, 16, [b"Hello, wor", b"It is a truth universally acknowledged"], 2),  # 10 and 38 (> window) bytes
+    (7.0, 16, [b"Hello, wor", b"It is a truth universally acknowledged"], 2),
+    (7.0, None, [b"Hello, wor", b"It is a truth universally acknowledged"], 2),
+    (7.0, 16, [b"Hello, w", b"It is a truth universally acknowledged, "], 1),  # whole blocks: nothing pinned
     (7.0, 16, [b"", b""], 2),  # no history at the first block: unguided, half the rows
 ])
 def test_compiled_sampler_is_one_graph(cfg_scale, window, prompts, n_graphs, fresh_compiler, monkeypatch):
     """generate(compile=True): the Euler step is one graph for every step of every block, on to past the
-    window (a first block with no history, unguided, has its own); a second call compiles nothing. The
-    compiled step samples the eager sampler's latents and tokens."""
+    window (a first block that differs has its own: prompt positions pinned, or no history and so
+    unguided); a second call compiles nothing. The compiled step samples the eager sampler's latents and
+    tokens."""
     graphs = count_graphs(monkeypatch)
     model = tiny_cola("joint").eval()
     prompts = [list(p) for p in prompts]
