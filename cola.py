@@ -10,17 +10,11 @@ sample.py and eval.py talk to either through the same calls:
     logp = model.score(x)                                   # log p(x) per sequence (here: the ELBO)
 
 Generation (arXiv 2605.06548 §3.2.3, App. B.1): encode the prompt (posterior mean); its full blocks
-prefill the DiT and decoder KV caches; then block after block: Gaussian noise -> Euler steps with
-classifier-free guidance (flow.sample_block), the prompt's tail inside the first block pinned to its
-clean latents (clean-condition repaint, §5.2) -> decode the block with the cached causal decoder ->
-commit its latents to the DiT cache with t = 0.
-
-The first block has three other modes, the baselines of the paper's Table 5 (first_block=): partial
-repaint ("repaint:R:M", flow.euler_repaint: the prompt's tail noised to the current t and re-imposed
-during the first fraction M of the steps, each such step run R times; the prompt's own latents then
-enter the history, so only the continuation's latents differ), and padding the prompt with
-<|endoftext|> to a whole number of blocks, on its left ("left_pad") or between it and the
-continuation ("right_pad"), so that no block is shared by prompt and continuation.
+prefill the KV caches (History); then block after block: Gaussian noise -> Euler steps with
+classifier-free guidance, the prompt's tail inside the first block pinned to its clean latents
+(clean-condition repaint, §5.2; flow.sample_block) -> decode the block with the cached causal decoder ->
+commit its latents to the history at t = 0. The first block's other modes, the baselines of the paper's
+Table 5, are partial repaint and padding the prompt to whole blocks (parse_first_block).
 """
 import copy
 import math

@@ -30,7 +30,7 @@ from config import load_model, random_model
 from data import benchmarks as bm
 from data import quality as tq
 from data.loader import load_meta, resolve_data_dir, val_windows
-from flow import fm_by_t, fm_loss, interpolate, sample_t
+from flow import fm_by_t, fm_loss, gauss_baseline, history_gain, interpolate, sample_t
 
 
 def dataset_dir(args, ckpt, model):
@@ -80,31 +80,6 @@ def recon(model, x, batch_size=16, seed=0):
 
 # ----------------------------------------------------------------------------- fm
 
-def gauss_baseline(s2, t):
-    """Per-channel FM loss of the best predictor for structureless latents N(m, s2) with no history:
-    Var(v) - Cov(v, z_t)^2 / Var(z_t), with v = eps - z0, z_t = (1-t) z0 + t eps. s2 (C,), t (N,) -> (N,)."""
-    t = t[:, None]
-    return (1 + s2 - (t - (1 - t) * s2) ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean(-1)
-
-
-@torch.no_grad()
-def history_gain(model, z, high=0.8, seed=0):
-    """What the prior takes from its history: held-out FM loss at high noise (t ~ U(high, 1) per block,
-    blocks after the first) with the true history and with another sequence's (z rolled over the batch),
-    same t and noise; the relative drop (other - true) / other, at all positions and at block starts."""
-    (B, L, _), bs = z.shape, model.dit.cfg.block_size
-    t = high + (1 - high) * torch.rand(B, math.ceil(L / bs), generator=torch.Generator().manual_seed(seed))
-    cfg = replace(model.flow_cfg, p_prompt_block=0.0)  # held-out losses score every position
-    losses, pos, r = [], torch.arange(L, device=z.device), {}
-    for history in (z, z.roll(1, 0)):
-        torch.manual_seed(seed)  # the same noise for both
-        losses.append(fm_loss(model.dit, z, cfg, t_block=t.to(z.device), history=history)[1]["per_token"])
-    for name, sel in (("", pos >= bs), ("_first", (pos >= bs) & (pos % bs == 0))):
-        true, other = (l[:, sel].mean().item() for l in losses)
-        r.update({f"fm_high_t{name}": true, f"fm_high_t_other{name}": other, f"fm_history_gain{name}": (other - true) / other})
-    return r
-
-
 @torch.no_grad()
 def fm(model, x, batch_size=16, seed=0, repeats=4):
     """Held-out FM loss per channel (training t distribution, no prompt-boundary pinning), overall and per t
@@ -124,7 +99,7 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
     r.update(ratio=r["fm_loss"] / r["fm_loss_gauss"], bins=fm_by_t(t, loss),
              bins_gauss=fm_by_t(t, gauss_baseline(s2, t)),  # at the same t draws, for the per-bin comparison
              latent_var=s2.tolist(), t_dist=f"{cfg.t_dist}(loc={cfg.t_loc}, scale={cfg.t_scale})", tokens=len(t))
-    r.update(history_gain(model, z, seed=seed))
+    r.update(history_gain(model.dit, model.flow_cfg, z, seed=seed))
     print(f"held-out FM loss {r['fm_loss']:.4f} per channel | Gaussian baseline {r['fm_loss_gauss']:.4f} | "
           f"ratio {r['ratio']:.3f} | t ~ {r['t_dist']} | {r['tokens']} tokens\nper t bin, ours / Gaussian = ratio: "
           + ", ".join(f"{k} {v:.4f} / {r['bins_gauss'][k]:.4f} = {v / r['bins_gauss'][k]:.3f}"
@@ -224,15 +199,6 @@ def speed(model, prompt, quick=False, compile=False):
 
 # ----------------------------------------------------------------------------- bench
 
-def wilson(k, n, z=1.96):
-    """95% Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, c - h), min(1.0, c + h)]
-
-
 def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
     """A few-shot benchmark (data/benchmarks.py; the first SHOTS items are shots, never evaluated), prompts
     left-truncated to the context: the paper's generative protocol, or --protocol=rank, the choice of highest
@@ -270,7 +236,7 @@ def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
             correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
     k, n = sum(correct), len(correct)
     chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if bm.is_multiple_choice(task) else 0.0
-    (lo, hi), acc = wilson(k, n), k / max(n, 1)
+    (lo, hi), acc = bm.wilson(k, n), k / max(n, 1)
     print(f"{task} ({args.protocol}, {len(shots)}-shot): accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}] on {n} items | chance "
           f"{chance:.3f} | {truncated} sequences left-truncated to the {context}-token context" + "".join(
               f"\n  gold {ex['answer']!r:20.20} generated {ex['generated'][:60]!r}" for ex in examples))

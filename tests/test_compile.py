@@ -19,6 +19,7 @@ import torch.nn.attention.flex_attention as fa
 import torch.nn.functional as F
 
 import config
+import layers
 import train
 from cola import Cola
 from common import UserError, check_resume, save_checkpoint

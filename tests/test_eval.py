@@ -13,6 +13,7 @@ from config import TrainConfig
 from data import prepare
 from data import quality as tq
 from dit import DiT, DiTConfig
+import flow
 from flow import FlowConfig, interpolate, sample_t
 from vae import TextVAE, VAEConfig
 from tests.helpers import perturb
@@ -22,7 +23,7 @@ def test_gauss_baseline_value_and_monte_carlo():
     torch.manual_seed(0)
     t = sample_t((400_000,), FlowConfig())
     # unit-variance latents: 1 + 1 - (2t - 1)^2 / ((1-t)^2 + t^2), averaged over logit-normal(1, 1) t
-    assert abs(cola_eval.gauss_baseline(torch.ones(1), t).mean().item() - 1.61) < 0.01
+    assert abs(flow.gauss_baseline(torch.ones(1), t).mean().item() - 1.61) < 0.01
     # Monte Carlo: the best linear predictor of v from z_t, per t, reaches the formula
     s2 = torch.tensor([0.5, 2.0])
     for tv in (0.2, 0.7):
@@ -31,7 +32,7 @@ def test_gauss_baseline_value_and_monte_carlo():
         zt, v = interpolate(z0, eps, torch.full((200_000,), tv)), eps - z0
         coef = (zt * v).mean(0) / (zt * zt).mean(0)
         mse = (v - coef * zt).pow(2).mean().item()
-        assert abs(mse - cola_eval.gauss_baseline(s2, torch.tensor([tv])).item()) < 0.02
+        assert abs(mse - flow.gauss_baseline(s2, torch.tensor([tv])).item()) < 0.02
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def test_history_gain_sees_a_prior_that_copies_its_history():
     dit = DiT(DiTConfig(n_layer=1, width=32, n_head=2, block_size=4))
     model = Cola(vae, dit)
     z = torch.randn(8, 4, 16).repeat(1, 3, 1)  # every block repeats the first: the history predicts it
-    r = cola_eval.history_gain(model, z)
+    r = flow.history_gain(model.dit, model.flow_cfg, z)
     assert r["fm_history_gain"] == pytest.approx(0.0, abs=1e-6)  # a fresh DiT outputs zero whatever it sees
 
     class Copier(torch.nn.Module):  # v = eps - z0 estimated from z_t and the previous block of the clean copy
@@ -197,5 +198,5 @@ def test_history_gain_sees_a_prior_that_copies_its_history():
             return torch.cat([torch.zeros_like(clean), v], 1)
 
     model.dit = Copier()
-    r = cola_eval.history_gain(model, z)
+    r = flow.history_gain(model.dit, model.flow_cfg, z)
     assert r["fm_history_gain"] > 0.5 and r["fm_history_gain_first"] > 0.5
