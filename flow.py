@@ -187,9 +187,10 @@ def sample_block(net, z, keep, guided, s, repaint=None, self_cond=False):
     (arXiv 2605.06548 §3.2.3, App. B.1) and clean-condition repaint (§5.2).
 
     z (B, bs, d): Gaussian noise, except at positions keep (B, bs): the prompt's clean latents, pinned at
-    t = 0 throughout (keep None: nothing pinned, every token at the step's t, one time-table row for all). net(z, step, sc): the DiT with its history, positions and mask bound (cola.History),
-    for latents z (rB, bs, d), each token's step of the solve (0 = clean: t = 0; i + 1: step i's t) and
-    the self-conditioning input sc. Guided, rB = 2B rows [conditional | unconditional], one batched
+    t = 0 throughout (keep None: nothing pinned, one time-table row for every token).
+    net(z, step, sc): the DiT with its history, positions and mask bound (cola.History), for latents
+    z (rB, bs, d), each token's step of the solve (0 = clean: t = 0; i + 1: step i's t) and the
+    self-conditioning input sc. Guided, rB = 2B rows [conditional | unconditional], one batched
     forward: v = v_u + w (v_c - v_u). s: a layers.Sampling (steps, cfg_scale, shift).
     repaint = (reps, frac, noise_fn): partial repaint (euler_repaint) instead of pinning the prompt.
     self_cond: the DiT also reads its last estimate of the clean block, z - t v (zero at the first step).

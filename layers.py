@@ -81,6 +81,7 @@ class KVCache:
         self.slots = None
 
     def at(self, lo, n):
+        """The next forwards write their n tokens to slots lo..lo+n-1."""
         self.slots = torch.arange(lo, lo + n, device=self.k[0].device)
         return self
 
