@@ -109,11 +109,11 @@ def load_items(path, task):
     items = []
     with open_text(path) as (_, f):
         for n, item in json_lines(f, path):
-            fields = ("prompt", "ground_truth") + (("generate",) if "generate" in (item or {}) else ())
-            if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in fields):
+            if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("prompt", "ground_truth"))):
                 raise UserError(f"{path}, line {n}: an item needs string fields \"prompt\" and \"ground_truth\"")
-            if not isinstance(item.get("few_shot_prefix", ""), str):
-                raise UserError(f"{path}, line {n}: \"few_shot_prefix\" must be a string")
+            for key in ("few_shot_prefix", "generate"):
+                if not isinstance(item.get(key, ""), str):
+                    raise UserError(f"{path}, line {n}: \"{key}\" must be a string")
             choices = item.get("choices")
             if task in CHOICE and not (isinstance(choices, list) and len(choices) >= 2
                                        and all(isinstance(c, str) for c in choices)):

@@ -53,8 +53,9 @@ def test_scoring_rules_read_from_the_authors_judgments():
 
 @pytest.mark.parametrize("line, message", [
     ("not json", "line 2: not valid JSON"),
+    ("3", "line 2: an item needs"),
     ('{"prompt": "q"}', "line 2: an item needs"),
-    ('{"prompt": "q", "ground_truth": "x", "generate": 3}', "line 2: an item needs"),
+    ('{"prompt": "q", "ground_truth": "x", "generate": 3}', "line 2: \"generate\" must be a string"),
     ('{"prompt": "q", "ground_truth": "x", "choices": ["x"]}', "line 2: task obqa needs"),
     ('{"prompt": "q", "ground_truth": "x", "choices": ["x", "y"], "few_shot_prefix": 3}', "line 2: \"few_shot_prefix\""),
 ])
