@@ -3,6 +3,7 @@ Helpers shared by the scripts (train.py, sample.py, eval.py, data/): one-line er
 overrides, device, precision and DDP setup, run logging, checkpoint I/O. Imports no model: config.py
 makes the models.
 """
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -18,6 +19,13 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A mistake on the command line or in an input file: reported as one line, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one `error:` line (via run_main), not the usage text."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 def run_main(main):

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from cola import Cola, parse_first_block
-from common import DTYPES, UserError, autocast, cast_for, pick_device, precision, run_main
+from common import DTYPES, ArgumentParser, UserError, autocast, cast_for, pick_device, precision, run_main
 from config import load_model, random_model
 from data import benchmarks as bm
 from data import quality as tq
@@ -390,7 +390,7 @@ AT_LEAST = dict(limit=1, samples=1, ode_steps=1, steps=1, prompts=1, new_tokens=
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in COMMANDS:
         p = sub.add_parser(name)

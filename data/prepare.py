@@ -25,10 +25,10 @@ from tqdm import tqdm
 # make `from data.tokenizer import ...` work when run as a script from any working directory
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import UserError, run_main  # noqa: E402
+from common import ArgumentParser, UserError, run_main  # noqa: E402
 from data import encode  # noqa: E402
 from data.tokenizer import NAMES, get_tokenizer  # noqa: E402
-from data.userinput import ArgumentParser, json_lines, open_text  # noqa: E402
+from data.userinput import json_lines, open_text  # noqa: E402
 
 DATA_DIR = os.path.join(ROOT, "data")
 DEFAULT_CORPUS = os.path.join(DATA_DIR, "austen_moby.txt.gz")

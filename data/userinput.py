@@ -1,9 +1,8 @@
 """
-What a user hands data/prepare.py and data/benchmarks.py (a command line, UTF-8 text, JSONL), read with
-mistakes reported as common.UserError: one `error:` line naming the option, or the file and the byte
-offset or line. A module, not a script.
+What a user hands data/prepare.py and data/benchmarks.py (UTF-8 text, JSONL), read with mistakes
+reported as common.UserError: one `error:` line naming the file and the byte offset or line. A module,
+not a script.
 """
-import argparse
 import codecs
 import contextlib
 import gzip
@@ -12,13 +11,6 @@ import json
 import zlib
 
 from common import UserError
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one `error:` line (via common.run_main), not the usage text."""
-
-    def error(self, message):
-        raise UserError(message)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import torch
 
 import sample
 from cola import Cola
-from common import UserError, save_checkpoint
+from common import UserError, run_main, save_checkpoint
 from config import TrainConfig
 from dit import DiT, DiTConfig
 from layers import Sampling, pick_tokens
@@ -139,10 +139,12 @@ def test_cli_dtype(ckpt, capsys, monkeypatch):
                                  ["--top_k=5"], ["--first_block=middle"], ["--first_block=repaint:0"],
                                  ["--dtype=fp16"]])
 def test_cli_argument_errors(ckpt, bad, capsys):
+    """A bad command line: one `error:` line and exit status 2, as `python sample.py ...` runs it."""
     args = [f"--ckpt={ckpt}"] + bad + (["--prompt=a"] if bad else [])
     with pytest.raises(SystemExit) as e:
-        sample.main(args)
-    assert e.value.code == 2
+        run_main(lambda: sample.main(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_generates_four_times_the_context(ckpt, capsys):
