@@ -11,6 +11,7 @@ so sample.py and eval.py serve both.
 
 Self-check (CPU, seconds): python ar.py
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,18 @@ class ARLM(nn.Module):
         pos = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
         logp = self.logits(x[:, :-1], pos).float().log_softmax(-1)
         return logp.gather(-1, x[:, 1:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def continuation_bits(self, prompt, cont, context):
+        """(bits, UTF-8 bytes) of the text cont after the text prompt, within the first `context` tokens:
+        how eval.py quality's judge scores generated text."""
+        tok = self.tok
+        p, c = tok.encode(prompt) or [tok.eot], tok.encode(cont)
+        c = c[:max(0, context - len(p))]
+        if not c:
+            return 0.0, 0
+        x = torch.tensor([p + c], device=self.tok_emb.weight.device)
+        return -self.token_logprobs(x)[0, len(p) - 1:].sum().item() / math.log(2), len(tok.enc.decode_bytes(c))
 
     @torch.no_grad()
     def score(self, x, **_):

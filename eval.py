@@ -233,7 +233,7 @@ def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
                 torch.manual_seed(seed)
                 scores.append((model.score(torch.tensor([full[cut:]], device=dev), ode_steps=ode_steps) - base[cut]).item())
             gens.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)])
-    r = score_items(task, items, gens)
+    r = bm.score(task, items, gens)
     r.update(protocol=args.protocol, truncated_prompts=truncated, context=context, steps=args.steps, cfg=args.cfg)
     theirs = [it["generate"] for it in items if "generate" in it]
     if len(theirs) == len(items) and args.protocol == "generate":
@@ -242,43 +242,16 @@ def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
     return r
 
 
-def score_items(task, items, texts):
-    """Accuracy (in percent) of answers texts to items with its Wilson interval, printed, and the per-item results."""
-    results = [dict(id=it.get("id"), generated=text, key=bm.answer_key(task, it, text),
-                    correct=bm.is_correct(task, it, text)) for it, text in zip(items, texts)]
-    k, n = sum(x["correct"] for x in results), len(results)
-    lo, hi = bm.wilson(k, n)
-    chance = sum(1 / len(it["choices"]) if it.get("choices") else 0.0 for it in items) / max(n, 1)
-    print(f"{task}: accuracy {100 * k / max(n, 1):.2f}% [{100 * lo:.2f}, {100 * hi:.2f}] on {n} items | chance "
-          f"{100 * chance:.2f}%" + "".join(f"\n  gold {it['ground_truth']!r:20.20} generated {t[:60]!r}"
-                                          for it, t in list(zip(items, texts))[:5]))
-    return dict(task=task, accuracy=100 * k / max(n, 1), ci95=[100 * lo, 100 * hi], n=n, correct=k,
-                chance=100 * chance, items=results)
-
-
 def rescore(args):
     """The authors' rules on the `generate` field already in a file: no model."""
     items = bm.load_items(args.data, args.task)
     missing = next((i for i, it in enumerate(items) if "generate" not in it), None)
     if missing is not None:
         raise UserError(f"{args.data}: item {missing + 1} has no \"generate\" to rescore")
-    return score_items(args.task, items, [it["generate"] for it in items])
+    return bm.score(args.task, items, [it["generate"] for it in items])
 
 
 # ----------------------------------------------------------------------------- quality
-
-@torch.no_grad()
-def judge_bits(judge, context, prompt, cont):
-    """(bits, bytes) of the text cont after prompt under an AR judge (its first `context` tokens)."""
-    tok = judge.tok
-    p, c = tok.encode(prompt) or [tok.eot], tok.encode(cont)
-    c = c[:max(0, context - len(p))]
-    if not c:
-        return 0.0, 0
-    x = torch.tensor([p + c], device=next(judge.parameters()).device)
-    nats = -judge.token_logprobs(x)[0, len(p) - 1:].sum().item()
-    return nats / math.log(2), len(tok.enc.decode_bytes(c))
-
 
 def quality(model, ckpt, args, batch_size=16):
     """Generated text, measured: continuations of held-out prompts next to the true ones (ceiling) and
@@ -310,7 +283,7 @@ def quality(model, ckpt, args, batch_size=16):
             raise UserError(f"--judge {args.judge} is a Cola checkpoint; the judge must be an AR one (--model=ar)")
         for name, texts in rows.items():
             with torch.autocast(judge.tok_emb.weight.device.type, enabled=False):  # the yardstick: always fp32
-                scored = [judge_bits(judge, judge_ckpt["config"]["train"]["seq_len"], p, c)
+                scored = [judge.continuation_bits(p, c, judge_ckpt["config"]["train"]["seq_len"])
                           for (p, _), c in zip(pairs, texts)]
             bits, n_bytes = map(sum, zip(*scored))
             stats[name]["bpb"] = bits / max(n_bytes, 1)

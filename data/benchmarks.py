@@ -189,6 +189,20 @@ def wilson(k, n, z=1.96):
     return [max(0.0, c - h), min(1.0, c + h)]
 
 
+def score(task, items, texts):
+    """Accuracy (in percent) of answers texts to items with its Wilson interval, printed, and the per-item results."""
+    results = [dict(id=it.get("id"), generated=text, key=answer_key(task, it, text),
+                    correct=is_correct(task, it, text)) for it, text in zip(items, texts)]
+    k, n = sum(x["correct"] for x in results), len(results)
+    lo, hi = wilson(k, n)
+    chance = sum(1 / len(it["choices"]) if it.get("choices") else 0.0 for it in items) / max(n, 1)
+    print(f"{task}: accuracy {100 * k / max(n, 1):.2f}% [{100 * lo:.2f}, {100 * hi:.2f}] on {n} items | chance "
+          f"{100 * chance:.2f}%" + "".join(f"\n  gold {it['ground_truth']!r:20.20} generated {t[:60]!r}"
+                                          for it, t in list(zip(items, texts))[:5]))
+    return dict(task=task, accuracy=100 * k / max(n, 1), ci95=[100 * lo, 100 * hi], n=n, correct=k,
+                chance=100 * chance, items=results)
+
+
 # ----------------------------------------------------------------------------- builder
 
 def download_wheel(dest):
