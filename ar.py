@@ -127,10 +127,8 @@ class ARLM(nn.Module):
             pos[i, W - len(p):] = torch.arange(len(p), device=dev)
         net = torch.compile(self.network, dynamic=False) if compile else self.network
         if use_cache:  # the prompt, then one slot per new token, or the window's worth
-            cache = self.transformer.new_cache(B, max(W, window or W + max_new_tokens), dev)
-            k_pos = torch.full((B, cache.k[0].shape[2]), PAD_POS, dtype=torch.long, device=dev)  # each slot's position
-            k_pos[:, :W] = pos
-            last = self.network(x, pos, causal_mask(pos, k_pos, window=window), cache.at(0, W))[:, -1:]  # (B, 1, V)
+            cache = self.transformer.new_cache(B, max(W, window or W + max_new_tokens), dev).at(0, pos)
+            last = self.network(x, pos, causal_mask(pos, cache.pos, window=window), cache)[:, -1:]  # (B, 1, V)
         else:
             last = self.logits(x, pos, window)[:, -1:]
         n, nxt = W, pos[:, -1:] + 1  # slots filled, the next positions (B, 1)
@@ -146,10 +144,9 @@ class ARLM(nn.Module):
             if use_cache:
                 if window is not None and n >= window:  # the window is full: the oldest tokens leave
                     cache.evict(n - window + 1)
-                    k_pos = torch.cat([k_pos[:, n - window + 1:], torch.full_like(k_pos[:, :n - window + 1], PAD_POS)], 1)
                     n = window - 1
-                k_pos[:, n] = nxt[:, 0]
-                last = net(ids, nxt, causal_mask(nxt, k_pos, window=window), cache.at(n, 1))  # (B, 1, V)
+                cache.at(n, nxt)
+                last = net(ids, nxt, causal_mask(nxt, cache.pos, window=window), cache)  # (B, 1, V)
                 n += 1
             else:
                 x, pos = torch.cat([x, ids], 1), torch.cat([pos, nxt], 1)

@@ -309,9 +309,9 @@ class Cola(nn.Module):
 class History:
     """What a generation has behind it, as the DiT and the decoder see it: the clean latents of the prompt
     and of every committed block, in KV caches of a fixed number of slots (layers.KVCache: written in
-    place, attended through masks), with the position of every slot (PAD_POS: empty). Past the window
-    the oldest blocks leave both caches. With guidance the DiT's cache has 2B rows, [cond | uncond]: the
-    history lives in the first B, the unconditional rows see their block alone. use_cache=False keeps the
+    place, attended through masks built from the positions of the slots' tokens), n of them filled. Past
+    the window the oldest blocks leave both caches. With guidance the DiT's cache has 2B rows, [cond |
+    uncond]: the history lives in the first B, the unconditional rows see their block alone. use_cache=False keeps the
     latents instead and rebuilds the caches from them at every step: the reference the caches must match."""
 
     def __init__(self, model, step, B, need, s, window, use_cache):
@@ -330,7 +330,6 @@ class History:
         dit, dec, dev = self.model.dit, self.model.vae.decoder, self.mod.device
         self.dit_cache = dit.new_cache(self.rows * self.B, size, dev)
         self.dec_cache = dec.new_cache(self.B, size, dev)
-        self.pos = torch.full((self.B, size), PAD_POS, dtype=torch.long, device=dev)  # (B, size)
         self.n = 0  # slots filled
 
     def commit(self, z, pos, decoder=False):
@@ -341,22 +340,23 @@ class History:
             self.n += pos.shape[1]
             return
         self.write(z, pos, decoder)
+        self.dit_cache.pos[self.B:] = PAD_POS  # the unconditional rows keep no history
         old = 0 if self.wb is None else self.n - self.wb * self.bs
         if old > 0:  # past the window the oldest blocks leave
             self.dit_cache.evict(old), self.dec_cache.evict(old)
-            self.pos = torch.cat([self.pos[:, old:], torch.full_like(self.pos[:, :old], PAD_POS)], 1)
             self.n -= old
 
     def write(self, z, pos, decoder):
         n, L, bs = self.n, pos.shape[1], self.bs
-        if n + L > self.pos.shape[1]:  # a prompt longer than the window: room for all of it (commit evicts)
+        if n + L > self.dec_cache.pos.shape[1]:  # a prompt longer than the window: room for all of it (commit evicts)
             self.reset(n + L + bs)
-        self.pos[:, n:n + L] = pos
-        clean = torch.zeros_like(self.pos, dtype=torch.bool)
-        mask = block_mask(pos // bs, clean[:, :L], self.pos // bs, clean, window=self.wb)
-        self.model.dit(z, torch.zeros(1, device=z.device), torch.zeros_like(pos), pos, mask, self.dit_cache.at(n, L))
+        cache = self.dit_cache.at(n, pos)
+        k_pos = cache.pos[:self.B]  # (B, size): the history's positions, this call's included
+        clean = torch.zeros_like(k_pos, dtype=torch.bool)
+        mask = block_mask(pos // bs, clean[:, :L], k_pos // bs, clean, window=self.wb)
+        self.model.dit(z, torch.zeros(1, device=z.device), torch.zeros_like(pos), pos, mask, cache)
         if decoder:
-            self.model.vae.decode_hidden(z, pos, self.dec_cache.at(n, L), self.pos, self.dec_window)
+            self.model.vae.decode_hidden(z, pos, self.dec_cache.at(n, pos), self.dec_window)
         self.n += L
 
     def rebuild(self):
@@ -372,14 +372,10 @@ class History:
         slot, the block's own written to slots n..n+bs-1 at every step."""
         if not self.use_cache:
             self.rebuild()
-        n, bs, (B, S) = self.n, self.bs, self.pos.shape
-        q_pos, k_pos = pos, self.pos.clone()
-        k_pos[:, n:n + bs] = pos
-        if guided:
-            q_pos = torch.cat([pos, torch.arange(bs, device=pos.device).expand(B, bs)])  # (2B, bs)
-            k_pos = torch.cat([k_pos, torch.full_like(k_pos, PAD_POS)])  # (2B, S): no history for uncond
-            k_pos[B:, n:n + bs] = q_pos[B:]
-        slot = torch.arange(S, device=pos.device)
+        n, bs, B = self.n, self.bs, self.B
+        q_pos = torch.cat([pos, torch.arange(bs, device=pos.device).expand(B, bs)]) if guided else pos  # (rB, bs)
+        k_pos = self.dit_cache.at(n, q_pos).pos[:len(q_pos)]  # (rB, S); the unconditional rows: their block alone
+        slot = torch.arange(k_pos.shape[1], device=pos.device)
         noisy = ((slot >= n) & (slot < n + bs)).expand_as(k_pos)  # (rB, S)
         mask = block_mask(q_pos // bs, torch.ones_like(q_pos, dtype=torch.bool), k_pos // bs, noisy, window=self.wb)
         # additive, once for every step (what SDPA would make of a boolean mask at every call)
@@ -391,14 +387,11 @@ class History:
             if not (self.use_cache or fresh):  # the reference: the history computed again at every step
                 self.rebuild()
             fresh = False
-            return self.step(z, None, steps, q_pos, mask, self.dit_cache.at(n, bs), sc=sc, mod=self.mod, rope=rope)
+            return self.step(z, None, steps, q_pos, mask, self.dit_cache.at(n, q_pos), sc=sc, mod=self.mod, rope=rope)
         return net
 
     def decode(self, z, pos):
         """Logits (B, bs, V) of the finished block z at positions pos, written to the decoder's cache."""
         if not self.use_cache:
             self.rebuild()
-        n, bs = self.n, pos.shape[1]
-        k_pos = self.pos.clone()
-        k_pos[:, n:n + bs] = pos
-        return self.model.vae.decode(z, pos, self.dec_cache.at(n, bs), k_pos, self.dec_window)
+        return self.model.vae.decode(z, pos, self.dec_cache.at(self.n, pos), self.dec_window)

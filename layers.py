@@ -67,22 +67,24 @@ def attention_dtype(device):
 
 class KVCache:
     """Keys and values of every attention layer for `size` slots, one (B, H, size, hd) tensor of each per
-    layer, allocated once and written in place (the pattern of gpt-fast). `at(lo, n)` names the slots the
-    next forwards write; they attend to every slot, and the caller's mask, built from the positions of the
-    slots' tokens (PAD_POS for an empty one), alone decides who sees what. So a forward's shapes never
-    change, and torch.compile builds one graph for all of them. Keys are stored with RoPE applied; a call
-    with fewer rows than the cache uses its first rows."""
+    layer, allocated once and written in place (the pattern of gpt-fast), and the position of every slot's
+    token, `pos` (B, size; PAD_POS: empty). `at(lo, pos)` names the slots the next forwards write; they
+    attend to every slot, and the caller's mask, built from `pos`, alone decides who sees what. So a
+    forward's shapes never change, and torch.compile builds one graph for all of them. Keys are stored
+    with RoPE applied; a call with fewer rows than the cache uses its first rows."""
 
     def __init__(self, n_layer, batch, n_head, head_dim, size, device=None):
         shape, dtype = (batch, n_head, size, head_dim), attention_dtype(device)
         # zeros, never garbage: a masked-out slot must not be NaN
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.pos = torch.full((batch, size), PAD_POS, dtype=torch.long, device=device)
         self.slots = None
 
-    def at(self, lo, n):
-        """The next forwards write their n tokens to slots lo..lo+n-1."""
-        self.slots = torch.arange(lo, lo + n, device=self.k[0].device)
+    def at(self, lo, pos):
+        """The next forwards write their tokens at positions pos (b, n) to slots lo..lo+n-1 of the first b rows."""
+        self.slots = torch.arange(lo, lo + pos.shape[1], device=pos.device)
+        self.pos[:pos.shape[0], lo:lo + pos.shape[1]] = pos
         return self
 
     def update(self, layer, k, v):
@@ -95,6 +97,7 @@ class KVCache:
         """Drop the oldest n slots, moving the rest to the front: a sliding window over the history."""
         for buf in self.k + self.v:
             buf[:, :, :-n] = buf[:, :, n:].clone()
+        self.pos = torch.cat([self.pos[:, n:], torch.full_like(self.pos[:, :n], PAD_POS)], 1)
 
 
 class Attention(nn.Module):

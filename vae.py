@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from layers import PAD_POS, Transformer, causal_mask, init_weights, transformer_flops
+from layers import Transformer, causal_mask, init_weights, transformer_flops
 
 
 @dataclass
@@ -91,25 +91,25 @@ class TextVAE(nn.Module):
     def sample(mu, logvar):
         return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
 
-    def decode_hidden(self, z, pos=None, cache=None, k_pos=None, window=None):
+    def decode_hidden(self, z, pos=None, cache=None, window=None):
         """Decoder trunk: z (B, L, d) at positions pos (B, L) (default 0..L-1) -> final hidden (B, L, W).
         cache: a layers.KVCache whose slots hold earlier latents, this call's written to the slots named by
-        cache.at(); k_pos (B, size): the position of every slot (PAD_POS: empty). window: each token sees
-        only the last `window` tokens."""
+        cache.at(). window: each token sees only the last `window` tokens."""
         B, L, _ = z.shape
         if pos is None:
             pos = self.positions(B, L, z.device)
         bs = self.cfg.block_size if self.cfg.dec_block_causal else 1
-        return self.decoder(self.z_in(z), pos, causal_mask(pos, pos if cache is None else k_pos, bs, window), cache)
+        k_pos = pos if cache is None else cache.pos[:B]  # every slot's position, PAD_POS (hidden) where empty
+        return self.decoder(self.z_in(z), pos, causal_mask(pos, k_pos, bs, window), cache)
 
     def head(self, h):
         # tied output head: (..., W) -> (..., V); F.linear on the weight itself, not a transposed view, so
         # that bf16 autocast casts it once per autocast region, not at every call
         return F.linear(h, self.tok_emb.weight)
 
-    def decode(self, z, pos=None, cache=None, k_pos=None, window=None):
+    def decode(self, z, pos=None, cache=None, window=None):
         """p(x|z) logits (B, L, V); with a cache it decodes incrementally (decode_hidden)."""
-        return self.head(self.decode_hidden(z, pos, cache, k_pos, window))
+        return self.head(self.decode_hidden(z, pos, cache, window))
 
     def mask_tokens(self, x):
         """x (B, L) -> (x with <|mask|> at k random positions of each row, those positions (B, k)).
@@ -191,8 +191,8 @@ if __name__ == "__main__":
     # cached decode == full decode
     full = vae.decode(mu)
     pos, cache = TextVAE.positions(2, 32, "cpu"), vae.decoder.new_cache(2, 32, "cpu")
-    a = vae.decode(mu[:, :16], pos[:, :16], cache.at(0, 16), torch.where(pos < 16, pos, PAD_POS))
-    b = vae.decode(mu[:, 16:], pos[:, 16:], cache.at(16, 16), pos)
+    a = vae.decode(mu[:, :16], pos[:, :16], cache.at(0, pos[:, :16]))
+    b = vae.decode(mu[:, 16:], pos[:, 16:], cache.at(16, pos[:, 16:]))
     assert torch.allclose(full, torch.cat([a, b], 1), atol=1e-5)
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
     for step in range(150):

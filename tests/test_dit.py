@@ -83,13 +83,13 @@ def test_cached_history_equals_full_forward():
     cache = dit.new_cache(1, L + bs, "cpu")  # every call attends to all slots; empty ones at PAD_POS, hidden
     empty = torch.where(noisy, PAD_POS, pos)
     dit(z[:, :L], *per_token(t[:, :L]), pos[:, :L], block_mask(blk[:, :L], noisy[:, :L], empty // bs, noisy),
-        cache.at(0, L))
+        cache.at(0, pos[:, :L]))
     v = dit(z[:, L:], *per_token(t[:, L:]), pos[:, L:], block_mask(blk[:, L:], noisy[:, L:], blk, noisy),
-            cache.at(L, bs))
+            cache.at(L, pos[:, L:]))
     assert torch.allclose(v, full[:, L:], atol=1e-5)
     # the cache is written in place: the same block again, at other times, overwrites its own slots
     v2 = dit(z[:, L:], *per_token(t[:, L:] * 0.5), pos[:, L:], block_mask(blk[:, L:], noisy[:, L:], blk, noisy),
-             cache.at(L, bs))
+             cache.at(L, pos[:, L:]))
     ref = dit(z, *per_token(torch.cat([t[:, :L], t[:, L:] * 0.5], 1)), pos, block_mask(blk, noisy, blk, noisy))
     assert torch.allclose(v2, ref[:, L:], atol=1e-5)
 
@@ -115,8 +115,9 @@ def test_per_block_times_equal_per_token_times():
 
 def test_kv_cache_evicts_oldest_slots():
     cache = KVCache(1, 1, 1, 2, 5)
-    cache.at(0, 5).update(0, torch.arange(10.0).view(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))
+    cache.at(0, torch.arange(5)[None]).update(0, torch.arange(10.0).view(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))
     cache.evict(2)
+    assert cache.pos.tolist() == [[2, 3, 4, PAD_POS, PAD_POS]]  # the positions move with their slots
     assert cache.k[0][0, 0, :3].flatten().tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
 
 

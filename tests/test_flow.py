@@ -80,7 +80,7 @@ def test_cfg_one_equals_conditional_and_guidance_formula():
     clean = torch.zeros(B, L + bs, dtype=torch.bool)
     k_hist = torch.cat([hist_pos, torch.full((B, bs), PAD_POS)], 1)  # slots L.. are empty
     dit(torch.randn(B, L, 16), *per_token(torch.zeros(B, L)), hist_pos, block_mask(hist_pos // bs, clean[:, :L], k_hist // bs, clean),
-        cache.at(0, L))
+        cache.at(0, hist_pos))
     k_cond = torch.cat([hist_pos, pos], 1)  # (B, L + bs)
     k_alone = torch.cat([torch.full((B, L), PAD_POS), alone_pos], 1)  # the unconditional rows see no history
     ts = time_grid(4)[0]
@@ -92,7 +92,7 @@ def test_cfg_one_equals_conditional_and_guidance_formula():
 
     def net(q_pos, k_pos):  # the DiT as cola.History binds it for a block in slots L..L+bs-1
         m = mask(q_pos, k_pos)
-        return lambda z, step, sc: dit(z, None, step, q_pos, m, cache.at(L, bs), mod=mod)
+        return lambda z, step, sc: dit(z, None, step, q_pos, m, cache.at(L, q_pos), mod=mod)
 
     noise = torch.randn(B, bs, 16)
     keep = torch.zeros(B, bs, dtype=torch.bool)
@@ -103,8 +103,8 @@ def test_cfg_one_equals_conditional_and_guidance_formula():
         by_hand = noise.clone()
         for i in range(4):
             t = torch.full((B, bs), ts[i]).masked_fill(keep, 0.0)
-            v_c = dit(by_hand, *per_token(t), pos, mask(pos, k_cond), cache.at(L, bs))
-            v_u = dit(by_hand, *per_token(t), alone_pos, mask(alone_pos, k_alone), cache.at(L, bs))
+            v_c = dit(by_hand, *per_token(t), pos, mask(pos, k_cond), cache.at(L, pos))
+            v_u = dit(by_hand, *per_token(t), alone_pos, mask(alone_pos, k_alone), cache.at(L, alone_pos))
             by_hand = by_hand - 0.25 * (v_u + w * (v_c - v_u)).masked_fill(keep[..., None], 0.0)
         assert torch.allclose(out, by_hand, atol=1e-5), w
         assert torch.equal(out[keep], noise[keep]) and not torch.equal(out[~keep], noise[~keep])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from layers import PAD_POS, causal_mask
+from layers import causal_mask
 from vae import TextVAE, VAEConfig, gaussian_kl, neg_entropy
 from tests.helpers import perturb
 
@@ -122,7 +122,6 @@ def test_cached_decode_equals_full_decode():
     pos = TextVAE.positions(2, 40, "cpu")
     cache, outs, start = vae.decoder.new_cache(2, 40, "cpu"), [], 0
     for n in (16, 5, 16, 3):  # uneven chunks, including mid-block boundaries
-        k_pos = torch.where(pos < start + n, pos, PAD_POS)  # every slot's position; the unwritten ones hidden
-        outs.append(vae.decode(z[:, start:start + n], pos[:, start:start + n], cache.at(start, n), k_pos))
+        outs.append(vae.decode(z[:, start:start + n], pos[:, start:start + n], cache.at(start, pos[:, start:start + n])))
         start += n
     assert torch.allclose(full, torch.cat(outs, 1), atol=1e-5)
