@@ -26,26 +26,9 @@ import torch.nn.functional as F
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block, time_grid
-from layers import PAD_POS, Sampling, append_tokens, attention_dtype, pick_tokens, rope_angles, sample_generators
+from layers import (PAD_POS, Sampling, append_tokens, attention_dtype, parse_first_block, pick_tokens, rope_angles,
+                    sample_generators)
 from vae import TextVAE, VAEConfig, gaussian_kl
-
-FIRST_BLOCK_MODES = ("clean", "repaint", "left_pad", "right_pad")
-
-
-def parse_first_block(spec):
-    """A first-block mode -> (mode, reps, frac): "clean" (default), "left_pad", "right_pad", or partial
-    repaint "repaint[:R[:M]]" with R >= 1 repetitions per guided step and guided fraction M in (0, 1]."""
-    mode, *args = str(spec).split(":")
-    if mode not in FIRST_BLOCK_MODES or (args and mode != "repaint") or len(args) > 2:
-        raise ValueError(f"first_block must be one of clean, left_pad, right_pad, repaint[:R[:M]], got {spec!r}")
-    try:
-        reps, frac = int(args[0]) if args else 1, float(args[1]) if len(args) > 1 else 1.0
-    except ValueError:
-        raise ValueError(f"first_block {spec!r}: R must be an integer and M a number") from None
-    if reps < 1 or not 0 < frac <= 1:
-        raise ValueError(f"first_block {spec!r}: needs R >= 1 and 0 < M <= 1")
-    return mode, reps, frac
-
 
 def pad_prompts(prompts, mode, eot, bs):
     """The padding modes: <|endoftext|> on the prompt's left ("left_pad") or right ("right_pad") up to a

@@ -20,18 +20,19 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from tqdm import tqdm
 
-from cola import Cola, parse_first_block
+from cola import Cola
 from common import DTYPES, ArgumentParser, UserError, autocast, cast_for, pick_device, precision, run_main
 from config import load_model, random_model
 from data import benchmarks as bm
 from data import quality as tq
 from data.loader import load_meta, resolve_data_dir, val_windows
 from flow import fm_by_t, fm_loss, gauss_baseline, history_gain, interpolate, sample_t
+from layers import Sampling
 
 
 def dataset_dir(args, ckpt, model):
@@ -269,9 +270,7 @@ def quality(model, ckpt, args, batch_size=16):
     gens = []
     for i in tqdm(range(0, len(pairs), batch_size), desc="quality", leave=False):
         prompts = [tok.encode(p)[-room:] for p, _ in pairs[i:i + batch_size]]
-        gens += [tok.decode(o) for o in model.generate(prompts, args.new_tokens, steps=args.steps, cfg_scale=args.cfg,
-                                                       shift=args.shift, temperature=args.temperature, top_k=args.top_k,
-                                                       top_p=args.top_p, seed=args.seed, first_block=args.first_block)]
+        gens += [tok.decode(o) for o in model.generate(prompts, args.new_tokens, **asdict(args.sampler))]
     rows = {"generated": gens, "true": [c for _, c in pairs],
             "unigram": tq.unigram_texts(data_dir, len(pairs), args.new_tokens, args.seed)}
     vocab = tq.train_vocabulary(data_dir)
@@ -358,8 +357,8 @@ OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt i
     (["quality"], "--top_k", dict(type=int, default=0)),
     (["quality"], "--top_p", dict(type=float, default=1.0)),
 ]
-AT_LEAST = dict(limit=1, samples=1, ode_steps=1, steps=1, prompts=1, new_tokens=1, prompt_chars=1, cfg=0,
-                temperature=0, top_k=0)  # the least value of each number option (of the subcommands with it)
+# the least value of each number option (of the subcommands with it); quality's sampler: Sampling.check
+AT_LEAST = dict(limit=1, samples=1, ode_steps=1, steps=1, prompts=1, new_tokens=1, prompt_chars=1, cfg=0)
 
 
 def parse_args(argv):
@@ -382,12 +381,9 @@ def parse_args(argv):
         if getattr(args, key, low) < low:
             ap.error(f"--{key} must be >= {low}")
     if args.cmd == "quality":
-        if args.shift <= 0 or not 0 < args.top_p <= 1:
-            ap.error("--shift must be > 0 and --top_p in (0, 1]")
-        if args.temperature == 0 and (args.top_k or args.top_p < 1):
-            ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
         try:
-            parse_first_block(args.first_block)
+            args.sampler = Sampling(steps=args.steps, cfg_scale=args.cfg, shift=args.shift, first_block=args.first_block,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed).check()
         except ValueError as e:
             ap.error(str(e))
     return args

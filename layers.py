@@ -212,6 +212,35 @@ class Sampling:
     seed: int = 0               # with the prompt, seeds each sample's noise (sample_generators)
     stop_at_eot: bool = True    # end a sample at <|endoftext|> (else always max_new_tokens)
 
+    def check(self):
+        """The options' ranges, as a ValueError naming them (sample.py and eval.py check before loading a model)."""
+        if self.steps < 1 or self.cfg_scale < 0 or self.shift <= 0:
+            raise ValueError("--steps must be >= 1, --cfg >= 0 and --shift > 0")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("--temperature and --top_k must be >= 0, --top_p in (0, 1]")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1):
+            raise ValueError("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
+        parse_first_block(self.first_block)
+        return self
+
+
+FIRST_BLOCK_MODES = ("clean", "repaint", "left_pad", "right_pad")
+
+
+def parse_first_block(spec):
+    """A first-block mode -> (mode, reps, frac): "clean" (default), "left_pad", "right_pad", or partial
+    repaint "repaint[:R[:M]]" with R >= 1 repetitions per guided step and guided fraction M in (0, 1]."""
+    mode, *args = str(spec).split(":")
+    if mode not in FIRST_BLOCK_MODES or (args and mode != "repaint") or len(args) > 2:
+        raise ValueError(f"first_block must be one of clean, left_pad, right_pad, repaint[:R[:M]], got {spec!r}")
+    try:
+        reps, frac = int(args[0]) if args else 1, float(args[1]) if len(args) > 1 else 1.0
+    except ValueError:
+        raise ValueError(f"first_block {spec!r}: R must be an integer and M a number") from None
+    if reps < 1 or not 0 < frac <= 1:
+        raise ValueError(f"first_block {spec!r}: needs R >= 1 and 0 < M <= 1")
+    return mode, reps, frac
+
 
 def sample_generators(prompts, seed, device):
     """One RNG per sample, seeded from (seed, the prompt, its repeat index in the batch), so a prompt's

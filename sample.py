@@ -11,10 +11,11 @@ token by token. One prompt streams its text as blocks are decoded. CPU, CUDA or 
 bf16 (--dtype), each step eager or one compiled graph (--compile). `eval.py speed` times the sampler.
 """
 import argparse
+from dataclasses import asdict
 
-from cola import parse_first_block
 from common import DTYPES, ArgumentParser, UserError, autocast, cast_for, pick_device, run_main
 from config import load_model
+from layers import Sampling
 
 
 class Streamer:
@@ -50,14 +51,11 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="each sampler step (Cola: an Euler step; AR: a token) "
                                                            "as one compiled graph (compiling takes seconds to a minute)")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.num_samples < 1 or args.cfg < 0:
-        ap.error("--steps and --num_samples must be >= 1, --cfg >= 0")
-    if min(args.temperature, args.top_k, args.max_new_tokens) < 0 or not 0 < args.top_p <= 1:
-        ap.error("--temperature, --top_k, --max_new_tokens must be >= 0 and --top_p in (0, 1]")
-    if args.temperature == 0 and (args.top_k or args.top_p < 1):
-        ap.error("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        ap.error("--num_samples must be >= 1 and --max_new_tokens >= 0")
     try:
-        parse_first_block(args.first_block)
+        sampler = Sampling(steps=args.steps, cfg_scale=args.cfg, first_block=args.first_block, seed=args.seed,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).check()
     except ValueError as e:
         ap.error(str(e))
     if args.prompt is None and args.prompts_file is None:
@@ -84,9 +82,8 @@ def main(argv=None):
     if stream:
         print(texts[0], end="", flush=True)
     with autocast(device, args.dtype):
-        outs = model.generate(prompts, args.max_new_tokens, steps=args.steps, cfg_scale=args.cfg,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              on_block=stream, first_block=args.first_block, window=context, compile=args.compile)
+        outs = model.generate(prompts, args.max_new_tokens, window=context, on_block=stream, compile=args.compile,
+                              **asdict(sampler))
     if stream:
         print()
         return
