@@ -17,17 +17,20 @@ commit its latents to the history at t = 0. The first block's other modes, the b
 Table 5, are partial repaint and padding the prompt to whole blocks (parse_first_block).
 """
 import copy
+import itertools
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import released
 from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block, time_grid
-from layers import (PAD_POS, Sampling, append_tokens, attention_dtype, parse_first_block, pick_tokens, rope_angles,
-                    sample_generators)
+from layers import (PAD_POS, Sampling, append_tokens, attention_dtype, noise_generator, parse_first_block, pick_tokens,
+                    sample_generators, stop_ids)
 from vae import TextVAE, VAEConfig, gaussian_kl
 
 def pad_prompts(prompts, mode, eot, bs):
@@ -87,6 +90,15 @@ class Cola(nn.Module):
             dit.load_state_dict(ckpt["dit"])
         flow_cfg = FlowConfig(**cfg["flow"]) if "flow" in cfg else None
         return cls(vae, dit, None, flow_cfg, **{k: cfg["train"][k] for k in cls.LOSS_OPTIONS if k in cfg["train"]})
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """The released checkpoint in directory path (cola_vae/, cola_dit/, tokenizer.json; released.py)."""
+        vae_cfg, dit_cfg = released.read_configs(path)
+        vae, dit = TextVAE(vae_cfg), DiT(dit_cfg)
+        released.load_weights(vae, os.path.join(path, "cola_vae"))
+        released.load_weights(dit, os.path.join(path, "cola_dit"))
+        return cls(vae, dit)
 
     # ------------------------------------------------------------------------- what every model offers
 
@@ -191,20 +203,24 @@ class Cola(nn.Module):
     # ------------------------------------------------------------------------- generation
 
     def prompt_layout(self, prompts, window=None):
-        """Lay a batch of prompts out for the sampler. Each prompt's complete blocks become history,
-        left-padded to a common length H (padding at PAD_POS, which no real query sees); the rest, its
-        tail, is pinned inside the first generated block. Returns hist_z (B, H, d), hist_pos (B, H),
-        tail (B, bs, d) with keep (B, bs) marking the pinned positions, and start (B,), the position of
-        the first generated block. window: the encoder's, for prompts longer than the context."""
+        """Lay a batch of prompts out for the sampler. Each prompt, padded with <|pad|> to whole blocks as
+        the released inference encodes it (the pads matter to a block-causal or bidirectional encoder), is
+        encoded; its complete blocks become history, left-padded to a common length H (padding at PAD_POS,
+        which no real query sees); the rest, its tail, is pinned inside the first generated block. Returns
+        hist_z (B, H, d), hist_pos (B, H), tail (B, bs, d) with keep (B, bs) marking the pinned positions,
+        and start (B,), the position of the first generated block. window: the encoder's, for prompts
+        longer than the context."""
         tok, bs, B = self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         lens = torch.tensor([len(p) for p in prompts], device=dev)
         start = lens // bs * bs  # (B,) first position of the first generated block
+        padded = -(-lens // bs) * bs  # (B,) each prompt and its <|pad|>s
         H = int(start.max()) if B else 0
-        x = torch.full((B, max(1, int(lens.max()) if B else 1)), tok.pad, dtype=torch.long, device=dev)
+        x = torch.full((B, max(1, int(padded.max()) if B else 1)), tok.pad, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
             x[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
-        mu, _ = self.vae.encode(x, window)  # (B, W, d); causal, so the right padding changes nothing
+        pos = torch.arange(x.shape[1], device=dev).expand(B, -1)
+        mu, _ = self.vae.encode(x, window, torch.where(pos < padded[:, None], pos, PAD_POS))  # (B, W, d)
         d = mu.shape[-1]
         hist_z, hist_pos = torch.zeros(B, H, d, device=dev), torch.full((B, H), PAD_POS, dtype=torch.long, device=dev)
         tail = torch.zeros(B, bs, d, device=dev)
@@ -232,6 +248,8 @@ class Cola(nn.Module):
         s, tok, bs, B = Sampling(**sampler), self.tok, self.block_size, len(prompts)
         dev = next(self.parameters()).device
         gens = sample_generators(prompts, s.seed, dev)  # each sample's noise: independent of the batch
+        if s.seed_ids is not None and len(s.seed_ids) != B:
+            raise ValueError(f"seed_ids: one per prompt ({B}), got {len(s.seed_ids)}")
         mode, reps, frac = parse_first_block(s.first_block)
         if mode.endswith("_pad"):
             prompts = pad_prompts(prompts, mode, tok.eot, bs)
@@ -242,18 +260,23 @@ class Cola(nn.Module):
         hist.commit(hist_z, hist_pos, decoder=True)  # the prompt's full blocks
         repaint = (reps, frac, repaint_noise(prompts, s.seed, dev)) if mode == "repaint" else None
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
-        while not all(done):
+        seen = torch.zeros(B, 0, dtype=torch.long, device=dev)  # every id decoded so far: the repetition penalty's
+        for block in itertools.count():
+            if all(done):
+                break
             pos = start[:, None] + torch.arange(bs, device=dev)  # (B, bs)
-            noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in gens])
+            draw = gens if s.seed_ids is None else [noise_generator(s.seed, i, block, dev) for i in s.seed_ids]
+            noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in draw])
             z = noise if keep is None else torch.where(keep[..., None], tail, noise)  # (B, bs, d), the tail clean
             guided = s.cfg_scale != 1 and hist.n > 0  # with no history at all, cond == uncond
             z = sample_block(hist.dit_net(pos, guided), z, keep, guided, s, repaint, self.dit.cfg.self_cond)
             if keep is not None:  # the prompt's own latents stand (partial repaint moved them)
                 z = torch.where(keep[..., None], tail, z)
-            ids = pick_tokens(hist.decode(z, pos), s, gens, tok).tolist()  # (B, bs): the one wait per block
-            for i, new in enumerate(ids):
+            ids = pick_tokens(hist.decode(z, pos), s, gens, tok, seen)  # (B, bs)
+            seen = torch.cat([seen, ids], 1)
+            for i, new in enumerate(ids.tolist()):  # the one wait per block
                 new = new if keep is None else [t for t, p in zip(new, keep[i].tolist()) if not p]  # prompt tokens stand
-                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, tok.eot if s.stop_at_eot else None)
+                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, stop_ids(tok) if s.stop_at_eot else ())
                 if on_block is not None:
                     on_block(i, out[i])
             if not all(done):
@@ -310,9 +333,9 @@ class History:
         self.reset(-(-need // self.bs) * self.bs if self.wb is None else self.wb * self.bs + self.bs)
 
     def reset(self, size):
-        dit, dec, dev = self.model.dit, self.model.vae.decoder, self.mod.device
-        self.dit_cache = dit.new_cache(self.rows * self.B, size, dev)
-        self.dec_cache = dec.new_cache(self.B, size, dev)
+        dev = self.mod.device
+        self.dit_cache = self.model.dit.new_cache(self.rows * self.B, size, dev)
+        self.dec_cache = self.model.vae.new_cache(self.B, size, dev)
         self.n = 0  # slots filled
 
     def commit(self, z, pos, decoder=False):
@@ -363,7 +386,7 @@ class History:
         mask = block_mask(q_pos // bs, torch.ones_like(q_pos, dtype=torch.bool), k_pos // bs, noisy, window=self.wb)
         # additive, once for every step (what SDPA would make of a boolean mask at every call)
         mask = torch.zeros(mask.shape, device=pos.device, dtype=attention_dtype(pos.device)).masked_fill_(~mask, float("-inf"))
-        rope, fresh = rope_angles(q_pos, self.model.dit.cfg.width // self.model.dit.cfg.n_head), True
+        rope, fresh = self.model.dit.rope(q_pos), True
 
         def net(z, steps, sc):  # the step's adaLN modulations (mod) and rotary tables (rope) come computed
             nonlocal fresh

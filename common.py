@@ -236,20 +236,20 @@ def load_vae_state(path, vae_cfg):
     """The VAE weights of a stage-1 checkpoint, checked against the VAE architecture of vae_cfg; None for
     path "scratch" (stage 2 with a fresh VAE: the all-from-scratch ablation of the paper's Fig. 3)."""
     if not path:
-        raise UserError("--stage=joint needs --init_vae=PATH (a stage-1 checkpoint) or --init_vae=scratch")
+        raise UserError("--stage=joint needs --init=PATH (a stage-1 checkpoint or the released checkpoint's directory) "
+                        "or --init=scratch")
     if path == "scratch":
         return None
     ckpt = load_checkpoint(path)
     if "vae" not in ckpt:
         raise UserError(f"{path} holds no VAE weights")
     # the architecture must match; loss weights (beta, mask_ratio, ...) may change for stage 2
-    arch = ("tokenizer", "n_enc_layer", "n_dec_layer", "width", "n_head", "latent_dim", "dec_block_causal")
-    if vae_cfg.dec_block_causal:  # the block size shapes the decoder's attention only then
-        arch += ("block_size",)
+    arch = ("tokenizer", "n_enc_layer", "n_dec_layer", "width", "n_head", "ffn_dim", "latent_dim", "block_causal",
+            "block_size", "rope_theta", "norm_eps", "scaling_factor", "shifting_factor")
     diff = {k: (ckpt["config"]["vae"].get(k), getattr(vae_cfg, k)) for k in arch
             if ckpt["config"]["vae"].get(k) != getattr(vae_cfg, k)}
     if diff:
-        raise UserError(f"--init_vae {path} has a different VAE architecture (checkpoint, now): {diff}")
+        raise UserError(f"--init {path} has a different VAE architecture (checkpoint, now): {diff}")
     return ckpt["vae"]
 
 

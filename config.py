@@ -5,9 +5,11 @@ options, and `eval.py speed --random_init`'s), or from a checkpoint (load_model)
 import os
 from dataclasses import asdict, dataclass
 
+import released
 from ar import ARConfig, ARLM
 from cola import Cola
 from common import UserError, load_checkpoint, parse_overrides
+from data.tokenizer import get_tokenizer
 from dit import DiTConfig
 from flow import FlowConfig
 from vae import VAEConfig
@@ -21,7 +23,8 @@ class TrainConfig:
     config: str = "tiny"        # preset: tiny | small | paper (applied before other overrides)
     dataset: str = "austen_bytes"  # data/NAME prepared by data/prepare.py, or a path
     out_dir: str = "out"
-    init_vae: str = ""          # stage-1 checkpoint to start stage 2 from (--stage=joint); "scratch": a fresh VAE
+    init: str = ""              # where stage 2 (--stage=joint) starts: a stage-1 checkpoint, "scratch" (a fresh VAE), or
+                                # the released checkpoint's directory (its VAE and DiT, and their architecture)
     resume: bool = False        # continue exactly from out_dir/ckpt.pt
     overwrite: bool = False     # start afresh in an out_dir that already holds a run (replaces it)
     seq_len: int = 128          # tokens per training window
@@ -60,16 +63,18 @@ PRESETS = {
     "tiny": {},  # the dataclass defaults: byte latents, DiT block size 1, frozen VAE in stage 2 (RESULTS.md)
     "small": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=64, lr=6e-4, min_lr=6e-5, vae_lr_ratio=1.0,
                              vae_iters=5000, joint_iters=20000, warmup_iters=500, eval_interval=500, ckpt_interval=1000),
-                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=512, n_head=8),
+                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=512, n_head=8, ffn_dim=2048),
                   dit=dict(n_layer=12, width=768, n_head=12, block_size=16), ar=dict(n_layer=20, width=768, n_head=12)),
-    # the paper's 2.3B model (arXiv 2605.06548 Table 9); FFN width here follows SwiGLU's 8/3 rule, not the paper's 6144
+    # the released 2.3B model's sizes (arXiv 2605.06548 Table 9; its config.json): 1,829,875,728 DiT and, with OLMo 2's
+    # 100,278 tokens, 501,871,574 VAE parameters. Block sizes are the paper's (causal VAE, DiT 16), not the release's 4 and 4
     "paper": dict(train=dict(dataset="austen_gpt2", seq_len=512, batch_size=1408, lr=1.5e-4, min_lr=1e-5, vae_lr_ratio=1.0,
                              vae_iters=20000, joint_iters=100000, warmup_iters=2000, eval_interval=1000),
-                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12),
-                  dit=dict(n_layer=24, width=2048, n_head=16, block_size=16), ar=dict(n_layer=40, width=2048, n_head=16)),
+                  vae=dict(tokenizer="gpt2", n_enc_layer=4, n_dec_layer=4, width=1536, n_head=12, ffn_dim=6144),
+                  dit=dict(n_layer=24, width=2048, n_head=16, block_size=16),
+                  ar=dict(n_layer=40, width=2048, n_head=16)),
 }
 CHOICES = {"stage": ("vae", "joint", "all"), "model": ("cola", "ar"), "dit.attn": ("sdpa", "flex"),
-           "flow.t_dist": ("logit_normal", "uniform"), "vae.tokenizer": ("bytes", "gpt2")}
+           "flow.t_dist": ("logit_normal", "uniform")}
 # options that may differ on --resume without changing the training itself
 RESUME_FREE = {"resume", "overwrite", "out_dir", "eval_interval", "log_interval", "ckpt_interval", "device", "compile",
                "stage", "stop_after", "dit.attn"}
@@ -95,27 +100,44 @@ def build_configs(argv):
     for name in ("eval_interval", "log_interval", "ckpt_interval", "batch_size", "seq_len", "eval_windows"):
         if getattr(tc, name) < 1:
             raise UserError(f"--{name} must be >= 1")
+    given = {a[2:].split("=", 1)[0] for a in argv}
+    if os.path.isdir(tc.init):  # stage 2 from the released checkpoint: its architecture, the options' training
+        for part, released_cfg in zip(("vae", "dit"), released.read_configs(tc.init)):
+            for name in released.ARCH[part]:
+                if f"{part}.{name}" in given:
+                    raise UserError(f"--{part}.{name} cannot be set: --init={tc.init} fixes the architecture")
+                setattr(cfgs[part], name, getattr(released_cfg, name))
     for part in ("vae", "dit", "ar"):
         if cfgs[part].width % cfgs[part].n_head or (cfgs[part].width // cfgs[part].n_head) % 2:
             raise UserError(f"--{part}.width must be a multiple of 2 x n_head (even head size for RoPE)")
-    given = {a[2:].split("=", 1)[0] for a in argv}
-    for key, why in (("dit.latent_dim", "it follows --vae.latent_dim"), ("vae.block_size", "it follows --dit.block_size"),
-                     ("ar.tokenizer", "it follows --vae.tokenizer")):
+    if cfgs["dit"].rope_dim % 2 or cfgs["dit"].rope_dim > cfgs["dit"].width // cfgs["dit"].n_head:  # 0: the default
+        raise UserError("--dit.rope_dim must be even and at most the head size, width / n_head")
+    if cfgs["vae"].block_size < 1 or cfgs["vae"].ffn_dim % 2:
+        raise UserError("--vae.block_size must be >= 1 and --vae.ffn_dim even")
+    try:
+        get_tokenizer(cfgs["vae"].tokenizer)
+    except ValueError as e:
+        raise UserError(f"--vae.tokenizer: {e}") from None
+    for key, why in (("dit.latent_dim", "it follows --vae.latent_dim"), ("ar.tokenizer", "it follows --vae.tokenizer")):
         if key in given:
             raise UserError(f"--{key} cannot be set: {why}")
     if tc.resume and tc.overwrite:
         raise UserError("--resume continues the run in out_dir, --overwrite replaces it: choose one")
-    if "init_vae" in given and tc.stage != "joint":
-        raise UserError("--init_vae is for --stage=joint (--stage=all trains its own stage 1)")
+    if "init" in given and tc.stage != "joint":
+        raise UserError("--init is for --stage=joint (--stage=all trains its own stage 1)")
     cfgs["dit"].latent_dim = cfgs["vae"].latent_dim  # the prior models the VAE's latents
-    cfgs["vae"].block_size = cfgs["dit"].block_size  # a block-causal decoder decodes the DiT's blocks
     cfgs["ar"].tokenizer = cfgs["vae"].tokenizer     # one tokenizer per preset / dataset
     return dict(train=tc, ar=cfgs["ar"]) if tc.model == "ar" else {k: v for k, v in cfgs.items() if k != "ar"}
 
 
 def load_model(path, device="cpu"):
     """The model of a train.py checkpoint, in eval mode on device: (cola.Cola or ar.ARLM, checkpoint).
-    Both offer generate, score and diagnostics; a stage-1 Cola checkpoint has no prior (dit None)."""
+    Both offer generate, score and diagnostics; a stage-1 Cola checkpoint has no prior (dit None).
+    A directory is the released checkpoint (cola.Cola.from_pretrained), with a checkpoint-like record."""
+    if os.path.isdir(path):
+        model = Cola.from_pretrained(path)
+        cfgs = dict(vae=model.vae.cfg, dit=model.dit.cfg, flow=FlowConfig(), train=TrainConfig(init=path))
+        return model.to(device).eval(), dict(config={k: asdict(v) for k, v in cfgs.items()}, stage="released", step=0)
     ckpt = load_checkpoint(path)
     if "config" not in ckpt or not ({"vae", "ar"} & set(ckpt)):
         raise UserError(f"{path} is not a cola checkpoint (no model weights / configs in it)")

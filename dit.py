@@ -12,12 +12,16 @@ a block id, a clean/noisy flag and its own timestep t (clean tokens: t = 0). One
       {sg(z0^(<b)), z_t^(b)} (paper §3.2.2, Fig. 1).
   generation: [cached clean blocks | current noisy block], the same rules.
 
-Architecture as in DiT (Peebles & Xie): adaLN-Zero modulation from the timestep embedding (here per
-token), zero-initialised gates and output layer, so a fresh DiT outputs exactly zero. RoPE with
-explicit position ids (the clean and noisy copies of a block share positions) and QK-norm.
-A token's time takes few values (0 when clean, its block's t when noisy), so the caller passes a small
-table of times and each token's entry in it: the modulation runs once per entry and is gathered per
-token, with shapes that never depend on the data (torch.compile-friendly).
+The layers are those of the released checkpoint (github ByteDance-Seed/Cola-DLM), with its parameter
+names, so its weights load as they are (released.py): a DiT (Peebles & Xie) whose every layer has four
+adaLN heads (shift and scale before attention and MLP, a gate after each) on a non-affine LayerNorm, a
+GELU-tanh MLP with biases, per-head LayerNorm on q and k, RoPE on the first rope_dim channels of each
+head in interleaved pairs, and an affine final LayerNorm with its own shift and scale. The timestep
+embedding is an MLP of three layers on [sin | cos] features of 1000 t. adaLN and output layers start at
+zero (adaLN-Zero), so a fresh DiT outputs exactly zero. A token's time takes few values (0 when clean,
+its block's t when noisy), so the caller passes a small table of times and each token's entry in it:
+the modulation runs once per entry and is gathered per token, with shapes that never depend on the data
+(torch.compile-friendly).
 
 Self-check (CPU, seconds): python dit.py
 """
@@ -30,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
-from layers import Attention, KVCache, SwiGLU, init_weights, rope_angles, transformer_flops
+from layers import KVCache, apply_rope, attend, init_weights, rope_angles, transformer_flops
 
 
 @dataclass
@@ -39,6 +43,9 @@ class DiTConfig:
     n_layer: int = 4
     width: int = 256
     n_head: int = 4
+    rope_dim: int = 0      # channels of each head that RoPE turns; 0: about 3/4 of them, as the released 96 of 128
+    mlp_ratio: int = 4     # MLP hidden width = mlp_ratio x width
+    norm_eps: float = 1e-5
     block_size: int = 1    # latent positions per block: 1 for byte latents (tiny; RESULTS.md), 16 in the paper
     self_cond: bool = False  # also read an estimate of the clean block (self-conditioning, Analog Bits)
     attn: str = "sdpa"     # training attention: "sdpa" (boolean masks) or "flex" (FlexAttention skips masked
@@ -112,85 +119,103 @@ def modulate(x, shift, scale1):
     return torch.addcmul(shift, x, scale1)  # x (1 + scale) + shift; DiT.condition stores scale1 = 1 + scale
 
 
+def ada_heads(width, names):
+    """adaLN heads, each SiLU -> Linear from the timestep embedding: "<branch>_in" gives the (shift, scale)
+    of the norm before a branch (2W), "<branch>_out" the gate after it (W)."""
+    return nn.ModuleDict({n: nn.Sequential(nn.SiLU(), nn.Linear(width, (2 if n.endswith("_in") else 1) * width))
+                          for n in names})
+
+
 class TimestepEmbedder(nn.Module):
-    """Scalar t in [0, 1] -> sinusoidal features of 1000 t -> MLP -> (..., width)."""
+    """Scalar t in [0, 1] -> [sin | cos] features of 1000 t -> 3-layer MLP -> (..., width)."""
 
     def __init__(self, width, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.proj_in, self.proj_hid, self.proj_out = nn.Linear(freq_dim, width), nn.Linear(width, width), nn.Linear(width, width)
 
     def forward(self, t):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = (1000.0 * t.float())[..., None] * freqs  # (..., half)
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (..., freq_dim) -> (..., W)
+        h = F.silu(self.proj_in(torch.cat([args.sin(), args.cos()], dim=-1)))  # (..., W)
+        return self.proj_out(F.silu(self.proj_hid(h)))  # (..., W)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a LayerNorm per head on q and k, and RoPE on their first rope_dim
+    channels in interleaved pairs."""
+
+    def __init__(self, width, n_head, eps):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, width // n_head
+        self.proj_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj_out = nn.Linear(width, width, bias=False)
+        self.norm_q, self.norm_k = nn.LayerNorm(self.head_dim, eps=eps), nn.LayerNorm(self.head_dim, eps=eps)
+
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        B, L, _ = x.shape
+        q, k, v = self.proj_qkv(x).view(B, L, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, L, H, hd)
+        q, k = (apply_rope(norm(t).float(), rope, interleaved=True) for norm, t in ((self.norm_q, q), (self.norm_k, k)))
+        return self.proj_out(attend(q, k, v, mask, cache, layer))  # (B, L, W)
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, width, n_head):
+    def __init__(self, cfg):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, n_head)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(width)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        W = cfg.width
+        self.msa_norm = nn.LayerNorm(W, elementwise_affine=False, eps=cfg.norm_eps)
+        self.msa = Attention(W, cfg.n_head, cfg.norm_eps)
+        self.mlp_norm = nn.LayerNorm(W, elementwise_affine=False, eps=cfg.norm_eps)
+        self.mlp = nn.Sequential()  # GELU (tanh) MLP with biases, named as released: proj_in, proj_out
+        self.mlp.add_module("proj_in", nn.Linear(W, cfg.mlp_ratio * W))
+        self.mlp.add_module("act", nn.GELU("tanh"))
+        self.mlp.add_module("proj_out", nn.Linear(cfg.mlp_ratio * W, W))
+        self.ada = ada_heads(W, ("msa_in", "msa_out", "mlp_in", "mlp_out"))
 
     def forward(self, x, mod, rope, mask, cache=None, layer=0):
         """x (B, L, W); mod (B, L, 6W): this layer's modulation of every token."""
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, L, W); scales as 1 + scale
-        x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer))
-        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))  # x + gate mlp: (B, L, W)
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, width, out_dim):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(width, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-
-    def forward(self, x, mod):
-        """x (B, L, W), mod (B, L, 2W) -> velocity (B, L, d)."""
-        shift, scale = mod.chunk(2, dim=-1)  # 2 x (B, L, W)
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, L, d)
+        x = torch.addcmul(x, gate1, self.msa(modulate(self.msa_norm(x), shift1, scale1), rope, mask, cache, layer))
+        return torch.addcmul(x, gate2, self.mlp(modulate(self.mlp_norm(x), shift2, scale2)))  # x + gate mlp: (B, L, W)
 
 
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.cfg = cfg
-        self.x_embedder = nn.Linear(cfg.latent_dim, cfg.width)
+        self.cfg, W = cfg, cfg.width
+        self.txt_in = nn.ModuleDict(dict(proj=nn.Linear(cfg.latent_dim, W)))
         # self-conditioning input: no bias, so a zero estimate (clean tokens, first pass) adds nothing
-        self.sc_embedder = nn.Linear(cfg.latent_dim, cfg.width, bias=False) if cfg.self_cond else None
-        self.t_embedder = TimestepEmbedder(cfg.width)
-        self.blocks = nn.ModuleList(DiTBlock(cfg.width, cfg.n_head) for _ in range(cfg.n_layer))
-        self.final_layer = FinalLayer(cfg.width, cfg.latent_dim)
-        init_weights(self, cfg.n_layer)
+        self.sc_embedder = nn.Linear(cfg.latent_dim, W, bias=False) if cfg.self_cond else None
+        self.emb_in = TimestepEmbedder(W)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layer))
+        self.txt_out_norm = nn.LayerNorm(W, eps=cfg.norm_eps)
+        self.txt_out_ada = ada_heads(W, ("out_in",))
+        self.txt_out = nn.ModuleDict(dict(proj=nn.Linear(W, cfg.latent_dim)))
+        init_weights(self, cfg.n_layer, residual=("proj_out.weight",))
         # adaLN-Zero: every modulation and the output layer start at zero (identity blocks, zero output)
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                  self.final_layer.linear]:
+        for m in [h[-1] for b in self.blocks for h in b.ada.values()] + [self.txt_out_ada.out_in[-1], self.txt_out.proj]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
         if self.sc_embedder is not None:  # zero-initialised: the model learns when to use its estimate
             nn.init.zeros_(self.sc_embedder.weight)
         # condition() stores every scale as 1 + scale, so modulation is one kernel: ones at the scale slots
-        one, zero = torch.ones(cfg.width), torch.zeros(cfg.width)
+        one, zero = torch.ones(W), torch.zeros(W)
         per_block = torch.cat([zero, one, zero, zero, one, zero])  # shift, scale, gate of attention, of the MLP
         self.register_buffer("scale_one", torch.cat([per_block] * cfg.n_layer + [zero, one]), persistent=False)
 
     def flops(self, attended):
         """Forward FLOPs per latent token attending to `attended` keys (adaLN is per distinct t: ~free)."""
         c = self.cfg
-        return transformer_flops(c.n_layer, c.width, attended) + 4 * c.latent_dim * c.width
+        return transformer_flops(c.n_layer, c.width, attended, 2 * c.mlp_ratio * c.width ** 2) + 4 * c.latent_dim * c.width
 
     def condition(self, t):
         """The adaLN modulations of times t (..., K), every layer's side by side: (..., K, C) with C =
         n_layer x 6W + 2W, every scale stored as 1 + scale. They depend on t alone, so a caller that
         reuses its times (the sampler: the same Euler times in every block) computes them once and
         passes them to forward as `mod`."""
-        c = self.t_embedder(t)  # (..., K, W)
-        mods = [b.adaLN_modulation(c) for b in self.blocks] + [self.final_layer.adaLN_modulation(c)]
+        c = self.emb_in(t)  # (..., K, W)
+        mods = [h(c) for b in self.blocks for h in b.ada.values()] + [self.txt_out_ada.out_in(c)]
         return torch.cat(mods, -1) + self.scale_one  # (..., K, C), each scale as 1 + scale
 
     def forward(self, z, t, t_index, pos, mask, cache=None, sc=None, mod=None, rope=None):
@@ -210,14 +235,23 @@ class DiT(nn.Module):
         mod = F.embedding(t_index, mod) if mod.dim() == 2 else mod.gather(1, t_index[..., None].expand(B, L, mod.shape[-1]))
         W = self.cfg.width
         mods = mod.split([6 * W] * len(self.blocks) + [2 * W], -1)
-        x = self.x_embedder(z).float()  # (B, L, W): the residual stream stays fp32 under autocast
+        x = self.txt_in.proj(z).float()  # (B, L, W): the residual stream stays fp32 under autocast
         if sc is not None and self.sc_embedder is not None:
             x = x + self.sc_embedder(sc)  # (B, L, W)
-        if rope is None:
-            rope = rope_angles(pos, W // self.cfg.n_head)  # 2 x (B, L, 1, 1, W/H)
+        rope = self.rope(pos) if rope is None else rope
         for i, block in enumerate(self.blocks):
             x = block(x, mods[i], rope, mask, cache, i)  # (B, L, W)
-        return self.final_layer(x, mods[-1])  # (B, L, d)
+        shift, scale1 = mods[-1].chunk(2, dim=-1)  # 2 x (B, L, W)
+        return self.txt_out.proj(modulate(self.txt_out_norm(x), shift, scale1))  # (B, L, d)
+
+    def rope(self, pos):
+        """Rotary tables of positions pos (B, L): 2 x (B, L, 1, W/H)."""
+        return rope_angles(pos, self.cfg.width // self.cfg.n_head, rotated=self.rope_dim, interleaved=True)
+
+    @property
+    def rope_dim(self):
+        hd = self.cfg.width // self.cfg.n_head
+        return self.cfg.rope_dim or 2 * (3 * hd // 8)
 
     def new_cache(self, batch, size, device):
         c = self.cfg

@@ -27,26 +27,56 @@ def swiglu_hidden(width):
     return 64 * math.ceil(8 * width / 3 / 64)  # ~8/3 width keeps params equal to a 4x GELU MLP
 
 
-def rope_angles(pos, head_dim, base=10000.0):
-    """Rotary tables at integer positions pos (B, L) -> (cos, sin), each (B, L, 1, 1, hd), broadcast over
-    the (q, k) and head axes of Attention's (B, L, 2, H, hd) layout. Channel i is paired with i + hd/2,
-    and the tables are laid out for apply_rope's one-roll form: cos twice, sin as (-sin, sin)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = pos.to(torch.float32)[:, :, None, None, None] * inv_freq  # (B, L, 1, 1, hd/2)
+def rope_angles(pos, head_dim, base=10000.0, rotated=None, interleaved=False):
+    """Rotary tables at integer positions pos (B, L) -> (cos, sin), each (B, L, 1, hd), broadcast over
+    the head axis of a (B, L, H, hd) layout. The first `rotated` channels (default all) turn in pairs,
+    channel i with i + rotated/2 (halves: the VAE's and the AR model's), or 2i with 2i + 1 (interleaved:
+    the DiT's); the rest pass through (cos 1, sin 0). The tables suit apply_rope's one-swap form: each
+    cos twice, each sin as (-sin, sin)."""
+    rotated = rotated or head_dim
+    inv_freq = base ** (-torch.arange(0, rotated, 2, device=pos.device, dtype=torch.float32) / rotated)
+    ang = pos.to(torch.float32)[:, :, None, None] * inv_freq  # (B, L, 1, rotated/2)
     cos, sin = ang.cos(), ang.sin()
-    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+    join = (lambda a, b: torch.stack([a, b], -1).flatten(-2)) if interleaved else (lambda a, b: torch.cat([a, b], -1))
+    cos, sin = join(cos, cos), join(-sin, sin)  # (B, L, 1, rotated)
+    rest = head_dim - rotated
+    return F.pad(cos, (0, rest), value=1.0), F.pad(sin, (0, rest))
 
 
-def apply_rope(x, rope):
-    """Rotate each pair (x1, x2) = (x_i, x_{i + hd/2}) by its angle: (x1 cos - x2 sin, x2 cos + x1 sin),
-    computed as x cos + roll(x) (-sin, sin), where roll swaps the halves (four kernels instead of seven)."""
+def apply_rope(x, rope, interleaved=False):
+    """Rotate each channel pair (x1, x2) by its angle: (x1 cos - x2 sin, x2 cos + x1 sin), computed as
+    x cos + swap(x) (-sin, sin), where swap exchanges the partners of every pair."""
     cos, sin = rope
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+    if interleaved:
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x0, x1, ...) -> (x1, x0, ...)
+    else:
+        swapped = x.roll(x.shape[-1] // 2, -1)  # the halves exchanged
+    return x * cos + swapped * sin
+
+
+def attend(q, k, v, mask, cache=None, layer=0):
+    """Attention of q over k, v, each (B, L, H, hd) (q, k already normed and rotated) -> (B, L, H x hd).
+    With a KVCache this call's keys and values are written to its slots and every slot is attended; mask
+    (B, 1, L, Lk): boolean (True = may attend) or additive, over this call's tokens or the cache's slots,
+    or a FlexAttention BlockMask over this call's tokens (no cache), whose empty tiles are skipped."""
+    q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd), one dtype for all three
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # (B, H, size, hd): every slot, this call's written
+    if isinstance(mask, BlockMask):
+        assert cache is None, "a BlockMask covers this call's tokens only"
+        flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+        y = flex(q, k, v, block_mask=mask)  # (B, H, L, hd)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
+    return y.transpose(1, 2).flatten(2)  # (B, L, H x hd)
 
 
 def causal_mask(pos_q, pos_k, block_size=1, window=None):
-    """Key j visible to query i iff block(j) <= block(i); block_size=1 is plain causal. (B, 1, Lq, Lk).
-    window: also block(j) > block(i) - window, the sliding window of long generation (in blocks)."""
+    """Key j visible to query i iff block(j) <= block(i); block_size=1 is plain causal, 0 bidirectional
+    (every key but the empty slots, at PAD_POS). (B, 1, Lq, Lk). window: also block(j) > block(i) - window,
+    the sliding window of long generation (in blocks)."""
+    if block_size == 0:
+        return (pos_k != PAD_POS)[:, None, None, :] & (pos_q[:, None, :, None] >= 0)
     qb, kb = (pos_q // block_size)[:, None, :, None], (pos_k // block_size)[:, None, None, :]
     mask = kb <= qb
     return mask if window is None else mask & (kb > qb - window)
@@ -112,26 +142,12 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim)
 
     def forward(self, x, rope, mask, cache=None, layer=0):
-        """x (B, L, W) -> (B, L, W). mask (B, 1, L, Lk): Lk = L, or the cache's size with a KVCache; or a
-        FlexAttention BlockMask over this call's L tokens (no cache)."""
+        """x (B, L, W) -> (B, L, W); mask as layers.attend takes it."""
         B, L, C = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim)  # (B, L, 3, H, hd)
-        # QK-norm and RoPE on q and k at once (fewer kernels: the sampler runs many tiny calls), in fp32
-        # under autocast too, then back to v's dtype: q, k and v must reach attention in one dtype
-        # (SDPA's autocast would recast them; FlexAttention would not)
-        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, hd)
-        qk = F.rms_norm(qkv[:, :, :2].float(), (self.head_dim,), eps=self.q_norm.eps) * weight
-        qk = apply_rope(qk, rope).to(qkv.dtype)
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, L, hd)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, size, hd): every slot, this call's written
-        if isinstance(mask, BlockMask):
-            assert cache is None, "a BlockMask covers this call's tokens only"
-            flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
-            y = flex(q, k, v, block_mask=mask)  # (B, H, L, hd)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, L, C))
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, L, H, hd)
+        # QK-norm and RoPE in fp32 under autocast too (attend casts q and k back to v's dtype)
+        q, k = (apply_rope(norm(t.float()), rope) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+        return self.proj(attend(q, k, v, mask, cache, layer))
 
 
 class SwiGLU(nn.Module):
@@ -179,21 +195,23 @@ class Transformer(nn.Module):
         return KVCache(len(self.blocks), batch, self.blocks[0].attn.n_head, self.head_dim, size, device)
 
 
-def init_weights(module, n_layer):
-    """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
+def init_weights(module, n_layer, residual=("proj.weight", "w2.weight")):
+    """GPT-2 style init: N(0, 0.02), the residual branches' output projections (names ending in one of
+    `residual`) scaled by 1/sqrt(2 * n_layer); biases zero, norms' gains one."""
     for name, p in module.named_parameters():
-        if p.dim() == 2:
-            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "w2.weight")) else 0.02
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(residual) else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
 
 
-def transformer_flops(n_layer, width, attended):
-    """Forward FLOPs per token of layers.Transformer: 2 x (q,k,v,o + SwiGLU) matmuls plus attention
-    scores and weighted sum over `attended` keys (the causal average, L/2, in training)."""
-    hidden = swiglu_hidden(width)
-    return n_layer * (2 * (4 * width * width + 3 * width * hidden) + 4 * attended * width)
+def transformer_flops(n_layer, width, attended, mlp=None):
+    """Forward FLOPs per token of a transformer: 2 x (q,k,v,o + MLP) matmuls plus attention scores and
+    weighted sum over `attended` keys (the causal average, L/2, in training). mlp: the MLP's weights
+    per layer (default: layers.SwiGLU's)."""
+    mlp = 3 * width * swiglu_hidden(width) if mlp is None else mlp
+    return n_layer * (2 * (4 * width * width + mlp) + 4 * attended * width)
 
 
 # ----------------------------------------------------------------------------- decoding (cola.py and ar.py)
@@ -209,15 +227,17 @@ class Sampling:
     temperature: float = 0.0    # 0 decodes greedily, else top-k / top-p sampling
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.1  # > 1: logits of ids already generated shrink (CTRL, arXiv 1909.05858)
     seed: int = 0               # with the prompt, seeds each sample's noise (sample_generators)
-    stop_at_eot: bool = True    # end a sample at <|endoftext|> (else always max_new_tokens)
+    seed_ids: tuple = None      # one int per prompt: noise seeded as the released inference does (noise_generator)
+    stop_at_eot: bool = True    # end a sample at <|endoftext|> or <|im_end|> (else always max_new_tokens)
 
     def check(self):
         """The options' ranges, as a ValueError naming them (sample.py and eval.py check before loading a model)."""
         if self.steps < 1 or self.cfg_scale < 0 or self.shift <= 0:
             raise ValueError("--steps must be >= 1, --cfg >= 0 and --shift > 0")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("--temperature and --top_k must be >= 0, --top_p in (0, 1]")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError("--temperature and --top_k must be >= 0, --top_p in (0, 1], --repetition_penalty > 0")
         if self.temperature == 0 and (self.top_k or self.top_p < 1):
             raise ValueError("--top_k / --top_p apply to sampling: add --temperature > 0 (0 is greedy)")
         parse_first_block(self.first_block)
@@ -253,16 +273,26 @@ def sample_generators(prompts, seed, device):
     return gens
 
 
-def pick_tokens(logits, s, generators, tok=None):
+def noise_generator(seed, sample_id, block, device):
+    """The released inference's noise seeding: block `block` of the sample with integer id `sample_id`
+    draws from its own generator, seeded seed + 1000 id + 10^7 block, whatever the batch holds."""
+    return torch.Generator(device).manual_seed(seed + sample_id * 1_000 + block * 10_000_000)
+
+
+def pick_tokens(logits, s, generators, tok=None, seen=None):
     """logits (B, L, V) -> token ids (B, L): greedy at temperature 0, else top-k / top-p sampling (s: a
-    Sampling) with each row's own generator. With tok, only real tokens and <|endoftext|> can be picked
-    (never <|mask|>, <|pad|> or the vocabulary padding)."""
-    if s.temperature == 0:  # the ids after eot (specials, vocabulary padding) are the banned ones: leave them out
-        allowed = logits if tok is None else logits[..., :tok.eot + 1]
-        return allowed.float().argmax(-1)  # fp32: a bf16 argmax runs some 10x slower on a CPU
-    if tok is not None:
-        logits = logits.clone()
-        logits[..., tok.eot + 1:] = float("-inf")  # the specials after eot and the vocabulary padding
+    Sampling) with each row's own generator. With tok, ids past its vocabulary (the embedding's padding
+    rows) are never picked. seen (B, n): ids generated so far, whose logits the repetition penalty
+    divides (positive) or multiplies (negative) by s.repetition_penalty, as the released inference does."""
+    if tok is not None and logits.shape[-1] > tok.n_vocab:
+        logits = logits[..., :tok.n_vocab]
+    if seen is not None and seen.shape[1] and s.repetition_penalty != 1:
+        idx = seen[:, None, :].expand(-1, logits.shape[1], -1)  # (B, L, n)
+        score = logits.float().gather(-1, idx)
+        logits = logits.float().scatter(-1, idx, torch.where(score < 0, score * s.repetition_penalty,
+                                                             score / s.repetition_penalty))
+    if s.temperature == 0:
+        return logits.float().argmax(-1)  # fp32: a bf16 argmax runs some 10x slower on a CPU
     logits = logits.float() / s.temperature
     if s.top_k:
         kth = logits.topk(min(s.top_k, logits.shape[-1]), -1).values[..., -1:]
@@ -276,11 +306,19 @@ def pick_tokens(logits, s, generators, tok=None):
     return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
 
 
-def append_tokens(out, new, max_new_tokens, eot=None):
-    """Append new ids to one sample's output, stopping at eot (if given) or at max_new_tokens.
+STOP_TOKENS = ("<|endoftext|>", "<|im_end|>")  # where a sample ends (the released inference: EOS and im_end)
+
+
+def stop_ids(tok):
+    """The ids of tok's STOP_TOKENS."""
+    return tuple(tok.enc.encode_single_token(t) for t in STOP_TOKENS if t in tok.enc.special_tokens_set)
+
+
+def append_tokens(out, new, max_new_tokens, stop=()):
+    """Append new ids to one sample's output, ending before the first id in `stop` or at max_new_tokens.
     Returns True when the sample is finished."""
     for t in new:
-        if t == eot or len(out) >= max_new_tokens:
+        if t in stop or len(out) >= max_new_tokens:
             return True
         out.append(t)
     return len(out) >= max_new_tokens

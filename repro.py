@@ -75,7 +75,7 @@ def train_argv(args, name, seed):
         if a == "@gpt2_data":
             a = f"--dataset={args.gpt2_dataset}"
         elif a.startswith("@"):  # start from another run's stage-1 VAE (base: the one it kept as vae.pt)
-            a = f"--init_vae={os.path.join(run_dir(args, a[1:], seed), 'vae.pt' if a[1:] == 'base' else 'ckpt.pt')}"
+            a = f"--init={os.path.join(run_dir(args, a[1:], seed), 'vae.pt' if a[1:] == 'base' else 'ckpt.pt')}"
         argv.append(a)
     if args.quick:
         argv = argv[:1] + QUICK_TRAIN + argv[1:] + QUICK_ITERS
@@ -107,7 +107,7 @@ def ensure_run(args, name, seed=0):
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             cfgs = build_configs(argv)
         try:  # a finished run is reused only if it is this very run (whoever trained it)
-            check_resume(done, cfgs, RESUME_FREE | {"init_vae"})
+            check_resume(done, cfgs, RESUME_FREE | {"init"})
         except UserError as e:
             raise UserError(f"{out} holds another run: {e}; move it away or pick another --out") from None
         return ckpt

@@ -36,7 +36,7 @@ class Study:
 
 
 # Training runs: train.py arguments on top of --config (the study's seeds add --seed). Stage-2 runs
-# start from the stage-1 VAE of `base` (or of their own stage-1 run) with --stage=joint --init_vae.
+# start from the stage-1 VAE of `base` (or of their own stage-1 run) with --stage=joint --init.
 RUNS = {
     "base": [],  # python train.py: stage 1 (out_dir/vae.pt) then stage 2, block 1, frozen VAE
     "ar": ["--model=ar"],
@@ -45,7 +45,7 @@ RUNS = {
     "uniform_t": ["--stage=joint", "@base", "--flow.t_dist=uniform"],
     "joint1": ["--stage=joint", "@base", "--vae_lr_ratio=1"],
     "joint0.01": ["--stage=joint", "@base", "--vae_lr_ratio=0.01"],
-    "scratch": ["--stage=joint", "--init_vae=scratch", "--vae_lr_ratio=1", "--lambda_ref=0"],  # no stage 1 to refer to
+    "scratch": ["--stage=joint", "--init=scratch", "--vae_lr_ratio=1", "--lambda_ref=0"],  # no stage 1 to refer to
     "vae_nomask": ["--stage=vae", "--vae.lambda_mask=0"],
     "nomask_joint1": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=1", "--vae.lambda_mask=0"],
     "nomask_joint0.01": ["--stage=joint", "@vae_nomask", "--vae_lr_ratio=0.01", "--vae.lambda_mask=0"],

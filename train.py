@@ -3,7 +3,8 @@ Train Cola DLM: stage 1 (text VAE), stage 2 (joint VAE + block-causal DiT), or b
 
     python train.py                                  # stage 1 then stage 2 on `tiny` (CPU, minutes) -> out/ckpt.pt
     python train.py --stage=vae --out_dir=out_vae    # stage 1 only
-    python train.py --stage=joint --init_vae=out_vae/ckpt.pt --out_dir=out_joint
+    python train.py --stage=joint --init=out_vae/ckpt.pt --out_dir=out_joint
+    python train.py --stage=joint --init=cola_dlm/ --dataset=DIR --out_dir=out_ft   # fine-tune the released model
     python train.py --model=ar --out_dir=out_ar      # the autoregressive baseline (ar.py)
     python train.py --config=small --out_dir=out_small                      # one GPU
     python train.py --config=small --dit.attn=flex --compile --out_dir=out_small  # FlexAttention for the DiT (CUDA)
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import released
 from ar import ARLM
 from cola import Cola
 from common import (Log, StopFlag, UserError, all_reduce_mean, autocast, check_resume, load_checkpoint,
@@ -42,13 +44,19 @@ from data.loader import BatchLoader, load_meta, resolve_data_dir, val_windows
 # ----------------------------------------------------------------------------- model, optimizer, schedule
 
 def build_model(stage, cfgs, fresh=True):
-    """The model a stage trains: the AR baseline, or Cola (stage 2 starts from the stage-1 VAE of
-    --init_vae unless it is resumed: then the checkpoint has every weight)."""
+    """The model a stage trains: the AR baseline, or Cola (stage 2 starts from --init, the stage-1 VAE or
+    the released checkpoint, unless it is resumed: then the checkpoint has every weight)."""
     torch.manual_seed(cfgs["train"].seed)  # the same initial weights on every rank
     if stage == "ar":
         return ARLM(cfgs["ar"])
-    vae_state = load_vae_state(cfgs["train"].init_vae, cfgs["vae"]) if stage == "joint" and fresh else None
-    return Cola.build(cfgs, stage, vae_state)
+    init = cfgs["train"].init if stage == "joint" and fresh else None
+    if init and os.path.isdir(init):  # the released VAE and DiT (config.build_configs took their architecture)
+        model = Cola.build(cfgs, stage)
+        released.load_weights(model.vae, os.path.join(init, "cola_vae"))
+        released.load_weights(model.dit, os.path.join(init, "cola_dit"))
+        model.ref.load_state_dict(model.vae.state_dict())
+        return model
+    return Cola.build(cfgs, stage, load_vae_state(init, cfgs["vae"]) if init is not None else None)
 
 
 def make_optimizer(model, tc, device):
@@ -233,7 +241,7 @@ def train(cfgs, env, stop):
     if tc.stage == "all":
         if env.world > 1:
             dist.barrier()  # vae.pt is written
-        tc.init_vae = vae_path
+        tc.init = vae_path
     if tc.stage in ("joint", "all"):
         train_stage("joint", cfgs, env, stop)
 

@@ -1,17 +1,26 @@
 """
 Text VAE of Cola DLM: tokens x (B, L) <-> continuous latents z (B, L, d), one latent per token.
 
-  encoder q(z|x):  token embedding -> causal transformer -> mean (non-affine LayerNorm: unit scale)
-                   and log-variance of a diagonal Gaussian per position
-  decoder p(x|z):  Linear(d -> width) -> causal transformer -> logits (head tied to the embedding)
+  encoder q(z|x):  token embedding -> transformer -> mean (non-affine LayerNorm: unit scale) and
+                   log-variance of a diagonal Gaussian per position
+  decoder p(x|z):  Linear(d -> width) -> transformer -> affine LayerNorm -> logits
 
-Both are causal, so latent i never sees tokens after i: the prompt's latents are the same whatever
-follows, and generation can decode block by block with a KV cache (decode(..., cache=KVCache)).
+The layers are those of the released checkpoint (github ByteDance-Seed/Cola-DLM), with its parameter
+names, so its weights load as they are (released.py): post-norm blocks (x = LN(x) + attn(x), then
+x + LN(mlp(x))) with biases, a LayerNorm over the full width of q and of k, RoPE (theta 500000), a
+SwiGLU MLP, and an untied output head with a bias. Attention is block-causal over block_size tokens in
+both encoder and decoder: block_size 1, strictly causal, is what the paper describes and what models
+trained here use; the released configuration says 4 (and block_causal false means bidirectional). With
+causal attention latent i never sees tokens after i, so a prompt's latents are the same whatever
+follows; generation decodes block by block with a KV cache (decode(..., cache=KVCache)).
+The prior sees the latents as (mean - shifting_factor) * scaling_factor (1 and 0 here; the released
+config.json sets them), and so does the decoder, as the released inference feeds it.
 Stage-1 loss (arXiv 2605.06548 §3.2.1, eq. 3.16):
     CE(x, dec(z)) + beta * KL(q || N(0, I)) + lambda_mask * L_mask,   z ~ q(z|x)
 where L_mask is the BERT-style loss: re-encode a copy of x with a fraction mask_ratio of tokens replaced
-by <|mask|>, decode, and score CE against the original tokens at the masked positions. In stage 2
-(paper §3.2.2, eqs. 3.17-3.18) the KL term becomes the negative entropy E_q[log q]: forward(x, joint=True).
+by <|mask|> (the embedding's extra last row), decode, and score CE against the original tokens at the
+masked positions. In stage 2 (paper §3.2.2, eqs. 3.17-3.18) the KL term becomes the negative entropy
+E_q[log q]: forward(x, joint=True).
 
 Self-check (CPU, seconds): python vae.py
 """
@@ -23,24 +32,54 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from layers import Transformer, causal_mask, init_weights, transformer_flops
+from layers import KVCache, apply_rope, attend, causal_mask, init_weights, rope_angles, transformer_flops
 
 
 @dataclass
 class VAEConfig:
-    tokenizer: str = "bytes"        # "bytes" (tiny, CPU) or "gpt2"; fixes vocab size and special ids
+    tokenizer: str = "bytes"        # "bytes" (tiny, CPU), "gpt2", or a tokenizer.json; fixes vocab and special ids
     n_enc_layer: int = 2            # encoder transformer layers
     n_dec_layer: int = 2            # decoder transformer layers
     width: int = 256                # model width of both
     n_head: int = 4
+    ffn_dim: int = 1024             # SwiGLU: width -> ffn_dim, halved by the gate, -> width
     latent_dim: int = 16            # d: channels of the latent per token
-    dec_block_causal: bool = False  # decoder attention: causal (default) or block-causal over block_size
-    block_size: int = 16            # only used when dec_block_causal
+    block_causal: bool = True       # attention block-causal over block_size tokens (False: bidirectional)
+    block_size: int = 1             # 1: causal (the paper); the released checkpoint's config says 4
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-6
+    scaling_factor: float = 1.0     # latents as the prior sees them: (mean - shifting_factor) * scaling_factor
+    shifting_factor: float = 0.0
     logvar_min: float = -10.0       # clamp of the posterior log-variance
     logvar_max: float = 2.0
     beta: float = 1e-4              # weight of KL(q || N(0,I)) per token (stage 1) / of E_q[log q] (stage 2)
     mask_ratio: float = 0.15        # fraction of encoder inputs replaced by <|mask|> for L_mask
     lambda_mask: float = 1.0        # weight of L_mask
+
+
+class VAEBlock(nn.Module):
+    """Post-norm transformer block: x = LN(x) + attn(x); x = x + LN(SwiGLU(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        W, self.n_head = cfg.width, cfg.n_head
+        self.qkv_proj = nn.Linear(W, 3 * W, bias=False)
+        self.q_norm, self.k_norm = nn.LayerNorm(W, eps=cfg.norm_eps), nn.LayerNorm(W, eps=cfg.norm_eps)
+        self.attn_out_proj = nn.Linear(W, W)
+        self.norm_attn = nn.LayerNorm(W, eps=cfg.norm_eps)
+        self.ffn_proj = nn.Linear(W, cfg.ffn_dim)
+        self.ffn_out = nn.Linear(cfg.ffn_dim // 2, W)
+        self.norm_ffn = nn.LayerNorm(W, eps=cfg.norm_eps)
+
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        B, L, W = x.shape
+        q, k, v = self.qkv_proj(x).split(W, -1)  # 3 x (B, L, W)
+        q, k = self.q_norm(q), self.k_norm(k)  # over the full width, before the split into heads
+        q, k, v = (t.unflatten(-1, (self.n_head, -1)) for t in (q, k, v))  # (B, L, H, hd)
+        q, k = apply_rope(q.float(), rope), apply_rope(k.float(), rope)
+        x = self.norm_attn(x) + self.attn_out_proj(attend(q, k, v, mask, cache, layer))
+        a, gate = self.ffn_proj(x).chunk(2, -1)  # 2 x (B, L, ffn_dim / 2)
+        return x + self.norm_ffn(self.ffn_out(F.silu(gate) * a))
 
 
 def gaussian_kl(mu, logvar, mu_ref=None, logvar_ref=None):
@@ -58,33 +97,62 @@ def neg_entropy(logvar):
 class TextVAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg = cfg
-        tok = get_tokenizer(cfg.tokenizer)
-        self.mask_id = tok.mask
-        self.tok_emb = nn.Embedding(tok.vocab_size, cfg.width)
-        self.encoder = Transformer(cfg.n_enc_layer, cfg.width, cfg.n_head)
-        self.mean_head = nn.Linear(cfg.width, cfg.latent_dim)
-        self.logvar_head = nn.Linear(cfg.width, cfg.latent_dim)
-        self.z_in = nn.Linear(cfg.latent_dim, cfg.width)
-        self.decoder = Transformer(cfg.n_dec_layer, cfg.width, cfg.n_head)
-        init_weights(self, max(cfg.n_enc_layer, cfg.n_dec_layer))
+        self.cfg, W, d = cfg, cfg.width, cfg.latent_dim
+        V = get_tokenizer(cfg.tokenizer).vocab_size
+        self.mask_id = V  # <|mask|>: the embedding's extra row, read by the encoder only
+        self.encoder = nn.ModuleDict(dict(
+            wte=nn.Embedding(V + 1, W),
+            patch_embedder=nn.Conv1d(W, W, 1),  # one token per latent: a linear map
+            blocks=nn.ModuleList(VAEBlock(cfg) for _ in range(cfg.n_enc_layer)),
+            final_layer=nn.Linear(W, 2 * d)))  # -> mean, log-variance
+        self.decoder = nn.ModuleDict(dict(
+            in_layer=nn.Linear(d, W),
+            blocks=nn.ModuleList(VAEBlock(cfg) for _ in range(cfg.n_dec_layer)),
+            unpatch_layer=nn.Linear(W, W),
+            final_norm=nn.LayerNorm(W, eps=cfg.norm_eps),
+            final_layer=nn.Linear(W, V)))
+        init_weights(self, max(cfg.n_enc_layer, cfg.n_dec_layer), residual=("attn_out_proj.weight", "ffn_out.weight"))
         # start with small posterior variance (logSNR ~ 4.6) so reconstruction is learnable from step 0
-        nn.init.zeros_(self.logvar_head.weight)
-        nn.init.constant_(self.logvar_head.bias, -4.6)
+        nn.init.zeros_(self.encoder.final_layer.weight[d:])
+        nn.init.constant_(self.encoder.final_layer.bias[d:], -4.6)
 
     @staticmethod
     def positions(B, L, device, start=0):
         return torch.arange(start, start + L, device=device).expand(B, L)  # (B, L)
 
-    def encode(self, x, window=None):
-        """q(z|x): x (B, L) -> mu, logvar (B, L, d). Causal: position i depends on x[:, :i+1] only (with
-        a window, on the last `window` tokens: prompts longer than the training context)."""
+    def trunk(self, blocks, x, pos, mask, cache=None):
+        """The encoder's or the decoder's blocks over x (B, L, W) at positions pos (B, L)."""
+        x = x.float()  # the residual stream stays fp32 under autocast
+        rope = rope_angles(pos, self.cfg.width // self.cfg.n_head, self.cfg.rope_theta)
+        for i, block in enumerate(blocks):
+            x = block(x, rope, mask, cache, i)
+        return x
+
+    def new_cache(self, batch, size, device):
+        """A KVCache for the decoder."""
+        c = self.cfg
+        return KVCache(c.n_dec_layer, batch, c.n_head, c.width // c.n_head, size, device)
+
+    def mask(self, pos_q, pos_k, window=None):
+        """The attention mask of encoder and decoder: block-causal over block_size (window: the last
+        `window` tokens), or bidirectional; keys at PAD_POS are never seen."""
+        c = self.cfg
+        return causal_mask(pos_q, pos_k, c.block_size if c.block_causal else 0, window and -(-window // c.block_size))
+
+    def encode(self, x, window=None, pos=None):
+        """q(z|x): x (B, L) at positions pos (default 0..L-1; PAD_POS: batch padding, never attended) ->
+        mu, logvar (B, L, d), in the prior's scale. Causal (block_size 1): position i depends on x[:, :i+1]
+        only (with a window, on the last `window` tokens: prompts longer than the training context)."""
         B, L = x.shape
-        pos = self.positions(B, L, x.device)
-        h = self.encoder(self.tok_emb(x), pos, causal_mask(pos, pos, window=window))  # (B, L, W)
+        pos = self.positions(B, L, x.device) if pos is None else pos
+        e = self.encoder
+        h = F.linear(e.wte(x), e.patch_embedder.weight[..., 0], e.patch_embedder.bias)  # (B, L, W)
+        h = e.final_layer(self.trunk(e.blocks, h, pos, self.mask(pos, pos, window)))  # (B, L, 2d)
         # fp32 latents under autocast too: they are the flow's data and targets (eps - z), and the KL's input
-        mu = F.layer_norm(self.mean_head(h).float(), (self.cfg.latent_dim,))  # non-affine LN: unit-scale latents
-        logvar = self.logvar_head(h).float().clamp(self.cfg.logvar_min, self.cfg.logvar_max)
+        mean, logvar = h.float().chunk(2, -1)
+        c = self.cfg
+        mu = (F.layer_norm(mean, (c.latent_dim,), eps=c.norm_eps) - c.shifting_factor) * c.scaling_factor
+        logvar = logvar.clamp(c.logvar_min, c.logvar_max) + 2 * math.log(c.scaling_factor)
         return mu, logvar
 
     @staticmethod
@@ -96,16 +164,14 @@ class TextVAE(nn.Module):
         cache: a layers.KVCache whose slots hold earlier latents, this call's written to the slots named by
         cache.at(). window: each token sees only the last `window` tokens."""
         B, L, _ = z.shape
-        if pos is None:
-            pos = self.positions(B, L, z.device)
-        bs = self.cfg.block_size if self.cfg.dec_block_causal else 1
+        pos = self.positions(B, L, z.device) if pos is None else pos
         k_pos = pos if cache is None else cache.pos[:B]  # every slot's position, PAD_POS (hidden) where empty
-        return self.decoder(self.z_in(z), pos, causal_mask(pos, k_pos, bs, window), cache)
+        d = self.decoder
+        h = self.trunk(d.blocks, d.in_layer(z), pos, self.mask(pos, k_pos, window), cache)
+        return d.final_norm(d.unpatch_layer(h))  # (B, L, W)
 
     def head(self, h):
-        # tied output head: (..., W) -> (..., V); F.linear on the weight itself, not a transposed view, so
-        # that bf16 autocast casts it once per autocast region, not at every call
-        return F.linear(h, self.tok_emb.weight)
+        return self.decoder.final_layer(h)  # (..., W) -> (..., V)
 
     def decode(self, z, pos=None, cache=None, window=None):
         """p(x|z) logits (B, L, V); with a cache it decodes incrementally (decode_hidden)."""
@@ -150,10 +216,10 @@ class TextVAE(nn.Module):
 
     def flops(self, seq_len):
         """Forward FLOPs per token: encoder (with heads), decoder trunk, output head."""
-        c = self.cfg
-        return dict(enc=transformer_flops(c.n_enc_layer, c.width, seq_len / 2) + 4 * c.width * c.latent_dim,
-                    dec=transformer_flops(c.n_dec_layer, c.width, seq_len / 2) + 2 * c.latent_dim * c.width,
-                    head=2 * c.width * self.tok_emb.num_embeddings)
+        c, mlp = self.cfg, 1.5 * self.cfg.width * self.cfg.ffn_dim
+        return dict(enc=transformer_flops(c.n_enc_layer, c.width, seq_len / 2, mlp) + 2 * c.width * (c.width + 2 * c.latent_dim),
+                    dec=transformer_flops(c.n_dec_layer, c.width, seq_len / 2, mlp) + 2 * c.width * (c.latent_dim + c.width),
+                    head=2 * c.width * self.decoder.final_layer.out_features)
 
     @torch.no_grad()
     def diagnostics(self, x, posterior=None):
@@ -190,7 +256,7 @@ if __name__ == "__main__":
     assert torch.allclose(mu[:, :20], mu2[:, :20], atol=1e-6) and not torch.allclose(mu[:, 20], mu2[:, 20])
     # cached decode == full decode
     full = vae.decode(mu)
-    pos, cache = TextVAE.positions(2, 32, "cpu"), vae.decoder.new_cache(2, 32, "cpu")
+    pos, cache = TextVAE.positions(2, 32, "cpu"), vae.new_cache(2, 32, "cpu")
     a = vae.decode(mu[:, :16], pos[:, :16], cache.at(0, pos[:, :16]))
     b = vae.decode(mu[:, 16:], pos[:, 16:], cache.at(16, pos[:, 16:]))
     assert torch.allclose(full, torch.cat([a, b], 1), atol=1e-5)

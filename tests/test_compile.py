@@ -96,7 +96,7 @@ def test_train_compile_compiles_the_training_forward(dataset, tmp_path, monkeypa
     does. fullgraph=True makes any graph break fail."""
     args = ["--vae.width=32", "--vae.n_head=2", "--vae.n_enc_layer=1", "--vae.n_dec_layer=1", "--dit.width=32",
             "--dit.n_head=2", "--dit.n_layer=1", "--dit.block_size=4", "--vae_lr_ratio=1", "--seq_len=16",
-            "--batch_size=4", "--eval_windows=4", "--stage=joint", "--init_vae=scratch", "--joint_iters=2",
+            "--batch_size=4", "--eval_windows=4", "--stage=joint", "--init=scratch", "--joint_iters=2",
             "--warmup_iters=1", f"--dataset={dataset}"]
     compiled, real = [], torch.compile
 
@@ -278,7 +278,7 @@ def test_cast_for_bf16_matches_autocast():
     pos, mask = torch.arange(8).expand(2, 8), torch.ones(2, 1, 8, 8, dtype=torch.bool)
     with bf16():
         ref = model.dit(z, t, t_index, pos, mask)
-    assert cast_for(twin, "cpu", "fp32") is twin and twin.dit.blocks[0].mlp.w2.weight.dtype == torch.float32
+    assert cast_for(twin, "cpu", "fp32") is twin and twin.dit.blocks[0].mlp.proj_out.weight.dtype == torch.float32
     cast_for(twin, "cpu", "bf16")
     with autocast("cpu", "bf16"):
         assert torch.equal(twin.dit(z, t, t_index, pos, mask), ref)

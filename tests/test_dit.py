@@ -1,4 +1,5 @@
 """Block-causal DiT: every mask against a brute-force reference, the 2L trick, zero init."""
+import math
 import random
 
 import pytest
@@ -122,34 +123,39 @@ def test_kv_cache_evicts_oldest_slots():
 
 
 def test_forward_is_textbook_adaLN():
-    """DiT.forward (whose condition() stores each scale as 1 + scale, and whose RoPE runs in one-roll
-    form) equals adaLN-Zero written out plainly: x + gate attn(LN(x) (1 + scale) + shift), and the
-    same for the MLP and the final layer, with rotary pairs (i, i + hd/2) rotated by angle pos / 10000^(2i/hd)."""
+    """DiT.forward (whose condition() stores each scale as 1 + scale, and whose RoPE runs in one-swap
+    form) equals the released DiT written out plainly: x + gate attn(LN(x) (1 + scale) + shift), the same
+    for the GELU MLP, an affine LN with shift and scale before the output, per-head LayerNorm on q and k,
+    and the first rope_dim channels of each head rotated in pairs (2i, 2i + 1) by pos / 10000^(2i/rope_dim)."""
     import torch.nn.functional as F
     dit = random_dit(bs=4, width=32)
     B, L, W, H = 2, 8, 32, 2
-    hd = W // H
+    hd, r = W // H, dit.rope_dim
     z, t, pos = torch.randn(B, L, dit.cfg.latent_dim), torch.rand(B, L), torch.arange(L).expand(B, L) + 5
-    ang = pos[..., None].float() / 10000 ** (torch.arange(hd // 2) * 2 / hd)  # (B, L, hd/2)
+    ang = pos[..., None].float() / 10000 ** (torch.arange(r // 2) * 2 / r)  # (B, L, r/2)
 
     def rotate(u):  # (B, H, L, hd)
-        u1, u2 = u[..., :hd // 2], u[..., hd // 2:]
+        u1, u2 = u[..., :r:2], u[..., 1:r:2]
         c, s = ang.cos()[:, None], ang.sin()[:, None]
-        return torch.cat([u1 * c - u2 * s, u2 * c + u1 * s], -1)
+        turned = torch.stack([u1 * c - u2 * s, u2 * c + u1 * s], -1).flatten(-2)
+        return torch.cat([turned, u[..., r:]], -1)
 
-    c = dit.t_embedder(t)  # (B, L, W)
-    x = dit.x_embedder(z)
+    feats = 1000 * t[..., None] * torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    e = dit.emb_in
+    c = e.proj_out(F.silu(e.proj_hid(F.silu(e.proj_in(torch.cat([feats.sin(), feats.cos()], -1))))))  # (B, L, W)
+    x = dit.txt_in.proj(z)
     for blk in dit.blocks:
-        shift1, scale1, gate1, shift2, scale2, gate2 = blk.adaLN_modulation(c).chunk(6, -1)
-        h = F.layer_norm(x, (W,), eps=1e-6) * (1 + scale1) + shift1
-        q, k, v = blk.attn.qkv(h).view(B, L, 3, H, hd).transpose(1, 3).unbind(2)  # 3 x (B, H, L, hd)
-        q, k = rotate(blk.attn.q_norm(q)), rotate(blk.attn.k_norm(k))
+        shift1, scale1 = blk.ada.msa_in(c).chunk(2, -1)
+        h = F.layer_norm(x, (W,), eps=1e-5) * (1 + scale1) + shift1
+        q, k, v = blk.msa.proj_qkv(h).view(B, L, 3, H, hd).transpose(1, 3).unbind(2)  # 3 x (B, H, L, hd)
+        q, k = rotate(blk.msa.norm_q(q)), rotate(blk.msa.norm_k(k))
         a = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, -1) @ v  # (B, H, L, hd), no mask
-        x = x + gate1 * blk.attn.proj(a.transpose(1, 2).reshape(B, L, W))
-        h = F.layer_norm(x, (W,), eps=1e-6) * (1 + scale2) + shift2
-        x = x + gate2 * blk.mlp(h)
-    shift, scale = dit.final_layer.adaLN_modulation(c).chunk(2, -1)
-    ref = dit.final_layer.linear(F.layer_norm(x, (W,), eps=1e-6) * (1 + scale) + shift)
+        x = x + blk.ada.msa_out(c) * blk.msa.proj_out(a.transpose(1, 2).reshape(B, L, W))
+        shift2, scale2 = blk.ada.mlp_in(c).chunk(2, -1)
+        h = F.layer_norm(x, (W,), eps=1e-5) * (1 + scale2) + shift2
+        x = x + blk.ada.mlp_out(c) * blk.mlp.proj_out(F.gelu(blk.mlp.proj_in(h), approximate="tanh"))
+    shift, scale = dit.txt_out_ada.out_in(c).chunk(2, -1)
+    ref = dit.txt_out.proj(dit.txt_out_norm(x) * (1 + scale) + shift)
     with torch.no_grad():
         out = dit(z, *per_token(t), pos, torch.ones(B, 1, L, L, dtype=torch.bool))
     assert torch.allclose(out, ref.detach(), atol=1e-5)

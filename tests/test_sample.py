@@ -123,8 +123,8 @@ def test_cli_dtype(ckpt, capsys, monkeypatch):
     generate = Cola.generate
 
     def spy(model, *a, **k):
-        seen.append((torch.is_autocast_enabled("cpu"), model.dit.blocks[0].attn.qkv.weight.dtype,
-                     model.vae.tok_emb.weight.dtype, model.dit.blocks[0].attn.q_norm.weight.dtype))
+        seen.append((torch.is_autocast_enabled("cpu"), model.dit.blocks[0].msa.proj_qkv.weight.dtype,
+                     model.vae.encoder.wte.weight.dtype, model.dit.blocks[0].msa.norm_q.weight.dtype))
         return generate(model, *a, **k)
 
     monkeypatch.setattr(Cola, "generate", spy)
@@ -163,7 +163,7 @@ def test_cli_user_errors(ckpt, tmp_path, capsys):
         sample.main([f"--ckpt={junk}", "--prompt=a"])
 
 
-def test_ar_repeats_differ_and_specials_are_never_sampled():
+def test_ar_repeats_differ_and_padding_ids_are_never_sampled():
     from ar import ARConfig, ARLM
     from data.tokenizer import get_tokenizer
     torch.manual_seed(0)
@@ -172,5 +172,6 @@ def test_ar_repeats_differ_and_specials_are_never_sampled():
     assert len({tuple(o) for o in outs}) == 3  # --num_samples gives different samples
     tok = get_tokenizer("bytes")
     logits = torch.zeros(1, 1, tok.vocab_size)
-    logits[..., tok.mask] = logits[..., tok.pad] = logits[..., tok.n_vocab + 3] = 100.0
-    assert int(pick_tokens(logits, Sampling(), None, tok)) < tok.mask
+    logits[..., tok.n_vocab + 3] = 100.0  # a padding row of the embedding, past the vocabulary
+    logits[..., 7] = 50.0
+    assert int(pick_tokens(logits, Sampling(), None, tok)) == 7

@@ -28,7 +28,7 @@ def test_bare_boolean_flags():
 
 
 @pytest.mark.parametrize("bad", [["--nope=1"], ["--vae.nope=1"], ["--lr=abc"], ["--max_iters=1.5"], ["lr=1"],
-                                 ["--config=huge"], ["--stage=both"], ["--dit.latent_dim=8"], ["--init_vae=x.pt"],
+                                 ["--config=huge"], ["--stage=both"], ["--dit.latent_dim=8"], ["--init=x.pt"],
                                  ["--eval_interval=0"], ["--vae.n_head=3"], ["--lr"], ["--resume=maybe"],
                                  ["--resume", "--overwrite"], ["--nope"]])
 def test_build_configs_rejects(bad):
@@ -38,7 +38,7 @@ def test_build_configs_rejects(bad):
 
 def joint_model(tmp_path, *args):
     """Stage 2 built by the trainer's own path: a stage-1 checkpoint on disk -> build_model("joint")."""
-    cfgs = build_configs(TINY + ["--stage=joint", f"--init_vae={tmp_path / 'vae.pt'}"] + list(args))
+    cfgs = build_configs(TINY + ["--stage=joint", f"--init={tmp_path / 'vae.pt'}"] + list(args))
     stage1 = build_model("vae", cfgs)
     perturb(stage1.vae, scale=0.02)
     save_checkpoint(dict(config={k: asdict(v) for k, v in cfgs.items()}, vae=stage1.vae.state_dict()),
@@ -104,7 +104,7 @@ def test_flops_counters_follow_the_architecture():
     assert g7 - g1 == pytest.approx(16 * dit_tok)
     assert stage2.flops(128, steps=32, cfg_scale=1.0)["sample"] - g1 == pytest.approx(16 * dit_tok)
     # a transformer forward is ~2 FLOPs per weight (matmuls) plus attention: check the DiT against its size
-    n = sum(p.numel() for b in stage2.dit.blocks for n_, p in b.named_parameters() if "adaLN" not in n_)
+    n = sum(p.numel() for b in stage2.dit.blocks for n_, p in b.named_parameters() if "ada" not in n_)
     assert 2 * n < dit_tok < 2 * n * 1.2
 
 
@@ -115,14 +115,14 @@ def test_help_lists_every_option(capsys):
     assert "--vae_lr_ratio=0.0" in out and "--dit.self_cond=False" in out and "--flow.t_loc=1.0" in out
 
 
-def test_stage2_may_change_the_block_size_of_a_causal_decoder(tmp_path):
+def test_stage2_may_change_the_dit_block_size_not_the_vaes(tmp_path):
     from common import load_vae_state
     cfgs = build_configs(TINY)
     save_checkpoint(dict(config={k: asdict(v) for k, v in cfgs.items()}, vae=build_model("vae", cfgs).vae.state_dict()),
                     str(tmp_path / "vae.pt"))
     assert load_vae_state(str(tmp_path / "vae.pt"), build_configs(TINY + ["--dit.block_size=2"])["vae"])
-    with pytest.raises(UserError, match="block_size"):  # a block-causal decoder was trained with its blocks
-        load_vae_state(str(tmp_path / "vae.pt"), build_configs(TINY + ["--dit.block_size=2", "--vae.dec_block_causal"])["vae"])
+    with pytest.raises(UserError, match="block_size"):  # the VAE's attention was trained with its blocks
+        load_vae_state(str(tmp_path / "vae.pt"), build_configs(TINY + ["--vae.block_size=2"])["vae"])
 
 
 @pytest.mark.parametrize("preset", ["small", "paper"])

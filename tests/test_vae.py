@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from layers import causal_mask
+from layers import PAD_POS, causal_mask
 from vae import TextVAE, VAEConfig, gaussian_kl, neg_entropy
 from tests.helpers import perturb
 
@@ -22,29 +22,43 @@ def test_shapes_and_unit_scale_mean():
     assert mu.shape == logvar.shape == (3, 20, 16)
     assert torch.allclose(mu.pow(2).mean(-1), torch.ones(3, 20), atol=5e-3)  # non-affine LayerNorm (eps)
     logits = vae.decode(mu)
-    assert logits.shape == (3, 20, vae.tok_emb.num_embeddings)
+    assert logits.shape == (3, 20, vae.decoder.final_layer.out_features)
     _, _, z, out = vae(x)
     assert z.shape == mu.shape and set(out) >= {"ce", "kl", "negent", "mask_ce", "loss"}
 
 
-@pytest.mark.parametrize("block_causal", [False, True])
-def test_causality(block_causal):
-    vae = tiny_vae(dec_block_causal=block_causal, block_size=4)
+@pytest.mark.parametrize("bs", [1, 4])
+def test_causality(bs):
+    """Block-causal encoder and decoder: changing token (latent) j changes nothing before j's block."""
+    vae = tiny_vae(block_size=bs)
+    perturb(vae)
     x = torch.randint(0, 256, (2, 24))
     j = 13
+    first = j // bs * bs
     x2 = x.clone()
     x2[:, j] = (x2[:, j] + 7) % 256
     mu, _ = vae.encode(x)
     mu2, _ = vae.encode(x2)
-    assert torch.equal(mu[:, :j], mu2[:, :j])
-    assert not torch.allclose(mu[:, j], mu2[:, j])
-    # the decoder: changing latent j never changes logits before j (before j's block if block-causal)
+    assert torch.equal(mu[:, :first], mu2[:, :first])
+    assert not torch.allclose(mu[:, j], mu2[:, j]) and (bs == 1 or not torch.allclose(mu[:, first], mu2[:, first]))
     z2 = mu.clone()
     z2[:, j] += 1.0
-    first = (j // 4) * 4 if block_causal else j
     a, b = vae.decode(mu), vae.decode(z2)
     assert torch.equal(a[:, :first], b[:, :first])
     assert not torch.allclose(a[:, j], b[:, j])
+
+
+def test_bidirectional_vae_sees_everything_but_padding():
+    """block_causal=False (a released configuration): every token sees every other, except batch padding."""
+    vae = tiny_vae(block_causal=False)
+    perturb(vae)
+    x = torch.randint(0, 256, (1, 12))
+    x2 = x.clone()
+    x2[:, 11] = (x2[:, 11] + 7) % 256
+    assert not torch.allclose(vae.encode(x)[0][:, 0], vae.encode(x2)[0][:, 0])
+    pos = torch.where(torch.arange(16) < 12, torch.arange(16), PAD_POS)[None]
+    padded = torch.cat([x, torch.randint(0, 256, (1, 4))], 1)
+    torch.testing.assert_close(vae.encode(padded, pos=pos)[0][:, :12], vae.encode(x)[0])
 
 
 @pytest.mark.parametrize("bs", [1, 4])
@@ -120,7 +134,7 @@ def test_cached_decode_equals_full_decode():
     z = torch.randn(2, 40, 16)
     full = vae.decode(z)
     pos = TextVAE.positions(2, 40, "cpu")
-    cache, outs, start = vae.decoder.new_cache(2, 40, "cpu"), [], 0
+    cache, outs, start = vae.new_cache(2, 40, "cpu"), [], 0
     for n in (16, 5, 16, 3):  # uneven chunks, including mid-block boundaries
         outs.append(vae.decode(z[:, start:start + n], pos[:, start:start + n], cache.at(start, pos[:, start:start + n])))
         start += n
