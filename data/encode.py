@@ -1,7 +1,7 @@
 """
 Text -> token ids on every core, streamed: how data/prepare.py tokenizes (a module, not a script).
-Text is cut into chunks where both tokenizers always end a token, so the chunks' ids, joined, are the
-ids of the whole (token_chunks). Tasks of about TASK_CHARS characters go to a pool of processes, at
+Text is cut into chunks where every tokenizer always ends a token, so the chunks' ids, joined, are
+the ids of the whole (token_chunks). Tasks of about TASK_CHARS characters go to a pool of processes, at
 most 2 per worker in flight, and come back in order (encode_stream): the input is pulled only as fast
 as it is encoded, so memory stays bounded, and the output is the same for any number of workers.
 """
@@ -15,9 +15,10 @@ import sys
 import numpy as np
 
 TASK_CHARS = 1_000_000  # text per tokenization task
-# a non-space character followed by a space: the GPT-2 pre-tokenizer (both tokenizers use it) always
-# ends a piece there, so text cut at such points encodes to exactly the ids of the whole
-TOKEN_BOUNDARY = re.compile(r"\S(?=\s)")
+# a non-space character followed by a space: GPT-2's pre-tokenizer regex and cl100k's (OLMo 2's) always
+# end a piece there, so text cut at such points encodes to exactly the ids of the whole. Not before any
+# whitespace: cl100k keeps line breaks with the punctuation before them ("!\n" is one piece)
+TOKEN_BOUNDARY = re.compile(r"\S(?= )")
 
 
 def token_chunks(text, start=0, end=None, size=None):

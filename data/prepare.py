@@ -6,6 +6,7 @@ document, cut at a paragraph break: no validation text is ever trained on. See d
     python data/prepare.py                      # the bundled corpus -> data/austen_bytes/, data/austen_gpt2/
     python data/prepare.py --tokenizer=bytes    # only data/austen_bytes/
     python data/prepare.py --input notes/ more.jsonl.gz --name=mine   # your text -> data/mine/ (GPT-2)
+    python data/prepare.py --tokenizer=ckpt/tokenizer.json            # a HuggingFace tokenizer -> data/austen_ckpt/
 """
 import argparse
 import collections
@@ -197,12 +198,24 @@ def last_documents(ids, eot, n_docs, total_chars, val_fraction, decode):
 
 # ----------------------------------------------------------------------------- documents -> token files
 
+def token_dtype(n_vocab):
+    """The dtype of the token files: uint16 holds ids up to 65,535 (GPT-2's), uint32 the rest (OLMo 2's)."""
+    return np.dtype(np.uint16 if n_vocab <= 2**16 else np.uint32)
+
+
+def dataset_name(tokenizer):
+    """The bundled corpus's dataset folder: austen_gpt2, austen_bytes; austen_<folder> for a
+    tokenizer.json (ckpt/tokenizer.json -> austen_ckpt)."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(tokenizer)))
+    return "austen_" + (tokenizer if tokenizer in NAMES else folder)
+
+
 def write_dataset(out_dir, tok, docs, info, val_fraction, workers, total_bytes):
     """Split every document of docs (source, text, first piece of a document?, bytes read), tokenize
     the parts on `workers` processes (data/encode.py: the output is the same for any number), and
     write train.bin, val.bin, meta.json as *.tmp files renamed into place at the end, so a failed run
     leaves an existing dataset as it was. Returns meta."""
-    dtype = np.dtype(np.uint16 if tok.n_vocab <= 2**16 else np.uint32)
+    dtype = token_dtype(tok.n_vocab)
     new_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tmp = {n: os.path.join(out_dir, n + ".tmp") for n in ("train.bin", "val.bin", "meta.json")}
@@ -284,8 +297,8 @@ def parse_args(argv):
     p.add_argument("--input", nargs="+", metavar="PATH", help="your own text: .txt files, .jsonl files (string "
                    "field \"text\" per line), either gzip'd, or folders of them; default: the bundled corpus")
     p.add_argument("--name", help="dataset name for --input (required with it; the bundled corpus: austen_<tokenizer>)")
-    p.add_argument("--tokenizer", choices=NAMES + ("all",),
-                   help="default: 'all' (both) for the bundled corpus, 'gpt2' for --input")
+    p.add_argument("--tokenizer", help=f"{', '.join(NAMES)}, all (both; the bundled corpus only) or the path of a "
+                   "HuggingFace tokenizer.json; default: all for the bundled corpus, gpt2 for --input")
     p.add_argument("--val_fraction", type=float, default=0.05,
                    help="share of every document held out for validation (default 0.05)")
     p.add_argument("--out_dir", default=DATA_DIR, help="folder that receives the dataset folder(s) (default: data/)")
@@ -316,7 +329,7 @@ def main(argv=None):
             corpus = ("Jane Austen's six novels + Moby-Dick (data/austen_moby.txt.gz), "
                       "paragraphs unwrapped to one line each")
             split = SPLIT_RULE.format(pct=100 * args.val_fraction, unit="book", fallback="")
-            jobs = [(f"austen_{name}", name, iter(books))
+            jobs = [(dataset_name(name), name, iter(books))
                     for name in (NAMES if args.tokenizer in (None, "all") else (args.tokenizer,))]
         else:
             total, docs = read_inputs(args.input)
@@ -326,9 +339,9 @@ def main(argv=None):
             jobs = [(args.name, args.tokenizer or "gpt2", docs)]
         info = {"corpus": corpus, "val_fraction": args.val_fraction, "split": split}
         workers = max(1, min(args.workers, math.ceil(total / encode.TASK_CHARS)))  # a small input: no pool
-        for name, tokenizer, docs in jobs:
-            write_dataset(os.path.join(args.out_dir, name), get_tokenizer(tokenizer), docs, info,
-                          args.val_fraction, workers, total)
+        toks = [get_tokenizer(tokenizer) for _, tokenizer, _ in jobs]  # a bad one fails before any work
+        for (name, _, docs), tok in zip(jobs, toks):
+            write_dataset(os.path.join(args.out_dir, name), tok, docs, info, args.val_fraction, workers, total)
     except OSError as e:  # an unreadable input, an out_dir we cannot write to
         raise UserError(str(e)) from None
 

@@ -31,6 +31,7 @@ from data.tokenizer import EXTRA_TOKENS, Tokenizer, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["bytes", "gpt2"]
+OLMO_STYLE = os.path.join(ROOT, "tests", "fixtures", "released", "tokenizer.json")  # a tokenizer.json (cl100k regex)
 CHECK_TEXT = "Hello world! The quick brown fox jumps over the lazy dog."
 CHECK_IDS = [15496, 995, 0, 383, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50256]
 UNICODE = [
@@ -66,7 +67,7 @@ def test_special_ids_and_sizes(name):
 
 
 def test_unknown_tokenizer_lists_valid_names():
-    with pytest.raises(ValueError, match="bytes, gpt2"):
+    with pytest.raises(UserError, match="bytes, gpt2"):
         get_tokenizer("llama")
 
 
@@ -314,10 +315,10 @@ def small_tasks(monkeypatch):
 @pytest.mark.parametrize("case", list(CORPORA))
 def test_streamed_equals_in_memory(tmp_path, small_tasks, case, workers):
     paths = write_corpus(tmp_path, CORPORA[case])
-    for name in NAMES:
-        prepare(["--input", *paths, f"--name={name}", f"--out_dir={tmp_path}", f"--tokenizer={name}",
+    for name, tokenizer in [*zip(NAMES, NAMES), ("json", OLMO_STYLE)]:
+        prepare(["--input", *paths, f"--name={name}", f"--out_dir={tmp_path}", f"--tokenizer={tokenizer}",
                  f"--workers={workers}"])
-        train, val, sources = reference(paths, get_tokenizer(name))
+        train, val, sources = reference(paths, get_tokenizer(tokenizer))
         out = tmp_path / name
         assert np.fromfile(out / "train.bin", np.uint16).tolist() == train
         assert np.fromfile(out / "val.bin", np.uint16).tolist() == val
@@ -326,10 +327,11 @@ def test_streamed_equals_in_memory(tmp_path, small_tasks, case, workers):
 
 
 TRICKY = UNICODE + ["  leading spaces", "word\n\n  \tword  ", "it's, we've 12345 678!!! ??", "日本語の文章中文句子",
-                    "trailing   ", "\n\n\n", "a  b   c\t\td", " ".join(f"w{i}" for i in range(50))]
+                    "trailing   ", "\n\n\n", "a  b   c\t\td", " ".join(f"w{i}" for i in range(50)),
+                    "The end.\nNext line!\n\nMore?\r\n'quoted' 1234567\n"]  # cl100k: "!\n" is one piece
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + [OLMO_STYLE])
 def test_token_chunks_encode_like_the_whole(name):
     tok = get_tokenizer(name)
     text = "".join(TRICKY) + " ".join(TRICKY)
