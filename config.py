@@ -136,7 +136,8 @@ def load_model(path, device="cpu"):
     A directory is the released checkpoint (cola.Cola.from_pretrained), with a checkpoint-like record."""
     if os.path.isdir(path):
         model = Cola.from_pretrained(path)
-        cfgs = dict(vae=model.vae.cfg, dit=model.dit.cfg, flow=FlowConfig(), train=TrainConfig(init=path))
+        # no context in the release (its inference truncates nothing): 2048 tokens hold the benchmarks' prompts
+        cfgs = dict(vae=model.vae.cfg, dit=model.dit.cfg, flow=FlowConfig(), train=TrainConfig(init=path, seq_len=2048))
         return model.to(device).eval(), dict(config={k: asdict(v) for k, v in cfgs.items()}, stage="released", step=0)
     ckpt = load_checkpoint(path)
     if "config" not in ckpt or not ({"vae", "ar"} & set(ckpt)):

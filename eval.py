@@ -218,7 +218,8 @@ def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
         for i in tqdm(range(0, len(items), batch_size), desc=task, leave=False):
             chunk = [p[-room:] if room > 0 else [] for p in prompts[i:i + batch_size]]
             truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
-            outs = model.generate(chunk, max_new_tokens, steps=args.steps, cfg_scale=args.cfg, seed=seed)
+            ids = tuple(it["id"] for it in items[i:i + batch_size])  # each item's noise from its id, as the authors seed it
+            outs = model.generate(chunk, max_new_tokens, steps=args.steps, cfg_scale=args.cfg, seed=seed, seed_ids=ids)
             gens += [tok.decode(o).split("\n", 1)[0] for o in outs]  # the answer: the first line
     else:
         dev = next(model.parameters()).device

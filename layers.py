@@ -229,7 +229,7 @@ class Sampling:
     top_p: float = 1.0
     repetition_penalty: float = 1.1  # > 1: logits of ids already generated shrink (CTRL, arXiv 1909.05858)
     seed: int = 0               # with the prompt, seeds each sample's noise (sample_generators)
-    seed_ids: tuple = None      # one int per prompt: noise seeded as the released inference does (noise_generator)
+    seed_ids: tuple = None      # an id per prompt: noise seeded from it as the released inference does (noise_generator)
     stop_at_eot: bool = True    # end a sample at <|endoftext|> or <|im_end|> (else always max_new_tokens)
 
     def check(self):
@@ -274,8 +274,12 @@ def sample_generators(prompts, seed, device):
 
 
 def noise_generator(seed, sample_id, block, device):
-    """The released inference's noise seeding: block `block` of the sample with integer id `sample_id`
-    draws from its own generator, seeded seed + 1000 id + 10^7 block, whatever the batch holds."""
+    """The released inference's noise seeding: block `block` of the sample with id `sample_id` (an integer,
+    else the CRC-32 of its text) draws from its own generator, seeded seed + 1000 id + 10^7 block."""
+    try:
+        sample_id = int(sample_id)
+    except (TypeError, ValueError):
+        sample_id = zlib.crc32(str(sample_id).encode("utf-8"))
     return torch.Generator(device).manual_seed(seed + sample_id * 1_000 + block * 10_000_000)
 
 

@@ -18,7 +18,7 @@ config.json sets them), and so does the decoder, as the released inference feeds
 Stage-1 loss (arXiv 2605.06548 §3.2.1, eq. 3.16):
     CE(x, dec(z)) + beta * KL(q || N(0, I)) + lambda_mask * L_mask,   z ~ q(z|x)
 where L_mask is the BERT-style loss: re-encode a copy of x with a fraction mask_ratio of tokens replaced
-by <|mask|> (the embedding's extra last row), decode, and score CE against the original tokens at the
+by <|mask|>, decode, and score CE against the original tokens at the
 masked positions. In stage 2 (paper §3.2.2, eqs. 3.17-3.18) the KL term becomes the negative entropy
 E_q[log q]: forward(x, joint=True).
 
@@ -98,10 +98,10 @@ class TextVAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg, W, d = cfg, cfg.width, cfg.latent_dim
-        V = get_tokenizer(cfg.tokenizer).vocab_size
-        self.mask_id = V  # <|mask|>: the embedding's extra row, read by the encoder only
+        tok = get_tokenizer(cfg.tokenizer)
+        V, self.mask_id = tok.vocab_size, tok.mask  # a tokenizer.json's <|mask|>: V, the embedding's extra row
         self.encoder = nn.ModuleDict(dict(
-            wte=nn.Embedding(V + 1, W),
+            wte=nn.Embedding(V + 1, W),  # one row more than the head, as released
             patch_embedder=nn.Conv1d(W, W, 1),  # one token per latent: a linear map
             blocks=nn.ModuleList(VAEBlock(cfg) for _ in range(cfg.n_enc_layer)),
             final_layer=nn.Linear(W, 2 * d)))  # -> mean, log-variance
