@@ -1,6 +1,6 @@
 """
-Autoregressive baseline: a nanoGPT-style causal transformer LM built from the same blocks as the
-Cola models (RoPE, RMSNorm, QK-norm, SwiGLU; layers.py), trained by the same trainer on the same
+Autoregressive baseline: a nanoGPT-style causal transformer LM (pre-norm blocks with RoPE, RMSNorm,
+QK-norm and SwiGLU; layers.py), trained by the same trainer on the same
 data, so the two can be compared at matched parameters and compute (arXiv 2605.06548 §4.5, Fig. 10
 compares Cola with AR). It offers the same calls as cola.Cola (forward, generate, score, diagnostics),
 so sample.py and eval.py serve both.
@@ -68,7 +68,7 @@ class ARLM(nn.Module):
     def network(self, x, pos, mask, cache=None):
         """The model itself: tokens x (B, L) -> logits (B, L, V) under an attention mask (B, 1, L, Lk)."""
         h = self.transformer(self.tok_emb(x), pos, mask, cache)
-        return F.linear(h, self.tok_emb.weight)  # tied head (vae.VAE.head)
+        return F.linear(h, self.tok_emb.weight)  # tied head
 
     def forward(self, x):
         """Next-token CE on windows x (B, L): predict x[:, 1:] from x[:, :-1]."""

@@ -235,9 +235,10 @@ class Cola(nn.Module):
     def generate(self, prompts, max_new_tokens=64, window=None, on_block=None, use_cache=True, compile=False,
                  **sampler):
         """New token ids for each prompt of a batch (lists of ints, any lengths), ending before the first
-        <|endoftext|>. sampler: layers.Sampling's options by name (steps, cfg_scale, shift, first_block,
-        temperature, top_k, top_p, seed, stop_at_eot). Block after block (arXiv 2605.06548 §3.2.3):
-        noise -> guided Euler steps, the prompt's tail pinned (flow.sample_block) -> decode -> commit.
+        <|endoftext|> (or <|im_end|>). sampler: layers.Sampling's options by name (steps, cfg_scale, shift,
+        first_block, temperature, top_k, top_p, repetition_penalty, seed, seed_ids, stop_at_eot). Block after
+        block (arXiv 2605.06548 §3.2.3): noise -> guided Euler steps, the prompt's tail pinned
+        (flow.sample_block) -> decode -> commit.
         window: the most tokens any position sees (the training seq_len; None = all): past it the oldest
         whole blocks leave the history, so generation runs on past the training context.
         on_block(i, ids) streams sample i after every block. use_cache=False recomputes the history at

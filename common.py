@@ -98,7 +98,7 @@ def autocast(device, dtype="auto"):
 def cast_for(model, device, dtype="auto"):
     """The model, ready for inference under autocast(device, dtype): with bf16, its Linear and Embedding
     weights are stored in bf16 once. Autocast caches its casts only for weights that require grad, so a
-    frozen model (the tied 51 MB GPT-2 output head above all) would be cast again at every call."""
+    frozen model (a 51 MB GPT-2 output head above all) would be cast again at every call."""
     if precision(device, dtype) == "bf16":
         for m in model.modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):

@@ -294,7 +294,7 @@ def quality(model, ckpt, args, batch_size=16):
                              ("distinct4", "distinct4", ("generated", "true")),
                              ("byte_entropy", "byte_entropy", ("generated", "true"))):
         r.update({key + ("" if name == "generated" else "_" + name): stats[name].get(stat) for name in names})
-    settings = ("new_tokens", "prompt_chars", "steps", "cfg", "shift", "temperature", "top_k", "top_p", "seed", "judge",
+    settings = ("new_tokens", "prompt_chars", "steps", "cfg", "shift", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "judge",
                 "first_block")
     r.update(stats=stats, settings=dict(prompts=len(pairs), dataset=data_dir, **{k: getattr(args, k) for k in settings}),
              samples=[dict(prompt=p, generated=g, true=c, scores=sc, true_scores=tc)
@@ -357,6 +357,7 @@ OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt i
     (["quality"], "--temperature", dict(type=float, default=0.0, help="0 = greedy decoding")),
     (["quality"], "--top_k", dict(type=int, default=0)),
     (["quality"], "--top_p", dict(type=float, default=1.0)),
+    (["quality"], "--repetition_penalty", dict(type=float, default=1.1, help="1 = off")),
 ]
 # the least value of each number option (of the subcommands with it); quality's sampler: Sampling.check
 AT_LEAST = dict(limit=1, samples=1, ode_steps=1, steps=1, prompts=1, new_tokens=1, prompt_chars=1, cfg=0)
@@ -368,7 +369,8 @@ def parse_args(argv):
     for name in COMMANDS:
         p = sub.add_parser(name)
         if name in MODEL:
-            p.add_argument("--ckpt", required=name != "speed", help="a checkpoint written by train.py")
+            p.add_argument("--ckpt", required=name != "speed", help="a checkpoint written by train.py, or the released "
+                                                                     "checkpoint's directory")
         for names, flag, kw in OPTIONS:
             if name in names:
                 p.add_argument(flag, **kw)
@@ -384,7 +386,8 @@ def parse_args(argv):
     if args.cmd == "quality":
         try:
             args.sampler = Sampling(steps=args.steps, cfg_scale=args.cfg, shift=args.shift, first_block=args.first_block,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed).check()
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                    repetition_penalty=args.repetition_penalty).check()
         except ValueError as e:
             ap.error(str(e))
     return args

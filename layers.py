@@ -1,8 +1,8 @@
 """
-Transformer building blocks shared by the text VAE (vae.py), the DiT (dit.py) and the AR baseline
-(ar.py), and the token-level decoding both generators use (per-sample RNGs, top-k / top-p picking).
-
-Pre-norm blocks with RoPE on explicit position ids, QK-norm and SwiGLU. Attention goes through
+What the text VAE (vae.py), the DiT (dit.py) and the AR baseline (ar.py) share: RoPE on explicit position
+ids, attention, the KV cache, and the token-level decoding both generators use (per-sample RNGs, top-k /
+top-p picking, the repetition penalty); and the AR baseline's own pre-norm blocks (RMSNorm, QK-norm,
+SwiGLU), while the VAE and the DiT have the released checkpoint's layers. Attention goes through
 F.scaled_dot_product_attention with a boolean mask (True = may attend), so one code path serves CPU
 and GPU, and every attention pattern in the project (causal, block-causal, the DiT's 2L layout, cached
 generation, sliding windows) is just a different mask; the DiT's 2L training mask may also come as a

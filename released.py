@@ -5,13 +5,15 @@ safetensors. The layout, as the authors publish it:
 
     DIR/cola_vae/config.json   model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
     DIR/cola_dit/config.json   the same
-    DIR/tokenizer.json         OLMo 2's tokenizer, read through tiktoken (data/tokenizer.py)
+    DIR/tokenizer.json         OLMo 2's tokenizer, read through tiktoken (data/tokenizer.py); or DIR/../tokenizer.json,
+                               where the authors' README puts it
 
 Every field of the released config classes is honoured (it maps to a VAEConfig / DiTConfig field, or is
 the one value this code implements) or refused with its name; every weight in the files is consumed.
 Used by cola.Cola.from_pretrained and, for train.py --init=DIR, config.build_configs.
 """
 import json
+import mmap
 import os
 
 import torch
@@ -83,6 +85,8 @@ def read_configs(path):
     vae, v = read_config(os.path.join(path, "cola_vae", "config.json"), VAE_FIELDS, VAEConfig)
     dit, d = read_config(os.path.join(path, "cola_dit", "config.json"), DIT_FIELDS, DiTConfig)
     vae.tokenizer = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(vae.tokenizer) and os.path.exists(os.path.join(path, os.pardir, "tokenizer.json")):
+        vae.tokenizer = os.path.normpath(os.path.join(path, os.pardir, "tokenizer.json"))
     vocab = get_tokenizer(vae.tokenizer).vocab_size
     if v["vocab_size"] != vocab:
         raise UserError(f"{path}: cola_vae has vocab_size {v['vocab_size']}, tokenizer.json {vocab} tokens")
@@ -96,12 +100,11 @@ def read_safetensors(path):
     """A .safetensors file -> {name: tensor}. The format: 8 bytes (little-endian) giving the header's
     length, the header (JSON: name -> dtype, shape, data_offsets into what follows), the raw data."""
     try:
-        size = os.path.getsize(path)
-        buf = bytearray(size)
-        with open(path, "rb") as f:
-            f.readinto(buf)
+        with open(path, "rb") as f:  # mapped, not read: the tensors are views of the file until loaded
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(path) else b""
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
+    size = len(buf)
     n = int.from_bytes(buf[:8], "little") if size >= 8 else size
     try:
         header = json.loads(buf[8:8 + n]) if 8 + n <= size else None

@@ -4,6 +4,7 @@ Generate text from a checkpoint of train.py: Cola DLM, or the AR baseline (--mod
     python sample.py --ckpt=out/ckpt.pt --prompt="It is a truth universally acknowledged"
     python sample.py --ckpt=out/ckpt.pt --prompt="" --num_samples=4 --temperature=0.8
     python sample.py --ckpt=out/ckpt.pt --prompts_file=prompts.txt --steps=8 --cfg=5
+    python sample.py --ckpt=cola_dlm/ --prompt="Question: ..."   # the released checkpoint (released.py)
 
 A thin command line over the model's own generate(): cola.Cola.generate samples block after block
 (guided Euler steps, the prompt's tail pinned: arXiv 2605.06548 §3.2.3; --steps, --cfg), ar.ARLM.generate
@@ -32,7 +33,7 @@ class Streamer:
 
 def main(argv=None):
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or the released checkpoint's directory")
     ap.add_argument("--prompt", default=None, help='prompt text ("" = unconditional)')
     ap.add_argument("--prompts_file", default=None, help="one prompt per line (\\n inside a prompt: write \\\\n)")
     ap.add_argument("--max_new_tokens", type=int, default=128,
@@ -44,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--repetition_penalty", type=float, default=1.1, help="> 1 shrinks the logits of ids already "
+                                                                          "generated (the released sampler's 1.1); 1 = off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     ap.add_argument("--device", default="auto")
@@ -55,7 +58,8 @@ def main(argv=None):
         ap.error("--num_samples must be >= 1 and --max_new_tokens >= 0")
     try:
         sampler = Sampling(steps=args.steps, cfg_scale=args.cfg, first_block=args.first_block, seed=args.seed,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).check()
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           repetition_penalty=args.repetition_penalty).check()
     except ValueError as e:
         ap.error(str(e))
     if args.prompt is None and args.prompts_file is None:

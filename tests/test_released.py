@@ -179,3 +179,36 @@ def test_every_released_weight_is_consumed(tmp_path):
     write_safetensors(d / "cola_vae" / "extra.safetensors", {"decoder.extra.weight": torch.ones(2, 2)})
     with pytest.raises(UserError, match="not in the model: decoder.extra.weight"):
         Cola.from_pretrained(str(d))
+
+
+def test_sample_bench_and_train_take_a_released_directory(tmp_path, capsys):
+    """sample.py --ckpt=DIR, eval.py bench --ckpt=DIR and train.py --stage=joint --init=DIR (stage 2 continued from
+    the released weights, on data prepared with the release's tokenizer.json)."""
+    import data.prepare
+    import eval as evaluate
+    import sample
+    import train
+    from config import load_model
+    d = os.path.join(FIX, "bc4")
+    sample.main([f"--ckpt={d}", "--prompt=The sea", "--max_new_tokens=8", "--steps=2"])
+    assert capsys.readouterr().out.startswith("The sea")
+    items = tmp_path / "lambada.jsonl"
+    items.write_text("".join(json.dumps(dict(id=i, prompt="She was the youngest of the", ground_truth="two")) + "\n"
+                             for i in range(3)))
+    r = evaluate.main(["bench", f"--ckpt={d}", "--task=lambada", f"--data={items}", "--steps=2"])
+    assert r["stage"] == "released" and len(r["items"]) == 3
+    text = "\n\n".join(f"Paragraph {i}: Emma said, \"It is very true.\"\nA new line!\n" for i in range(60))
+    (tmp_path / "a.txt").write_text(text)
+    data.prepare.main(["--input", str(tmp_path / "a.txt"), "--name=ds", f"--out_dir={tmp_path}",
+                       f"--tokenizer={os.path.join(d, 'tokenizer.json')}"])
+    out = tmp_path / "ft"
+    train.main(["--stage=joint", f"--init={d}", f"--dataset={tmp_path / 'ds'}", f"--out_dir={out}", "--joint_iters=2",
+                "--seq_len=16", "--batch_size=2", "--eval_windows=2", "--eval_interval=2", "--warmup_iters=1"])
+    tuned, ckpt = load_model(str(out / "ckpt.pt"))
+    start = Cola.from_pretrained(d)
+    assert ckpt["config"]["vae"]["block_size"] == 4 and ckpt["config"]["vae"]["scaling_factor"] == 1.7
+    for name, p in start.vae.state_dict().items():  # tiny's stage 2 freezes the VAE
+        assert torch.equal(tuned.vae.state_dict()[name], p)
+    assert not torch.equal(tuned.dit.txt_out.proj.weight, start.dit.txt_out.proj.weight)  # the prior trained on
+    with pytest.raises(UserError, match="fixes the architecture"):
+        train.main(["--stage=joint", f"--init={d}", "--dit.n_layer=3", f"--out_dir={tmp_path / 'x'}"])
