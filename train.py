@@ -20,6 +20,7 @@ with the models (cola.Cola.forward, ar.ARLM.forward); this file is the loop arou
 skips the tiles of the DiT's 2L score matrix the mask hides (~3/4: dit.attention_sparsity); CUDA only.
 """
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -147,6 +148,8 @@ def resume_checkpoint(stage, cfgs, path):
 def train_stage(stage, cfgs, env, stop):
     """Train one stage ("vae", "joint" or "ar") to its iterations, checkpointing to out_dir/ckpt.pt."""
     tc = cfgs["train"]
+    if stage == "ar":  # the AR baseline's own peak learning rate
+        tc = dataclasses.replace(tc, lr=tc.ar_lr)
     max_iters = tc.max_iters or dict(vae=tc.vae_iters, joint=tc.joint_iters, ar=tc.ar_iters)[stage]
     micro = tc.micro_batch or tc.batch_size // env.world
     if micro < 1 or tc.eval_windows < env.world or tc.batch_size % (micro * env.world):
