@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
 from layers import (PAD_POS, Sampling, Transformer, append_tokens, causal_mask, init_weights, pick_tokens,
-                    sample_generators, stop_ids, transformer_flops)
+                    sample_generators, transformer_flops)
 
 
 @dataclass
@@ -134,11 +134,12 @@ class ARLM(nn.Module):
         n, nxt = W, pos[:, -1:] + 1  # slots filled, the next positions (B, 1)
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         seen = torch.zeros(B, 0, dtype=torch.long, device=dev)  # the ids generated so far (repetition penalty)
+        stop = tok.stop if s.stop_at_eot else ()
         while not all(done):
             ids = pick_tokens(last, s, gens, tok, seen)  # (B, 1)
             seen = torch.cat([seen, ids], 1)
             for i, new in enumerate(ids.tolist()):
-                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, stop_ids(tok) if s.stop_at_eot else ())
+                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, stop)
                 if on_block is not None:
                     on_block(i, out[i])
             if all(done):

@@ -30,7 +30,7 @@ from data.tokenizer import get_tokenizer
 from dit import DiT, DiTConfig, block_mask
 from flow import FlowConfig, fm_by_t, fm_loss, prior_logp, sample_block, time_grid
 from layers import (PAD_POS, Sampling, append_tokens, attention_dtype, noise_generator, parse_first_block, pick_tokens,
-                    sample_generators, stop_ids)
+                    sample_generators)
 from vae import TextVAE, VAEConfig, gaussian_kl
 
 def pad_prompts(prompts, mode, eot, bs):
@@ -262,6 +262,7 @@ class Cola(nn.Module):
         repaint = (reps, frac, repaint_noise(prompts, s.seed, dev)) if mode == "repaint" else None
         out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
         seen = torch.zeros(B, 0, dtype=torch.long, device=dev)  # every id decoded so far: the repetition penalty's
+        stop = tok.stop if s.stop_at_eot else ()
         for block in itertools.count():
             if all(done):
                 break
@@ -277,7 +278,7 @@ class Cola(nn.Module):
             seen = torch.cat([seen, ids], 1)
             for i, new in enumerate(ids.tolist()):  # the one wait per block
                 new = new if keep is None else [t for t, p in zip(new, keep[i].tolist()) if not p]  # prompt tokens stand
-                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, stop_ids(tok) if s.stop_at_eot else ())
+                done[i] = done[i] or append_tokens(out[i], new, max_new_tokens, stop)
                 if on_block is not None:
                     on_block(i, out[i])
             if not all(done):

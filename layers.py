@@ -292,9 +292,9 @@ def pick_tokens(logits, s, generators, tok=None, seen=None):
         logits = logits[..., :tok.n_vocab]
     if seen is not None and seen.shape[1] and s.repetition_penalty != 1:
         idx = seen[:, None, :].expand(-1, logits.shape[1], -1)  # (B, L, n)
-        score = logits.float().gather(-1, idx)
-        logits = logits.float().scatter(-1, idx, torch.where(score < 0, score * s.repetition_penalty,
-                                                             score / s.repetition_penalty))
+        logits = logits.float()
+        score = logits.gather(-1, idx)
+        logits = logits.scatter(-1, idx, torch.where(score < 0, score * s.repetition_penalty, score / s.repetition_penalty))
     if s.temperature == 0:
         return logits.float().argmax(-1)  # fp32: a bf16 argmax runs some 10x slower on a CPU
     logits = logits.float() / s.temperature
@@ -308,14 +308,6 @@ def pick_tokens(logits, s, generators, tok=None, seen=None):
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
-
-
-STOP_TOKENS = ("<|endoftext|>", "<|im_end|>")  # where a sample ends (the released inference: EOS and im_end)
-
-
-def stop_ids(tok):
-    """The ids of tok's STOP_TOKENS."""
-    return tuple(tok.enc.encode_single_token(t) for t in STOP_TOKENS if t in tok.enc.special_tokens_set)
 
 
 def append_tokens(out, new, max_new_tokens, stop=()):

@@ -44,6 +44,8 @@ class Tokenizer:
                                      mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
         self.regular = frozenset(mergeable_ranks.values())  # the ids decode keeps
         self.eot, self.pad = special_tokens["<|endoftext|>"], special_tokens["<|pad|>"]
+        # where a generated sample ends, as in the released inference: EOS, and im_end where the vocabulary has it
+        self.stop = tuple(special_tokens[s] for s in ("<|endoftext|>", "<|im_end|>") if s in special_tokens)
         self.n_vocab = self.enc.n_vocab  # ids that mean something: the largest + 1
         self.mask = special_tokens["<|mask|>"] if ours else self.n_vocab
         # embedding rows: padded up to a multiple of 64 (faster matmuls, as in nanoGPT) for ours;
