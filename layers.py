@@ -76,7 +76,7 @@ def causal_mask(pos_q, pos_k, block_size=1, window=None):
     (every key but the empty slots, at PAD_POS). (B, 1, Lq, Lk). window: also block(j) > block(i) - window,
     the sliding window of long generation (in blocks)."""
     if block_size == 0:
-        return (pos_k != PAD_POS)[:, None, None, :] & (pos_q[:, None, :, None] >= 0)
+        return (pos_k != PAD_POS)[:, None, None, :].expand(-1, 1, pos_q.shape[1], -1)
     qb, kb = (pos_q // block_size)[:, None, :, None], (pos_k // block_size)[:, None, None, :]
     mask = kb <= qb
     return mask if window is None else mask & (kb > qb - window)
