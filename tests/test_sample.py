@@ -9,22 +9,24 @@ from cola import Cola
 from common import UserError, run_main, save_checkpoint
 from config import TrainConfig
 from dit import DiT, DiTConfig
+from flow import FlowConfig
 from layers import Sampling, pick_tokens
 from vae import TextVAE, VAEConfig
 from tests.helpers import generate_blocks, perturb
 
 
-def random_cola(seed=0, self_cond=False):
+def random_cola(seed=0, self_cond=False, stagger=0.0):
     torch.manual_seed(seed)
     vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=2, width=32, n_head=2, block_size=4))
     dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=4, self_cond=self_cond))
     perturb(vae, dit)  # a random, non-trivial model (no zero init left)
-    return Cola(vae, dit).eval()
+    return Cola(vae, dit, flow_cfg=FlowConfig(stagger=stagger)).eval()
 
 
-@pytest.mark.parametrize("cfg_scale, self_cond, shift", [(1.0, False, 1.0), (7.0, False, 1.0), (7.0, True, 3.0)])
-def test_cached_generation_equals_recomputation(cfg_scale, self_cond, shift):
-    model = random_cola(self_cond=self_cond)
+@pytest.mark.parametrize("cfg_scale, self_cond, shift, stagger", [(1.0, False, 1.0, 0.0), (7.0, False, 1.0, 0.0),
+                                                                   (7.0, True, 3.0, 0.0), (7.0, False, 1.0, 0.3)])
+def test_cached_generation_equals_recomputation(cfg_scale, self_cond, shift, stagger):
+    model = random_cola(self_cond=self_cond, stagger=stagger)
     prompts = [list(b"Hello, wor"), list(b"ab"), []]  # ends mid-block (10 = 2 blocks + 2), short, empty
     (out_c, tr_c), (out_f, tr_f) = [generate_blocks(model, prompts, max_new_tokens=14, steps=3, cfg_scale=cfg_scale,
                                                     seed=1, use_cache=use_cache, shift=shift) for use_cache in (True, False)]
@@ -32,6 +34,14 @@ def test_cached_generation_equals_recomputation(cfg_scale, self_cond, shift):
     for (zc, lc), (zf, lf) in zip(tr_c, tr_f):
         assert torch.allclose(zc, zf, atol=1e-5) and torch.allclose(lc, lf, atol=1e-5)
     assert out_c == out_f
+
+
+def test_stagger_changes_the_sampler_and_refuses_partial_repaint():
+    kw = dict(max_new_tokens=8, steps=4, seed=1, stop_at_eot=False)
+    (_, staggered), (_, plain) = (generate_blocks(random_cola(stagger=g), [list(b"Hello")], **kw) for g in (0.3, 0.0))
+    assert not torch.allclose(staggered[0][0], plain[0][0], atol=1e-3)  # the first block's latents
+    with pytest.raises(ValueError, match="stagger"):
+        random_cola(stagger=0.3).generate([list(b"Hello")], first_block="repaint", **kw)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 7.0])
