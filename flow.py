@@ -82,10 +82,10 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     inp = torch.cat([z0 if history is None else history, zt], 1)  # (B, 2L, d)
     # one mask, two forms: SDPA computes every score and masks, FlexAttention skips the empty tiles
     mask = flex_mask_2L(L, bs, z0.device) if dit.cfg.attn == "flex" else block_mask(blk, noisy, blk, noisy)
-    # the DiT's times: entry 0 is t = 0 (the clean copy), entry i + 1 noisy position i's t
-    t_table = torch.cat([torch.zeros(B, 1, device=z0.device), t], 1)  # (B, 1 + L)
-    t_index = torch.cat([torch.zeros(L, dtype=torch.long, device=z0.device), torch.arange(1, L + 1, device=z0.device)])
-    t_index = t_index.expand(B, 2 * L)
+    # the DiT's table of distinct times, one per block (per position under stagger), entry 0 for t = 0
+    per, entry = (t, torch.arange(L, device=z0.device)) if cfg.stagger else (u, torch.arange(L, device=z0.device) // bs)
+    t_table = torch.cat([torch.zeros(B, 1, device=z0.device), per], 1)  # (B, 1 + nb) or (B, 1 + L)
+    t_index = torch.cat([torch.zeros_like(t, dtype=torch.long), torch.where(t > 0, entry + 1, 0)], 1)  # (B, 2L)
     sc = None
     if dit.cfg.self_cond:  # Analog Bits (arXiv 2208.04202): half the rows see a first pass's clean estimate
         with torch.no_grad():
@@ -96,7 +96,8 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     per_token = (v[:, L:].float() - (eps - z0).float()).pow(2).mean(-1)  # (B, L), per channel
     w = (t > 0).float()  # clean positions (pinned, or finished under stagger) have nothing to learn
     loss = (per_token * w).sum() / w.sum().clamp(min=1)
-    return loss, dict(t=t.detach(), per_token=per_token.detach(), weight=w)
+    # the clean estimate z_t - t v of every noisy position, with its gradient (Cola's lambda_ce)
+    return loss, dict(t=t.detach(), per_token=per_token.detach(), weight=w, estimate=zt - t[..., None] * v[:, L:])
 
 
 def fm_by_t(t, loss, edges=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):
