@@ -168,16 +168,19 @@ def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=
 
 
 @torch.no_grad()
-def speed(model, prompt, quick=False, compile=False):
+def speed(model, prompt, quick=False, compile=False, against=None):
     """Sampler tokens/s and latency per block over a grid; for Cola also the KV-cache speedup (the same sampler
     recomputing its history at every step). prompt: token ids (20: with block 16, one full block in the cache
-    and a pinned tail). compile: the compiled step; each setting first runs once untimed, compiling its graphs."""
+    and a pinned tail). compile: the compiled step; each setting first runs once untimed, compiling its graphs.
+    against: another model (say, the AR baseline) timed right after each row at the same batch and length,
+    its steps and guidance where it has them: the rows' ratio is a side-by-side comparison."""
     cola, bs, device = isinstance(model, Cola), model.block_size, next(model.parameters()).device
     grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((8, 16) if cola else (0,))
             for w in ((7.0, 1.0) if cola else (1.0,))] if not quick else [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
     dtype = "bf16" if torch.is_autocast_enabled(device.type) else "fp32"
     print(f"sampler speed on {device}, {dtype}, {torch.get_num_threads()} threads" + (", compiled step" * compile))
-    time_generate(model, prompt, 1, 16, 2, 7.0)  # warm-up
+    for m in (model, against) if against is not None else (model,):
+        time_generate(m, prompt, 1, 16, 2, 7.0)  # warm-up
     rows = []
     for b, n, s, w in grid:
         if compile:  # this setting's graphs, compiled before the clock starts (earlier ones dropped)
@@ -186,8 +189,15 @@ def speed(model, prompt, quick=False, compile=False):
         dt = time_generate(model, prompt, b, n, s, w, compile=compile)
         rows.append(dict(batch=b, new_tokens=n, steps=s, cfg=w, seconds=dt, tok_s=b * n / dt,
                          block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
-        print(f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
-              f"{rows[-1]['block_ms']:7.1f} ms/{'block' if cola else 'token'}", flush=True)
+        line = (f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
+                f"{rows[-1]['block_ms']:7.1f} ms/{'block' if cola else 'token'}")
+        if against is not None:
+            if compile:
+                torch.compiler.reset()
+                time_generate(against, prompt, b, n, s, w, compile=True)
+            rows[-1]["against_tok_s"] = b * n / time_generate(against, prompt, b, n, s, w, compile=compile)
+            line += f" | against {rows[-1]['against_tok_s']:8.1f} tok/s: {rows[-1]['tok_s'] / rows[-1]['against_tok_s']:.2f}x"
+        print(line, flush=True)
     r = dict(device=str(device), dtype=dtype, threads=torch.get_num_threads(), compile=compile, rows=rows)
     if cola:
         n = 64 if quick else 256
@@ -341,6 +351,7 @@ OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt i
     (["speed"], "--quick", dict(action="store_true", help="a small grid (smoke test)")),
     (["speed"], "--compile", dict(action="store_true", help="time the compiled step (sample.py --compile)")),
     (["speed"], "--random_init", dict(action="store_true", help="fresh weights from train.py's options given after it")),
+    (["speed"], "--against", dict(help="another checkpoint (e.g. the AR baseline's) timed beside each row")),
     (["nll"], "--samples", dict(type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")),
     (["nll"], "--ode_steps", dict(type=int, default=32, help="midpoint steps of the CNF density")),
     (["bench", "rescore"], "--task", dict(required=True, help=", ".join(bm.TASKS))),
@@ -400,6 +411,9 @@ def main(argv=None):
     device = pick_device(args.device)
     fresh = getattr(args, "random_init", False)  # speed on fresh weights: no dataset to take a prompt from
     model, ckpt = random_model(args.model_options, device) if fresh else load_model(args.ckpt, device)
+    against = load_model(args.against, device)[0] if getattr(args, "against", None) else None
+    if against is not None and against.tok.name != model.tok.name:
+        raise UserError(f"--against={args.against} has another tokenizer: the two must read the same prompt")
     if not isinstance(model, Cola) and args.cmd in ("recon", "fm"):
         raise UserError(f"{args.ckpt} is an AR baseline: `{args.cmd}` needs a Cola checkpoint")
     if args.cmd != "recon" and not model.can_generate:
@@ -413,7 +427,7 @@ def main(argv=None):
     run = dict(recon=lambda: recon(model, x(), seed=args.seed), fm=lambda: fm(model, x(), seed=args.seed),
                nll=lambda: nll(model, x(), args.samples, args.ode_steps, seed=args.seed),
                speed=lambda: speed(model, model.tok.encode(SPEED_PROMPT)[:20] if fresh else x(1)[0, :20].tolist(),
-                                   quick=args.quick, compile=args.compile),
+                                   args.quick, args.compile, None if against is None else cast_for(against, device, dtype)),
                bench=lambda: bench(model, ckpt["config"]["train"]["seq_len"], args),
                quality=lambda: quality(model, ckpt, args), all=lambda: run_all(args, model, ckpt))
     with autocast(device, dtype):

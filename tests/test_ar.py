@@ -73,6 +73,8 @@ def test_train_sample_eval_on_an_ar_checkpoint(tmp_path, capsys):
     assert r["exact"] and r["ppl"] == pytest.approx(math.exp(r["nll"])) and r["tokens"] == 4 * 15
     r = cola_eval.main(["speed", f"--ckpt={ckpt}", "--quick", "--limit=1"])
     assert len(r["rows"]) == 2 and "cache_speedup" not in r
+    r = cola_eval.main(["speed", f"--ckpt={ckpt}", f"--against={ckpt}", "--quick", "--limit=1"])  # timed in turns
+    assert all(row["against_tok_s"] > 0 for row in r["rows"]) and "against" in capsys.readouterr().out
     with pytest.raises(UserError, match="AR baseline"):
         cola_eval.main(["recon", f"--ckpt={ckpt}"])
 
