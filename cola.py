@@ -108,8 +108,8 @@ class Cola(nn.Module):
 
     @property
     def block_size(self):
-        """Tokens produced per sampler block."""
-        return self.dit.cfg.block_size
+        """Tokens produced per sampler block: the DiT's block, times the latents in each of its tokens."""
+        return self.dit.cfg.block_size * self.dit.cfg.patch_size
 
     @property
     def can_generate(self):
@@ -134,7 +134,8 @@ class Cola(nn.Module):
         vae_fwd = 2 * (f["enc"] + f["dec"]) + f["head"] * (1 + self.vae.cfg.mask_ratio)
         if self.dit is None:
             return dict(train=3 * vae_fwd, sample=0.0)
-        dit_tok = self.dit.flops(seq_len / 2)  # one latent token, attending to ~L/2 keys
+        p = self.dit.cfg.patch_size
+        dit_tok = self.dit.flops(seq_len / p / 2) / p  # a DiT token, attending to ~L / 2p keys, per text token
         train = (3 * vae_fwd + f["enc"] if self.vae_lr_ratio else f["enc"]) + (3 + self.dit.cfg.self_cond) * 2 * dit_tok
         sample = steps * (2 if cfg_scale != 1 else 1) * dit_tok + dit_tok + f["dec"] + f["head"]
         return dict(train=train, sample=sample)
@@ -168,11 +169,14 @@ class Cola(nn.Module):
             out["ref_kl"] = self.ref_kl(x, mu, logvar)
             loss = self.lambda_vae * out["loss"] + self.lambda_ref * out["ref_kl"]
         src = z if (self.fm_grad_to_encoder and not frozen) else None
-        out["fm"], st = fm_loss(self.dit, z.detach(), self.flow_cfg, z_src=src)
+        out["fm"], st = fm_loss(self.dit, self.dit.patchify(z.detach()), self.flow_cfg,
+                                z_src=None if src is None else self.dit.patchify(src))
         loss = loss + self.lambda_fm * out["fm"]
         if self.lambda_ce:  # the decoder reads the DiT's clean estimates: a token-level signal for the prior
-            ce = F.cross_entropy(self.vae.decode(st["estimate"]).flatten(0, 1).float(), x.flatten(), reduction="none")
-            out["ce"] = (ce * st["weight"].flatten()).sum() / st["weight"].sum().clamp(min=1)
+            logits = self.vae.decode(self.dit.unpatchify(st["estimate"]))
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none")
+            w = st["weight"].repeat_interleave(self.dit.cfg.patch_size, 1).flatten()
+            out["ce"] = (ce * w).sum() / w.sum().clamp(min=1)
             loss = loss + self.lambda_ce * out["ce"]
         out["loss"] = loss
         return loss, {k: v.detach() for k, v in out.items()}
@@ -194,7 +198,7 @@ class Cola(nn.Module):
             d = self.vae.diagnostics(xb, (mu, logvar))
             if self.dit is not None:
                 d["ref_kl"] = self.ref_kl(xb, mu, logvar).item()
-                fm, st = fm_loss(self.dit, self.vae.sample(mu, logvar), self.flow_cfg)
+                fm, st = fm_loss(self.dit, self.dit.patchify(self.vae.sample(mu, logvar)), self.flow_cfg)
                 d["fm"] = fm.item()
                 keep = st["weight"] > 0
                 t_all.append(st["t"][keep].cpu()); l_all.append(st["per_token"][keep].cpu())
@@ -258,6 +262,9 @@ class Cola(nn.Module):
         mode, reps, frac = parse_first_block(s.first_block)
         if mode.endswith("_pad"):
             prompts = pad_prompts(prompts, mode, tok.eot, bs)
+        p = self.dit.cfg.patch_size
+        if p > 1:  # a DiT token holds p latents, all clean or all generated: prompts start with <|endoftext|>s
+            prompts = pad_prompts(prompts, "left_pad", tok.eot, p)
         hist_z, hist_pos, tail, keep, start = self.prompt_layout(prompts, window)
         keep = keep if any(len(p) % bs for p in prompts) else None  # a prompt's tail in the first block?
         step = torch.compile(self.dit, dynamic=False) if compile else self.dit
@@ -275,7 +282,8 @@ class Cola(nn.Module):
             noise = torch.stack([torch.randn(bs, tail.shape[-1], generator=g, device=dev) for g in draw])
             z = noise if keep is None else torch.where(keep[..., None], tail, noise)  # (B, bs, d), the tail clean
             guided = s.cfg_scale != 1 and hist.n > 0  # with no history at all, cond == uncond
-            z = sample_block(hist.dit_net(pos, guided), z, keep, guided, s, hist.times, repaint, self.dit.cfg.self_cond)
+            z = self.dit.unpatchify(sample_block(hist.dit_net(pos, guided), self.dit.patchify(z), keep if keep is None else
+                                                 keep[:, ::p], guided, s, hist.times, repaint, self.dit.cfg.self_cond))
             if keep is not None:  # the prompt's own latents stand (partial repaint moved them)
                 z = torch.where(keep[..., None], tail, z)
             ids = pick_tokens(hist.decode(z, pos), s, gens, tok, seen)  # (B, bs)
@@ -305,7 +313,7 @@ class Cola(nn.Module):
             logits = self.vae.decode(z)
             log_px = -F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none").view(B, L).sum(1)
             log_q = (-0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi))).flatten(1).sum(1)
-            log_pz = prior_logp(self.dit, z, ode_steps)
+            log_pz = prior_logp(self.dit, self.dit.patchify(z), ode_steps)
             ws.append(log_px + log_pz - log_q)
             for k, v in (("log_px", log_px), ("log_pz", log_pz), ("log_q", log_q)):
                 parts[k] = parts[k] + v / samples
@@ -328,21 +336,22 @@ class History:
 
     def __init__(self, model, step, B, need, s, window, use_cache):
         self.model, self.step, self.B, self.bs, self.use_cache = model, step, B, model.block_size, use_cache
+        self.p = model.dit.cfg.patch_size  # latents per DiT token: the DiT's cache has a slot per p of the decoder's
         self.wb = None if window is None else window // self.bs - 1  # history blocks the DiT sees
         if self.wb is not None and self.wb < 1:
             raise ValueError(f"window {window} leaves no history: it must span at least 2 blocks of {self.bs} tokens")
         self.dec_window = None if self.wb is None else self.wb * self.bs + 1  # a block's first token sees wb blocks
         self.rows = 2 if s.cfg_scale != 1 else 1
         dev = next(model.parameters()).device
-        self.times = time_grid(s.steps, s.shift, self.bs, model.flow_cfg.stagger).to(dev)  # (steps + 1, bs)
-        # the DiT's time table: entry 0 for t = 0, 1 + i bs + j for position j at step i (flow.sample_block)
+        self.times = time_grid(s.steps, s.shift, self.bs // self.p, model.flow_cfg.stagger).to(dev)  # (steps + 1, DiT block)
+        # the DiT's time table: entry 0 for t = 0, 1 + i bs + j for token j at step i (flow.sample_block)
         self.mod = model.dit.condition(torch.cat([torch.zeros(1, device=dev), self.times[:-1].flatten()]))
         self.latents = []  # use_cache=False: every committed (z, pos)
         self.reset(-(-need // self.bs) * self.bs if self.wb is None else self.wb * self.bs + self.bs)
 
     def reset(self, size):
         dev = self.mod.device
-        self.dit_cache = self.model.dit.new_cache(self.rows * self.B, size, dev)
+        self.dit_cache = self.model.dit.new_cache(self.rows * self.B, size // self.p, dev)
         self.dec_cache = self.model.vae.new_cache(self.B, size, dev)
         self.n = 0  # slots filled
 
@@ -357,18 +366,19 @@ class History:
         self.dit_cache.pos[self.B:] = PAD_POS  # the unconditional rows keep no history
         old = 0 if self.wb is None else self.n - self.wb * self.bs
         if old > 0:  # past the window the oldest blocks leave
-            self.dit_cache.evict(old), self.dec_cache.evict(old)
+            self.dit_cache.evict(old // self.p), self.dec_cache.evict(old)
             self.n -= old
 
     def write(self, z, pos, decoder):
-        n, L, bs = self.n, pos.shape[1], self.bs
+        n, L, bs, p = self.n, pos.shape[1], self.bs, self.p
         if n + L > self.dec_cache.pos.shape[1]:  # a prompt longer than the window: room for all of it (commit evicts)
             self.reset(n + L + bs)
-        cache = self.dit_cache.at(n, pos)
+        tokens, t_pos = self.model.dit.patchify(z, pos)
+        cache = self.dit_cache.at(n // p, t_pos)
         k_pos = cache.pos[:self.B]  # (B, size): the history's positions, this call's included
         clean = torch.zeros_like(k_pos, dtype=torch.bool)
-        mask = block_mask(pos // bs, clean[:, :L], k_pos // bs, clean, window=self.wb)
-        self.model.dit(z, torch.zeros(1, device=z.device), torch.zeros_like(pos), pos, mask, cache)
+        mask = block_mask(t_pos // (bs // p), clean[:, :L // p], k_pos // (bs // p), clean, window=self.wb)
+        self.model.dit(tokens, torch.zeros(1, device=z.device), torch.zeros_like(t_pos), t_pos, mask, cache)
         if decoder:
             self.model.vae.decode_hidden(z, pos, self.dec_cache.at(n, pos), self.dec_window)
         self.n += L
@@ -386,7 +396,8 @@ class History:
         slot, the block's own written to slots n..n+bs-1 at every step."""
         if not self.use_cache:
             self.rebuild()
-        n, bs, B = self.n, self.bs, self.B
+        n, bs, B = self.n // self.p, self.bs // self.p, self.B  # in DiT tokens
+        pos = pos[:, ::self.p] // self.p  # (B, bs): the tokens' positions
         q_pos = torch.cat([pos, torch.arange(bs, device=pos.device).expand(B, bs)]) if guided else pos  # (rB, bs)
         k_pos = self.dit_cache.at(n, q_pos).pos[:len(q_pos)]  # (rB, S); the unconditional rows: their block alone
         slot = torch.arange(k_pos.shape[1], device=pos.device)

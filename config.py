@@ -114,6 +114,8 @@ def build_configs(argv):
             raise UserError(f"--{part}.width must be a multiple of 2 x n_head (even head size for RoPE)")
     if cfgs["dit"].rope_dim % 2 or cfgs["dit"].rope_dim > cfgs["dit"].width // cfgs["dit"].n_head:  # 0: the default
         raise UserError("--dit.rope_dim must be even and at most the head size, width / n_head")
+    if cfgs["dit"].patch_size < 1 or tc.seq_len % cfgs["dit"].patch_size:
+        raise UserError("--dit.patch_size must be >= 1 and divide --seq_len")
     if cfgs["vae"].block_size < 1 or cfgs["vae"].ffn_dim % 2:
         raise UserError("--vae.block_size must be >= 1 and --vae.ffn_dim even")
     get_tokenizer(cfgs["vae"].tokenizer)  # an unknown name or a bad tokenizer.json: a UserError

@@ -46,7 +46,8 @@ class DiTConfig:
     rope_dim: int = 0      # channels of each head that RoPE turns; 0: about 3/4 of them, as the released 96 of 128
     mlp_ratio: int = 4     # MLP hidden width = mlp_ratio x width
     norm_eps: float = 1e-5
-    block_size: int = 1    # latent positions per block: 1 for byte latents (tiny; RESULTS.md), 16 in the paper
+    block_size: int = 1    # DiT tokens per block: 1 for byte latents (tiny; RESULTS.md), 16 in the paper
+    patch_size: int = 1    # latents per DiT token (the released patch_size): a token reads and writes their channels
     self_cond: bool = False  # also read an estimate of the clean block (self-conditioning, Analog Bits)
     attn: str = "sdpa"     # training attention: "sdpa" (boolean masks) or "flex" (FlexAttention skips masked
                            # tiles; needs CUDA to train: torch has no FlexAttention backward on CPU)
@@ -184,14 +185,15 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg, W = cfg, cfg.width
-        self.txt_in = nn.ModuleDict(dict(proj=nn.Linear(cfg.latent_dim, W)))
+        C = cfg.latent_dim * cfg.patch_size  # channels per token
+        self.txt_in = nn.ModuleDict(dict(proj=nn.Linear(C, W)))
         # self-conditioning input: no bias, so a zero estimate (clean tokens, first pass) adds nothing
-        self.sc_embedder = nn.Linear(cfg.latent_dim, W, bias=False) if cfg.self_cond else None
+        self.sc_embedder = nn.Linear(C, W, bias=False) if cfg.self_cond else None
         self.emb_in = TimestepEmbedder(W)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layer))
         self.txt_out_norm = nn.LayerNorm(W, eps=cfg.norm_eps)
         self.txt_out_ada = ada_heads(W, ("out_in",))
-        self.txt_out = nn.ModuleDict(dict(proj=nn.Linear(W, cfg.latent_dim)))
+        self.txt_out = nn.ModuleDict(dict(proj=nn.Linear(W, C)))
         init_weights(self, cfg.n_layer, residual=("proj_out.weight",))
         # adaLN-Zero: every modulation and the output layer start at zero (identity blocks, zero output)
         for m in [h[-1] for b in self.blocks for h in b.ada.values()] + [self.txt_out_ada.out_in[-1], self.txt_out.proj]:
@@ -205,9 +207,20 @@ class DiT(nn.Module):
         self.register_buffer("scale_one", torch.cat([per_block] * cfg.n_layer + [zero, one]), persistent=False)
 
     def flops(self, attended):
-        """Forward FLOPs per latent token attending to `attended` keys (adaLN is per distinct t: ~free)."""
+        """Forward FLOPs per DiT token attending to `attended` keys (adaLN is per distinct t: ~free)."""
         c = self.cfg
-        return transformer_flops(c.n_layer, c.width, attended, 2 * c.mlp_ratio * c.width ** 2) + 4 * c.latent_dim * c.width
+        return transformer_flops(c.n_layer, c.width, attended, 2 * c.mlp_ratio * c.width ** 2) + 4 * c.latent_dim * c.patch_size * c.width
+
+    def patchify(self, z, pos=None):
+        """Latents (B, L, d) at positions pos (B, L) -> the DiT's tokens (B, L / p, p d) and their positions
+        (B, L / p): each token is p consecutive latents (L a multiple of p)."""
+        p = self.cfg.patch_size
+        tokens = z.reshape(z.shape[0], z.shape[1] // p, p * z.shape[2])
+        return tokens if pos is None else (tokens, pos[:, ::p] // p)
+
+    def unpatchify(self, tokens):
+        """(B, n, p d) -> (B, n p, d), the inverse of patchify."""
+        return tokens.reshape(tokens.shape[0], -1, self.cfg.latent_dim)
 
     def condition(self, t):
         """The adaLN modulations of times t (..., K), every layer's side by side: (..., K, C) with C =

@@ -90,7 +90,7 @@ def fm(model, x, batch_size=16, seed=0, repeats=4):
     cfg, ts, losses, zs = replace(model.flow_cfg, p_prompt_block=0.0), [], [], []
     for _ in range(repeats):  # several t / noise draws per window
         for xb in x.split(batch_size):
-            z = model.vae.sample(*model.vae.encode(xb))  # what the prior models: posterior samples
+            z = model.dit.patchify(model.vae.sample(*model.vae.encode(xb)))  # what the prior models: posterior samples
             _, st = fm_loss(model.dit, z, cfg)
             ts.append(st["t"].flatten().float().cpu()); losses.append(st["per_token"].flatten().float().cpu())
             zs.append(z.float())

@@ -5,20 +5,20 @@ import pytest
 import torch
 
 import sample
-from cola import Cola
+from cola import Cola, History
 from common import UserError, run_main, save_checkpoint
 from config import TrainConfig
-from dit import DiT, DiTConfig
+from dit import DiT, DiTConfig, block_mask, layout_2L
 from flow import FlowConfig
 from layers import Sampling, pick_tokens
 from vae import TextVAE, VAEConfig
 from tests.helpers import generate_blocks, perturb
 
 
-def random_cola(seed=0, self_cond=False, stagger=0.0):
+def random_cola(seed=0, self_cond=False, stagger=0.0, block=4, patch=1):
     torch.manual_seed(seed)
     vae = TextVAE(VAEConfig(n_enc_layer=1, n_dec_layer=2, width=32, n_head=2, block_size=4))
-    dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=4, self_cond=self_cond))
+    dit = DiT(DiTConfig(n_layer=2, width=32, n_head=2, block_size=block, patch_size=patch, self_cond=self_cond))
     perturb(vae, dit)  # a random, non-trivial model (no zero init left)
     return Cola(vae, dit, flow_cfg=FlowConfig(stagger=stagger)).eval()
 
@@ -34,6 +34,30 @@ def test_cached_generation_equals_recomputation(cfg_scale, self_cond, shift, sta
     for (zc, lc), (zf, lf) in zip(tr_c, tr_f):
         assert torch.allclose(zc, zf, atol=1e-5) and torch.allclose(lc, lf, atol=1e-5)
     assert out_c == out_f
+
+
+@pytest.mark.parametrize("block, patch", [(1, 4), (2, 2)])
+def test_patched_dit_samples_what_it_trains_on(block, patch):
+    """Several latents per DiT token: the sampler's velocity for a block after a clean history equals the
+    training layout's (2L, flow.fm_loss); caches equal recomputation; prompts start on whole tokens."""
+    model = random_cola(block=block, patch=patch)
+    dit, bs = model.dit, model.block_size
+    x = torch.randint(0, 256, (1, 2 * bs))
+    z0 = model.vae.encode(x)[0]
+    zt = torch.randn_like(z0)
+    pos, blk, noisy = layout_2L(1, 2 * bs // patch, block, "cpu")
+    tokens = dit.patchify(torch.cat([z0, zt], 1))
+    v_train = dit(tokens, torch.tensor([0.0, 1.0]), noisy.long(), pos, block_mask(blk, noisy, blk, noisy))
+    hist = History(model, dit, 1, 3 * bs, Sampling(steps=1, cfg_scale=1.0), None, True)
+    p = torch.arange(2 * bs)[None]
+    hist.commit(z0[:, :bs], p[:, :bs], decoder=True)
+    v_sample = hist.dit_net(p[:, bs:], False)(dit.patchify(zt[:, bs:]), torch.arange(1, block + 1)[None], None)
+    assert torch.allclose(v_train[:, -block:], v_sample, atol=1e-5)
+    prompts = [list(b"Hello, wor"), list(b"abc"), []]
+    kw = dict(max_new_tokens=13, steps=3, cfg_scale=7.0, seed=1)
+    (out_c, tr_c), (out_f, tr_f) = (generate_blocks(model, prompts, use_cache=c, **kw) for c in (True, False))
+    assert out_c == out_f and all(torch.allclose(a[0], b[0], atol=1e-5) for a, b in zip(tr_c, tr_f))
+    assert [len(o) for o in out_c] == [13] * 3
 
 
 def test_stagger_changes_the_sampler_and_refuses_partial_repaint():

@@ -30,7 +30,7 @@ def test_bare_boolean_flags():
 @pytest.mark.parametrize("bad", [["--nope=1"], ["--vae.nope=1"], ["--lr=abc"], ["--max_iters=1.5"], ["lr=1"],
                                  ["--config=huge"], ["--stage=both"], ["--dit.latent_dim=8"], ["--init=x.pt"],
                                  ["--eval_interval=0"], ["--vae.n_head=3"], ["--lr"], ["--resume=maybe"],
-                                 ["--resume", "--overwrite"], ["--nope"]])
+                                 ["--resume", "--overwrite"], ["--nope"], ["--dit.patch_size=3"], ["--dit.patch_size=0"]])
 def test_build_configs_rejects(bad):
     with pytest.raises(UserError):
         build_configs(bad)
