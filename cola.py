@@ -283,7 +283,7 @@ class Cola(nn.Module):
             z = noise if keep is None else torch.where(keep[..., None], tail, noise)  # (B, bs, d), the tail clean
             guided = s.cfg_scale != 1 and hist.n > 0  # with no history at all, cond == uncond
             z = self.dit.unpatchify(sample_block(hist.dit_net(pos, guided), self.dit.patchify(z), keep if keep is None else
-                                                 keep[:, ::p], guided, s, hist.times, repaint, self.dit.cfg.self_cond))
+                                                 keep[:, ::p], guided, s, repaint, self.dit.cfg.self_cond))
             if keep is not None:  # the prompt's own latents stand (partial repaint moved them)
                 z = torch.where(keep[..., None], tail, z)
             ids = pick_tokens(hist.decode(z, pos), s, gens, tok, seen)  # (B, bs)
@@ -342,10 +342,8 @@ class History:
             raise ValueError(f"window {window} leaves no history: it must span at least 2 blocks of {self.bs} tokens")
         self.dec_window = None if self.wb is None else self.wb * self.bs + 1  # a block's first token sees wb blocks
         self.rows = 2 if s.cfg_scale != 1 else 1
-        dev = next(model.parameters()).device
-        self.times = time_grid(s.steps, s.shift, self.bs // self.p, model.flow_cfg.stagger).to(dev)  # (steps + 1, DiT block)
-        # the DiT's time table: entry 0 for t = 0, 1 + i bs + j for token j at step i (flow.sample_block)
-        self.mod = model.dit.condition(torch.cat([torch.zeros(1, device=dev), self.times[:-1].flatten()]))
+        ts, _ = time_grid(s.steps, s.shift)  # the DiT's time table: entry 0 for t = 0, i + 1 for step i's t
+        self.mod = model.dit.condition(torch.tensor([0.0] + ts[:-1], device=next(model.parameters()).device))
         self.latents = []  # use_cache=False: every committed (z, pos)
         self.reset(-(-need // self.bs) * self.bs if self.wb is None else self.wb * self.bs + self.bs)
 

@@ -27,7 +27,6 @@ class FlowConfig:
     t_loc: float = 1.0            # logit-normal location; paper best 1.0 at d=16, ~1 + 0.5 ln(d/16) otherwise
     t_scale: float = 1.0          # logit-normal scale
     p_prompt_block: float = 0.1   # prob. that a block keeps a random leading part clean (prompt boundary)
-    stagger: float = 0.0          # position j of a block lags j x stagger in time (block_times); 0: one t per block
 
 
 def sample_t(shape, cfg, device="cpu"):
@@ -36,16 +35,6 @@ def sample_t(shape, cfg, device="cpu"):
     if cfg.t_dist != "logit_normal":
         raise ValueError(f"unknown t_dist {cfg.t_dist!r}")
     return torch.sigmoid(cfg.t_loc + cfg.t_scale * torch.randn(shape, device=device))
-
-
-def block_times(u, block_size, stagger):
-    """Each position's time (..., block_size) in blocks at progress u (...,) in [0, 1] (1: all noise, 0: all
-    clean). With stagger > 0 position j lags j x stagger behind the block's first, which finishes first:
-    t_j = clamp(g + j stagger, 0, 1), g = u (1 + (block_size - 1) stagger) - (block_size - 1) stagger, so one
-    solve writes the block semi-autoregressively (AR-Diffusion, arXiv 2305.09515; Diffusion Forcing,
-    arXiv 2407.01392). stagger 0: every position at t = u."""
-    lag = stagger * torch.arange(block_size, device=u.device)
-    return (u[..., None] * (1 + lag[-1]) - lag[-1] + lag).clamp(0, 1)
 
 
 def interpolate(z0, eps, t):
@@ -66,8 +55,8 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     B, L, d = z0.shape
     bs = dit.cfg.block_size
     nb = math.ceil(L / bs)
-    u = sample_t((B, nb), cfg, z0.device) if t_block is None else t_block  # (B, nb): each block's progress
-    t = block_times(u, bs, cfg.stagger).flatten(1)[:, :L]  # (B, L)
+    t_blocks = sample_t((B, nb), cfg, z0.device) if t_block is None else t_block  # (B, nb)
+    t = t_blocks.repeat_interleave(bs, dim=1)[:, :L]  # (B, L), one t per block
     within = torch.arange(L, device=z0.device) % bs  # position inside its block
     # prompt-boundary simulation: some blocks keep a clean leading part (t = 0, no loss), as the
     # first generated block does at inference when the prompt ends mid-block
@@ -82,10 +71,10 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     inp = torch.cat([z0 if history is None else history, zt], 1)  # (B, 2L, d)
     # one mask, two forms: SDPA computes every score and masks, FlexAttention skips the empty tiles
     mask = flex_mask_2L(L, bs, z0.device) if dit.cfg.attn == "flex" else block_mask(blk, noisy, blk, noisy)
-    # the DiT's table of distinct times, one per block (per position under stagger), entry 0 for t = 0
-    per, entry = (t, torch.arange(L, device=z0.device)) if cfg.stagger else (u, torch.arange(L, device=z0.device) // bs)
-    t_table = torch.cat([torch.zeros(B, 1, device=z0.device), per], 1)  # (B, 1 + nb) or (B, 1 + L)
-    t_index = torch.cat([torch.zeros_like(t, dtype=torch.long), torch.where(t > 0, entry + 1, 0)], 1)  # (B, 2L)
+    # the DiT's times: entry 0 is t = 0 (the clean copy, pinned positions), entry b + 1 block b's t
+    t_table = torch.cat([torch.zeros(B, 1, device=z0.device), t_blocks], 1)  # (B, 1 + nb)
+    t_index = torch.cat([torch.zeros_like(pinned, dtype=torch.long),
+                         torch.where(pinned, 0, torch.arange(L, device=z0.device) // bs + 1)], 1)  # (B, 2L)
     sc = None
     if dit.cfg.self_cond:  # Analog Bits (arXiv 2208.04202): half the rows see a first pass's clean estimate
         with torch.no_grad():
@@ -94,7 +83,7 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
         sc = torch.cat([torch.zeros_like(z0), torch.where(use, est, torch.zeros_like(est))], 1)  # clean copy: none
     v = dit(inp, t_table, t_index, pos, mask, sc=sc)  # (B, 2L, d)
     per_token = (v[:, L:].float() - (eps - z0).float()).pow(2).mean(-1)  # (B, L), per channel
-    w = (t > 0).float()  # clean positions (pinned, or finished under stagger) have nothing to learn
+    w = (~pinned).float()
     loss = (per_token * w).sum() / w.sum().clamp(min=1)
     # the clean estimate z_t - t v of every noisy position, with its gradient (Cola's lambda_ce)
     return loss, dict(t=t.detach(), per_token=per_token.detach(), weight=w, estimate=zt - t[..., None] * v[:, L:])
@@ -136,24 +125,30 @@ def history_gain(dit, flow_cfg, z, high=0.8, seed=0):
     return r
 
 
-def time_grid(steps, shift=1.0, block_size=1, stagger=0.0):
-    """The times of an Euler solve from t = 1 to 0, (steps + 1, block_size): row i each position's time at
-    step i, block_times at progress 1 - i / steps. shift > 1 puts more steps at high noise, where a block's
-    content is decided: t -> shift t / (1 + (shift - 1) t) (the time shift of SD3, arXiv 2403.03206 §5.3.2)."""
-    t = block_times(torch.linspace(1, 0, steps + 1, dtype=torch.float64), block_size, stagger)
-    return (shift * t / (1 + (shift - 1) * t)).float()
+def time_grid(steps, shift=1.0):
+    """The steps + 1 times of an Euler solve from t = 1 to 0 and its steps + 1 step sizes: uniform, or
+    with shift > 1 more of them at high noise, where a block's content is decided: uniform s in [0, 1]
+    maps to t = shift s / (1 + (shift - 1) s) (the time shift of SD3, arXiv 2403.03206 §5.3.2)."""
+    dt = 1.0 / steps
+    ts = [1.0 - i * dt for i in range(steps)] + [0.0]
+    if shift == 1.0:
+        return ts, [dt] * steps
+    ts = [shift * s / (1 + (shift - 1) * s) for s in ts]
+    return ts, [a - b for a, b in zip(ts, ts[1:])]
 
 
-def euler(velocity, z, ts, keep=None):
-    """Integrate dz/dt = velocity(z, i) over the times ts (steps + 1, ...) (time_grid; each row broadcast over
-    z's positions) in Euler steps z <- z - (ts[i] - ts[i + 1]) v, velocity(z, i) at step i's times ts[i].
-    keep (B, L) marks positions pinned to their current (clean) value; velocity is responsible for giving
-    them t = 0."""
-    for i in range(len(ts) - 1):
-        v = velocity(z, i)
+def euler(velocity, z, steps, keep=None, shift=1.0):
+    """Integrate dz/dt = velocity(z, t) from t = 1 to 0 in `steps` Euler steps: z <- z - dt v.
+
+    keep (B, L) marks positions pinned to their current (clean) value; velocity(z, t) receives the
+    scalar time of the step and is responsible for giving pinned positions t = 0. shift: see time_grid.
+    """
+    ts, dts = time_grid(steps, shift)
+    for i in range(steps):
+        v = velocity(z, ts[i])
         if keep is not None:
             v = v.masked_fill(keep[..., None], 0.0)  # repaint: pinned latents stay bit-identical
-        z = z - (ts[i] - ts[i + 1])[..., None] * v
+        z = z - dts[i] * v
     return z
 
 
@@ -164,23 +159,23 @@ def renoise(z_s, s, t, eps):
     return a * z_s + math.sqrt(max(t * t - (a * s) ** 2, 0.0)) * eps
 
 
-def euler_repaint(velocity, z, known, keep, ts, reps=1, frac=1.0, noise=torch.randn_like):
+def euler_repaint(velocity, z, known, keep, steps, reps=1, frac=1.0, noise=torch.randn_like, shift=1.0):
     """Partial repaint, the first-block baseline of the paper's Table 5 (§5.2; RePaint, arXiv 2201.09865,
-    in flow form). Every position runs at the step's time, ts[i] (a list of steps + 1 scalars). During the
-    first ceil(frac x steps) steps the known positions (keep) are reset before each velocity call to their
-    clean latent noised to that t, (1 - t) known + t eps, and each such step runs `reps` times, jumping back
-    from the step's end to its start with fresh noise (renoise) between repetitions; the remaining steps
-    integrate freely. noise(z) draws eps like z. frac = 1, reps = 1 is RePaint without resampling. Rows
-    with no known position integrate plainly (no repetitions)."""
-    steps = len(ts) - 1
-    rows, guided = keep.any(1)[:, None, None], math.ceil(frac * steps)  # (B, 1, 1)
+    in flow form). Every position runs at the current t. During the first ceil(frac x steps) steps the
+    known positions (keep) are reset before each velocity call to their clean latent noised to that t,
+    (1 - t) known + t eps, and each such step runs `reps` times, jumping back from the step's end to its
+    start with fresh noise (renoise) between repetitions; the remaining steps integrate freely.
+    noise(z) draws eps like z. frac = 1, reps = 1 is RePaint without resampling. Rows with no known
+    position integrate plainly (no repetitions)."""
+    (ts, dts), guided = time_grid(steps, shift), math.ceil(frac * steps)
+    rows = keep.any(1)[:, None, None]  # (B, 1, 1)
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
         n = reps if i < guided else 1
         for r in range(n):
             if i < guided:
                 z = torch.where(keep[..., None], (1 - t) * known + t * noise(known), z)
-            stepped = z - (t - s) * velocity(z, i)
+            stepped = z - dts[i] * velocity(z, t)
             first = stepped if r == 0 else first
             z = renoise(stepped, s, t, noise(stepped)) if r < n - 1 else stepped
         z = torch.where(rows, z, first)  # rows without known positions: one plain step
@@ -188,43 +183,41 @@ def euler_repaint(velocity, z, known, keep, ts, reps=1, frac=1.0, noise=torch.ra
 
 
 @torch.no_grad()
-def sample_block(net, z, keep, guided, s, times, repaint=None, self_cond=False):
+def sample_block(net, z, keep, guided, s, repaint=None, self_cond=False):
     """One latent block by Euler integration from t = 1 (noise) to 0 with classifier-free guidance
     (arXiv 2605.06548 §3.2.3, App. B.1) and clean-condition repaint (§5.2).
 
     z (B, bs, d): Gaussian noise, except at positions keep (B, bs): the prompt's clean latents, pinned at
-    t = 0 throughout (keep None: nothing pinned). times (steps + 1, bs): each position's time at each
-    step (time_grid). net(z, index, sc): the DiT with its history, positions and mask bound
-    (cola.History), for latents z (rB, bs, d), each token's entry in the table [0, *times[:-1].flatten()]
-    (0 = clean: t = 0) and the self-conditioning input sc. Guided, rB = 2B rows [conditional |
-    unconditional], one batched forward: v = v_u + w (v_c - v_u). s: a layers.Sampling (cfg_scale).
+    t = 0 throughout (keep None: nothing pinned, one time-table row for every token).
+    net(z, step, sc): the DiT with its history, positions and mask bound (cola.History), for latents
+    z (rB, bs, d), each token's step of the solve (0 = clean: t = 0; i + 1: step i's t) and the
+    self-conditioning input sc. Guided, rB = 2B rows [conditional | unconditional], one batched
+    forward: v = v_u + w (v_c - v_u). s: a layers.Sampling (steps, cfg_scale, shift).
     repaint = (reps, frac, noise_fn): partial repaint (euler_repaint) instead of pinning the prompt.
     self_cond: the DiT also reads its last estimate of the clean block, z - t v (zero at the first step).
     """
-    rows, bs = 2 if guided else 1, z.shape[1]
+    rows = 2 if guided else 1
+    ts, _ = time_grid(s.steps, s.shift)
+    step_of = {t: i + 1 for i, t in enumerate(ts[:-1])}
     repaint = None if keep is None else repaint  # nothing known, nothing to repaint
     pin = keep if repaint is None else torch.zeros_like(keep)  # positions at t = 0 in the DiT's input
     moving = torch.ones(1, 1, dtype=torch.long, device=z.device) if pin is None else (~pin).long().repeat(rows, 1)
     estimate = torch.zeros_like(z) if self_cond else None  # (B, bs, d)
-    entry = torch.arange(1, bs + 1, device=z.device)  # (bs,): the table entries of step 0's times
 
-    def velocity(z, i):
+    def velocity(z, t):
         nonlocal estimate
         sc = None if estimate is None else estimate.repeat(rows, 1, 1)  # (rB, bs, d)
-        v = net(z.repeat(rows, 1, 1), moving * (entry + i * bs), sc)  # (rB, bs, d)
+        v = net(z.repeat(rows, 1, 1), moving * step_of[t], sc)  # (rB, bs, d)
         if guided:
             v_c, v_u = v.chunk(2)  # 2 x (B, bs, d)
             v = torch.lerp(v_u, v_c, s.cfg_scale)  # v_u + w (v_c - v_u)
         if estimate is not None:  # pinned positions: their clean latent
-            est = z - times[i][:, None] * v
-            estimate = est if pin is None else torch.where(pin[..., None], z, est)
+            estimate = z - t * v if pin is None else torch.where(pin[..., None], z, z - t * v)
         return v  # (B, bs, d)
 
     if repaint is not None:
-        if (times != times[:, :1]).any():
-            raise ValueError("partial repaint (first_block=repaint) needs one time per block: a model without stagger")
-        return euler_repaint(velocity, z, z, keep, times[:, 0].tolist(), *repaint)
-    return euler(velocity, z, times, keep)
+        return euler_repaint(velocity, z, z, keep, s.steps, *repaint, shift=s.shift)
+    return euler(velocity, z, s.steps, keep, s.shift)
 
 
 # ----------------------------------------------------------------------------- likelihood
@@ -309,8 +302,7 @@ def fit_gmm(iters=1500, batch=1024, seed=0, n=20000):
         loss = (net(interpolate(z0, eps, t), t) - (eps - z0)).pow(2).mean()
         opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     with torch.no_grad():
-        ts = time_grid(100)[:, 0]
-        samples = euler(lambda z, i: net(z, ts[i]), torch.randn(n, 2), ts)
+        samples = euler(net, torch.randn(n, 2), steps=100)
     return net, samples, gmm_sample(n)
 
 

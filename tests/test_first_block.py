@@ -34,18 +34,17 @@ def test_partial_repaint_renoises_the_known_region_to_the_current_t():
         drawn.append(torch.randn_like(like))
         return drawn[-1]
 
-    ts = time_grid(steps)[:, 0].tolist()
-
-    def velocity(z, i):
-        calls.append((z.clone(), ts[i], len(drawn)))
-        return 0.3 * z + ts[i]  # any smooth field
+    def velocity(z, t):
+        calls.append((z.clone(), t, len(drawn)))
+        return 0.3 * z + t  # any smooth field
 
     for reps, frac in ((1, 1.0), (3, 1.0), (3, 0.5), (1, 0.3)):
         drawn.clear(); calls.clear()
         z0 = torch.randn(B, L, d)
-        euler_repaint(velocity, z0, known, keep, ts, reps, frac, noise)
+        euler_repaint(velocity, z0, known, keep, steps, reps, frac, noise)
         guided = math.ceil(frac * steps)
         assert len(calls) == guided * reps + steps - guided
+        ts = time_grid(steps)[0]
         step_of = [i for i in range(steps) for _ in range(reps if i < guided else 1)]
         for (z, t, n_drawn), i in zip(calls, step_of):
             assert t == ts[i]
@@ -60,12 +59,12 @@ def test_partial_repaint_rows_without_known_positions_are_plain_euler():
     torch.manual_seed(0)
     z0, keep = torch.randn(3, 4, 2), torch.zeros(3, 4, dtype=torch.bool)
     keep[0, :2] = True
-    ts = time_grid(5)[:, 0].tolist()
-    field = lambda z, i: z * (1 - ts[i]) - 0.5
-    out = euler_repaint(field, z0, torch.zeros_like(z0), keep, ts, reps=3, frac=1.0)
+    field = lambda z, t: z * (1 - t) - 0.5
+    out = euler_repaint(field, z0, torch.zeros_like(z0), keep, 5, reps=3, frac=1.0)
+    ts, dts = time_grid(5)
     ref = z0[1:]
     for i in range(5):
-        ref = ref - (ts[i] - ts[i + 1]) * field(ref, i)
+        ref = ref - dts[i] * field(ref, ts[i])
     assert torch.allclose(out[1:], ref, atol=1e-6)
 
 
