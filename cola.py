@@ -52,18 +52,18 @@ class Cola(nn.Module):
     rate ratio are the trainer's options (config.TrainConfig), passed in by name."""
 
     def __init__(self, vae, dit=None, ref=None, flow_cfg=None, lambda_vae=1.0, lambda_fm=1.0, lambda_ref=1.0,
-                 lambda_ce=0.0, vae_lr_ratio=1.0, fm_grad_to_encoder=False):
+                 vae_lr_ratio=1.0, fm_grad_to_encoder=False):
         super().__init__()
         self.vae, self.dit, self.ref = vae, dit, ref
         self.flow_cfg = flow_cfg or FlowConfig()
-        self.lambda_vae, self.lambda_fm, self.lambda_ref, self.lambda_ce = lambda_vae, lambda_fm, lambda_ref, lambda_ce
+        self.lambda_vae, self.lambda_fm, self.lambda_ref = lambda_vae, lambda_fm, lambda_ref
         self.vae_lr_ratio, self.fm_grad_to_encoder = vae_lr_ratio, fm_grad_to_encoder
         if ref is not None:
             ref.requires_grad_(False).eval()
         if dit is not None and vae_lr_ratio == 0:  # the frozen-VAE ablation: only the prior trains
             vae.requires_grad_(False)
 
-    LOSS_OPTIONS = ("lambda_vae", "lambda_fm", "lambda_ref", "lambda_ce", "vae_lr_ratio", "fm_grad_to_encoder")
+    LOSS_OPTIONS = ("lambda_vae", "lambda_fm", "lambda_ref", "vae_lr_ratio", "fm_grad_to_encoder")
 
     @classmethod
     def build(cls, cfgs, stage, vae_state=None):
@@ -169,15 +169,9 @@ class Cola(nn.Module):
             out["ref_kl"] = self.ref_kl(x, mu, logvar)
             loss = self.lambda_vae * out["loss"] + self.lambda_ref * out["ref_kl"]
         src = z if (self.fm_grad_to_encoder and not frozen) else None
-        out["fm"], st = fm_loss(self.dit, self.dit.patchify(z.detach()), self.flow_cfg,
-                                z_src=None if src is None else self.dit.patchify(src))
+        out["fm"], _ = fm_loss(self.dit, self.dit.patchify(z.detach()), self.flow_cfg,
+                               z_src=None if src is None else self.dit.patchify(src))
         loss = loss + self.lambda_fm * out["fm"]
-        if self.lambda_ce:  # the decoder reads the DiT's clean estimates: a token-level signal for the prior
-            logits = self.vae.decode(self.dit.unpatchify(st["estimate"]))
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none")
-            w = st["weight"].repeat_interleave(self.dit.cfg.patch_size, 1).flatten()
-            out["ce"] = (ce * w).sum() / w.sum().clamp(min=1)
-            loss = loss + self.lambda_ce * out["ce"]
         out["loss"] = loss
         return loss, {k: v.detach() for k, v in out.items()}
 

@@ -46,7 +46,6 @@ class TrainConfig:
     lambda_vae: float = 1.0     # stage 2 loss weights (paper §3.2.2, eq. 3.18; cola.Cola.forward)
     lambda_fm: float = 1.0
     lambda_ref: float = 1.0     # KL(q || q_ref) to the frozen stage-1 encoder
-    lambda_ce: float = 0.0      # the decoder's cross-entropy on the DiT's clean estimate z_t - t v (cola.Cola.forward)
     fm_grad_to_encoder: bool = False  # let FM gradients reach the encoder through the noisy block
     eval_interval: int = 100
     eval_windows: int = 64      # held-out windows per validation

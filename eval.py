@@ -168,14 +168,14 @@ def time_generate(model, prompt, batch, new_tokens, steps, cfg_scale, use_cache=
 
 
 @torch.no_grad()
-def speed(model, prompt, quick=False, compile=False, against=None):
+def speed(model, prompt, quick=False, compile=False, against=None, steps=(8, 16)):
     """Sampler tokens/s and latency per block over a grid; for Cola also the KV-cache speedup (the same sampler
     recomputing its history at every step). prompt: token ids (20: with block 16, one full block in the cache
     and a pinned tail). compile: the compiled step; each setting first runs once untimed, compiling its graphs.
     against: another model (say, the AR baseline) timed right after each row at the same batch and length,
     its steps and guidance where it has them: the rows' ratio is a side-by-side comparison."""
     cola, bs, device = isinstance(model, Cola), model.block_size, next(model.parameters()).device
-    grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in ((8, 16) if cola else (0,))
+    grid = [(b, n, s, w) for b in (1, 8) for n in (64, 256) for s in (steps if cola else (0,))
             for w in ((7.0, 1.0) if cola else (1.0,))] if not quick else [(1, 32, 4, 7.0), (2, 32, 4, 1.0)]
     dtype = "bf16" if torch.is_autocast_enabled(device.type) else "fp32"
     print(f"sampler speed on {device}, {dtype}, {torch.get_num_threads()} threads" + (", compiled step" * compile))
@@ -352,6 +352,7 @@ OPTIONS = [  # (the subcommands that take it, flag, argparse keywords); --ckpt i
     (["speed"], "--compile", dict(action="store_true", help="time the compiled step (sample.py --compile)")),
     (["speed"], "--random_init", dict(action="store_true", help="fresh weights from train.py's options given after it")),
     (["speed"], "--against", dict(help="another checkpoint (e.g. the AR baseline's) timed beside each row")),
+    (["speed"], "--steps", dict(type=int, nargs="+", default=[8, 16], help="the grid's Euler steps per block")),
     (["nll"], "--samples", dict(type=int, default=1, help="K posterior samples (K > 1: IWAE bound)")),
     (["nll"], "--ode_steps", dict(type=int, default=32, help="midpoint steps of the CNF density")),
     (["bench", "rescore"], "--task", dict(required=True, help=", ".join(bm.TASKS))),
@@ -392,7 +393,8 @@ def parse_args(argv):
     if args.cmd == "speed" and (args.ckpt is None) == (not args.random_init):
         ap.error("speed needs --ckpt or --random_init (one of them)")
     for key, low in AT_LEAST.items():
-        if getattr(args, key, low) < low:
+        value = getattr(args, key, low)
+        if min(value if isinstance(value, list) else [value]) < low:  # speed --steps: a list
             ap.error(f"--{key} must be >= {low}")
     if args.cmd == "quality":
         try:
@@ -427,7 +429,8 @@ def main(argv=None):
     run = dict(recon=lambda: recon(model, x(), seed=args.seed), fm=lambda: fm(model, x(), seed=args.seed),
                nll=lambda: nll(model, x(), args.samples, args.ode_steps, seed=args.seed),
                speed=lambda: speed(model, model.tok.encode(SPEED_PROMPT)[:20] if fresh else x(1)[0, :20].tolist(),
-                                   args.quick, args.compile, None if against is None else cast_for(against, device, dtype)),
+                                   args.quick, args.compile, None if against is None else cast_for(against, device, dtype),
+                                   args.steps),
                bench=lambda: bench(model, ckpt["config"]["train"]["seq_len"], args),
                quality=lambda: quality(model, ckpt, args), all=lambda: run_all(args, model, ckpt))
     with autocast(device, dtype):

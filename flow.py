@@ -85,8 +85,7 @@ def fm_loss(dit, z0, cfg, z_src=None, t_block=None, history=None):
     per_token = (v[:, L:].float() - (eps - z0).float()).pow(2).mean(-1)  # (B, L), per channel
     w = (~pinned).float()
     loss = (per_token * w).sum() / w.sum().clamp(min=1)
-    # the clean estimate z_t - t v of every noisy position, with its gradient (Cola's lambda_ce)
-    return loss, dict(t=t.detach(), per_token=per_token.detach(), weight=w, estimate=zt - t[..., None] * v[:, L:])
+    return loss, dict(t=t.detach(), per_token=per_token.detach(), weight=w)
 
 
 def fm_by_t(t, loss, edges=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):

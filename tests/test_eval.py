@@ -94,7 +94,7 @@ def test_recon_fm_speed_end_to_end(tiny_run, capsys):
                             "--ar.n_layer=1"])
     assert len(fresh["rows"]) == 2 and "cache_speedup" not in fresh
     for bad in (["speed"], ["speed", f"--ckpt={path}", "--random_init"], ["speed", f"--ckpt={path}", "--dit.width=8"],
-                ["speed", f"--ckpt={path}", "--dtype=fp16"]):
+                ["speed", f"--ckpt={path}", "--dtype=fp16"], ["speed", f"--ckpt={path}", "--steps", "8", "0"]):
         with pytest.raises(UserError):  # one `error:` line under common.run_main
             cola_eval.main(bad)
     for row in r["rows"]:  # 20-token prompt with blocks of 4: the tail is empty, every block is new tokens
