@@ -365,7 +365,7 @@ class History:
         n, L, bs, p = self.n, pos.shape[1], self.bs, self.p
         if n + L > self.dec_cache.pos.shape[1]:  # a prompt longer than the window: room for all of it (commit evicts)
             self.reset(n + L + bs)
-        tokens, t_pos = self.model.dit.patchify(z, pos)
+        tokens, t_pos = self.model.dit.patchify(z), self.model.dit.token_pos(pos)
         cache = self.dit_cache.at(n // p, t_pos)
         k_pos = cache.pos[:self.B]  # (B, size): the history's positions, this call's included
         clean = torch.zeros_like(k_pos, dtype=torch.bool)
@@ -389,7 +389,7 @@ class History:
         if not self.use_cache:
             self.rebuild()
         n, bs, B = self.n // self.p, self.bs // self.p, self.B  # in DiT tokens
-        pos = pos[:, ::self.p] // self.p  # (B, bs): the tokens' positions
+        pos = self.model.dit.token_pos(pos)  # (B, bs)
         q_pos = torch.cat([pos, torch.arange(bs, device=pos.device).expand(B, bs)]) if guided else pos  # (rB, bs)
         k_pos = self.dit_cache.at(n, q_pos).pos[:len(q_pos)]  # (rB, S); the unconditional rows: their block alone
         slot = torch.arange(k_pos.shape[1], device=pos.device)

@@ -211,12 +211,13 @@ class DiT(nn.Module):
         c = self.cfg
         return transformer_flops(c.n_layer, c.width, attended, 2 * c.mlp_ratio * c.width ** 2) + 4 * c.latent_dim * c.patch_size * c.width
 
-    def patchify(self, z, pos=None):
-        """Latents (B, L, d) at positions pos (B, L) -> the DiT's tokens (B, L / p, p d) and their positions
-        (B, L / p): each token is p consecutive latents (L a multiple of p)."""
-        p = self.cfg.patch_size
-        tokens = z.reshape(z.shape[0], z.shape[1] // p, p * z.shape[2])
-        return tokens if pos is None else (tokens, pos[:, ::p] // p)
+    def patchify(self, z):
+        """Latents (B, L, d) -> the DiT's tokens (B, L / p, p d): each token is p consecutive latents."""
+        return z.reshape(z.shape[0], z.shape[1] // self.cfg.patch_size, -1)
+
+    def token_pos(self, pos):
+        """Positions (B, L) of latents -> those of their tokens (B, L / p)."""
+        return pos[:, ::self.cfg.patch_size] // self.cfg.patch_size
 
     def unpatchify(self, tokens):
         """(B, n, p d) -> (B, n p, d), the inverse of patchify."""
