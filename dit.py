@@ -213,7 +213,8 @@ class DiT(nn.Module):
 
     def patchify(self, z):
         """Latents (B, L, d) -> the DiT's tokens (B, L / p, p d): each token is p consecutive latents."""
-        return z.reshape(z.shape[0], z.shape[1] // self.cfg.patch_size, -1)
+        (B, L, d), p = z.shape, self.cfg.patch_size
+        return z.reshape(B, L // p, p * d)
 
     def token_pos(self, pos):
         """Positions (B, L) of latents -> those of their tokens (B, L / p)."""
