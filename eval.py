@@ -181,21 +181,21 @@ def speed(model, prompt, quick=False, compile=False, against=None, steps=(8, 16)
     print(f"sampler speed on {device}, {dtype}, {torch.get_num_threads()} threads" + (", compiled step" * compile))
     for m in (model, against) if against is not None else (model,):
         time_generate(m, prompt, 1, 16, 2, 7.0)  # warm-up
-    rows = []
-    for b, n, s, w in grid:
+    def timed(m, *setting):
         if compile:  # this setting's graphs, compiled before the clock starts (earlier ones dropped)
             torch.compiler.reset()
-            time_generate(model, prompt, b, n, s, w, compile=True)
-        dt = time_generate(model, prompt, b, n, s, w, compile=compile)
+            time_generate(m, prompt, *setting, compile=True)
+        return time_generate(m, prompt, *setting, compile=compile)
+
+    rows = []
+    for b, n, s, w in grid:
+        dt = timed(model, b, n, s, w)
         rows.append(dict(batch=b, new_tokens=n, steps=s, cfg=w, seconds=dt, tok_s=b * n / dt,
                          block_ms=1000 * dt / math.ceil((len(prompt) % bs + n) / bs)))
         line = (f"  batch {b} | {n:3d} tokens | steps {s:2d} | cfg {w:g} | {rows[-1]['tok_s']:8.1f} tok/s | "
                 f"{rows[-1]['block_ms']:7.1f} ms/{'block' if cola else 'token'}")
         if against is not None:
-            if compile:
-                torch.compiler.reset()
-                time_generate(against, prompt, b, n, s, w, compile=True)
-            rows[-1]["against_tok_s"] = b * n / time_generate(against, prompt, b, n, s, w, compile=compile)
+            rows[-1]["against_tok_s"] = b * n / timed(against, b, n, s, w)
             line += f" | against {rows[-1]['against_tok_s']:8.1f} tok/s: {rows[-1]['tok_s'] / rows[-1]['against_tok_s']:.2f}x"
         print(line, flush=True)
     r = dict(device=str(device), dtype=dtype, threads=torch.get_num_threads(), compile=compile, rows=rows)
